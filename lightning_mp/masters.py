@@ -1,0 +1,111 @@
+"""Where the master weights live: FP32 copies of the 16-bit parameters that the optimizer steps.
+
+The model keeps 16-bit weights for compute; each optimizer's ``param_groups`` hold FP32
+masters instead. Gradients move from the 16-bit ``.grad`` into FP32 master grads after each
+backward, the inner optimizer updates the masters, and the masters are rounded back into
+the 16-bit weights. Parameters that are already FP32 (norms, routers) are their own masters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class FP32Masters:
+    """FP32 masters for every parameter that some optimizer updates."""
+
+    def __init__(self) -> None:
+        self._pending: dict[Tensor, Tensor] = {}  # param -> its FP32 value from before the cast
+        self.master_of: dict[Tensor, Tensor] = {}  # model param -> master (itself when FP32)
+        self.param_of: dict[Tensor, Tensor] = {}  # master -> 16-bit model param (separate masters only)
+
+    def capture(self, param: nn.Parameter) -> None:
+        """Remember ``param``'s value before it is cast to 16 bits: it becomes the master bit for bit."""
+        if param in self.master_of:  # a second fit: the existing master is more precise
+            return
+        # For an FP32 parameter this keeps the original storage alive (no copy): the cast
+        # replaces ``param.data`` and this tensor becomes the master.
+        self._pending[param] = param.data if param.dtype == torch.float32 else param.data.float()
+
+    def discard_pending(self) -> None:
+        """Forget captured values that no optimizer claimed (frozen or unused parameters)."""
+        self._pending.clear()
+
+    def master_for(self, param: Tensor) -> Tensor:
+        if param in self.master_of:
+            return self.master_of[param]
+        if param.dtype not in _HALF:
+            master = param
+        else:
+            value = self._pending.pop(param, None)
+            if value is None:  # created 16-bit: the exact upcast is all there is
+                value = param.detach().float()
+            master = nn.Parameter(value.to(param.device), requires_grad=param.requires_grad)
+            self.param_of[master] = param
+        self.master_of[param] = master
+        return master
+
+    def attach(self, optimizer: Optimizer) -> None:
+        """Swap ``optimizer``'s parameters for their masters in place.
+
+        Groups and their options stay as they are; existing per-parameter state (Adagrad
+        builds it in its constructor, a resumed optimizer has it) is re-keyed to the master
+        and its 16-bit tensors upcast, so the inner optimizer sees FP32 everywhere.
+        """
+        for group in optimizer.param_groups:
+            masters = []
+            for param in group["params"]:
+                master = self.master_for(param)
+                if master is not param and param in optimizer.state:
+                    state = optimizer.state.pop(param)
+                    optimizer.state[master] = {
+                        k: v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v for k, v in state.items()
+                    }
+                masters.append(master)
+            group["params"] = masters
+
+    def pairs(self, optimizer: Optimizer | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """(16-bit param, FP32 master) for every separate master, or only ``optimizer``'s."""
+        if optimizer is None:
+            yield from ((p, m) for m, p in self.param_of.items())
+            return
+        for group in optimizer.param_groups:
+            for master in group["params"]:
+                param = self.param_of.get(master)
+                if param is not None:
+                    yield param, master
+
+    @torch.no_grad()
+    def grads_to_masters(self) -> None:
+        """Add each 16-bit ``.grad`` into its master's FP32 ``.grad`` and free the 16-bit one.
+
+        Called after every backward: with gradient accumulation the micro-batch gradients
+        are summed in FP32 (a 16-bit running sum would round every addition).
+        """
+        for param, master in self.pairs():
+            grad = param.grad
+            if grad is None:
+                continue
+            if master.grad is None:
+                master.grad = grad.float()  # exact upcast
+            else:
+                master.grad.add_(grad)  # accumulates in FP32
+            param.grad = None
+
+    @torch.no_grad()
+    def masters_to_params(self, optimizer: Optimizer | None = None) -> None:
+        """Round the masters into the 16-bit weights (round to nearest even)."""
+        pairs = list(self.pairs(optimizer))
+        if pairs:
+            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
+
+    def release_grads(self, optimizer: Optimizer) -> None:
+        """Drop the FP32 master grads of separate masters: they must not outlive the step."""
+        for _, master in self.pairs(optimizer):
+            master.grad = None

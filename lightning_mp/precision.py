@@ -1,0 +1,330 @@
+"""The precision plugin: 16-bit weights and compute, FP32 master weights in the optimizer.
+
+Use it as ``Trainer(plugins=[MasterWeightPrecision("bf16-master")])``, or name any precision,
+ours or Lightning's, through :func:`precision_plugin`.
+
+One training step, in order (:meth:`MasterWeightPrecision.optimizer_step`):
+
+1. forward and backward under ``torch.autocast`` with 16-bit weights (fp16: on a scaled loss);
+2. after every backward the 16-bit grads are added into FP32 master grads and freed;
+3. unscale (fp16) and one fused inf/NaN check over all master grads;
+4. an overflowing step is skipped whole: no optimizer update, no LR-scheduler step;
+5. otherwise Lightning's hooks and gradient clipping on the FP32 grads, the inner
+   optimizer's step on the masters, and the masters rounded back into the 16-bit weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Literal, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+import lightning.pytorch as pl
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+
+from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, cast_module_
+from lightning_mp.masters import FP32Masters
+from lightning_mp.scaler import LossScaler
+
+_MASTER_DTYPES = {"bf16-master": torch.bfloat16, "16-master": torch.float16}
+_SKIP_FLAG = "_lightning_mp_skip_scheduler"  # set on an optimizer whose step was skipped
+
+
+class MasterWeightPrecision(Precision):
+    """16-bit weights and autocast compute, FP32 master weights stepped by the optimizer.
+
+    Args:
+        precision: ``"bf16-master"`` (bfloat16 weights and compute) or ``"16-master"``
+            (float16 weights and compute, with loss scaling).
+        keep_fp32: modules whose parameters and buffers stay FP32 (they are then their own
+            masters): module-name patterns, module classes or predicates ``(name, module)``.
+            Default :data:`~lightning_mp.convert.DEFAULT_KEEP_FP32`, every normalization layer.
+            A module that sets ``keep_fp32 = True`` on itself is always kept.
+        loss_scale: ``"dynamic"`` or a fixed float. Default: dynamic for ``16-master``, none
+            for ``bf16-master`` (whose exponent range is FP32's).
+        init_scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale:
+            the dynamic loss-scale policy, see :class:`~lightning_mp.scaler.LossScaler`.
+        device: device type for ``torch.autocast`` (``"cuda"``, ``"cpu"``...). Default: the
+            device of the model's parameters.
+
+    Gradients live on the masters: in ``on_before_optimizer_step`` read them from
+    ``trainer.precision_plugin.main_params(optimizer)`` (FP32, already unscaled); the
+    model's own 16-bit ``.grad`` is freed after each backward (it is still there in
+    ``on_after_backward``). Parameters that no optimizer updates get no master.
+
+    Each step reads one overflow flag on the host (as ``torch.amp.GradScaler`` and
+    Megatron-LM do): one sync per optimizer step, whatever the number of tensors.
+    """
+
+    precision: Literal["bf16-master", "16-master"] = "bf16-master"
+
+    def __init__(
+        self,
+        precision: Literal["bf16-master", "16-master"] = "bf16-master",
+        *,
+        keep_fp32: Optional[Sequence[KeepFP32]] = None,
+        loss_scale: Union[float, Literal["dynamic"], None] = None,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        hysteresis: int = 2,
+        min_scale: float = 1.0,
+        device: Optional[str] = None,
+    ) -> None:
+        if precision not in _MASTER_DTYPES:
+            raise ValueError(
+                f"MasterWeightPrecision accepts precision {sorted(_MASTER_DTYPES)}, got {precision!r}. "
+                f"For Lightning's own modes use lightning_mp.precision_plugin({precision!r})."
+            )
+        self.precision = precision
+        self.dtype = _MASTER_DTYPES[precision]
+        self.keep_fp32: tuple[KeepFP32, ...] = tuple(DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
+        if loss_scale is None:
+            loss_scale = "dynamic" if precision == "16-master" else None
+        if loss_scale is None:
+            self.scaler: Optional[LossScaler] = None
+        elif loss_scale == "dynamic":
+            self.scaler = LossScaler(
+                init_scale,
+                growth_factor=growth_factor,
+                backoff_factor=backoff_factor,
+                growth_interval=growth_interval,
+                hysteresis=hysteresis,
+                min_scale=min_scale,
+            )
+        elif isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool) and loss_scale > 0:
+            self.scaler = LossScaler(float(loss_scale), dynamic=False)
+        else:
+            raise ValueError(f"loss_scale must be 'dynamic' or a positive number, got {loss_scale!r}")
+        self.device = device
+        self.masters = FP32Masters()
+        self.skipped_steps = 0
+        self._master_by_name: dict[str, Tensor] = {}
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Cast to the 16-bit dtype, all but the ``keep_fp32`` modules; the FP32 values become the masters."""
+        return cast_module_(module, self.dtype, self.keep_fp32, before_cast=self.masters.capture)
+
+    def connect(
+        self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
+    ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
+        """Swap every optimizer's parameters for FP32 masters and make step schedulers skip-aware."""
+        for optimizer in optimizers:
+            self.masters.attach(optimizer)
+        self.masters.discard_pending()
+        self.masters.masters_to_params()
+        if self.device is None:
+            param = next(model.parameters(), None)
+            self.device = param.device.type if param is not None else "cpu"
+        module = _lightning_module(model)
+        self._master_by_name = {
+            name: self.masters.master_of[p]
+            for name, p in module.named_parameters(remove_duplicate=False)
+            if self.masters.master_of.get(p, p) is not p
+        }
+        for config in lr_schedulers:
+            if getattr(config, "interval", "step") == "step" and hasattr(config.scheduler, "optimizer"):
+                _make_skip_aware(config.scheduler)
+        return model, optimizers, lr_schedulers
+
+    # -- compute -----------------------------------------------------------------------------
+
+    def forward_context(self) -> AbstractContextManager:
+        """Autocast to the 16-bit dtype, so the op-level FP32 lists (softmax, losses, norms) apply."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.autocast(device, dtype=self.dtype)
+
+    def pre_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
+        if self.scaler is not None:
+            tensor = self.scaler.scale_loss(tensor)
+        return super().pre_backward(tensor, module)
+
+    def post_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
+        loss = super().post_backward(tensor, module)  # on_after_backward still sees the 16-bit grads
+        self.masters.grads_to_masters()
+        return loss
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def optimizer_step(  # type: ignore[override]
+        self,
+        optimizer: Optimizer,
+        model: Union["pl.LightningModule", nn.Module],
+        closure: Callable[[], Any],
+        **kwargs: Any,
+    ) -> Any:
+        """Backward, unscale, overflow check, clipping, inner step on the masters, copy back."""
+        closure_result = closure()
+        if closure_result is None and isinstance(model, pl.LightningModule) and model.automatic_optimization:
+            return None  # training_step returned None: no backward, nothing to step (as Lightning's AMP)
+        self.masters.grads_to_masters()  # a backward that bypassed post_backward (manual loss.backward())
+        found_inf = self._unscale_and_check(optimizer)
+        if found_inf:
+            self.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            setattr(optimizer, _SKIP_FLAG, True)  # the step's LR-scheduler step is skipped too
+        else:
+            self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, gradient clipping
+            optimizer.step(**kwargs)
+            self.masters.masters_to_params(optimizer)
+        self.masters.release_grads(optimizer)
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+        self._log(model)
+        return closure_result
+
+    def _unscale_and_check(self, optimizer: Optimizer) -> bool:
+        """Unscale the master grads in place and report whether any is inf or NaN.
+
+        One fused kernel per device, then the one host sync of the step (``.item()``).
+        """
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad)
+        flags = []
+        for device, grads in by_device.items():
+            found_inf = torch.zeros(1, device=device)
+            inv_scale = self.scaler.inv_scale(device) if self.scaler else torch.ones(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+            flags.append(found_inf)
+        return any(bool(flag.item()) for flag in flags)
+
+    def _log(self, model: nn.Module) -> None:
+        if not isinstance(model, pl.LightningModule) or getattr(model, "_current_fx_name", None) is None:
+            return
+        model.log("precision/skipped_steps", float(self.skipped_steps))
+        if self.scaler is not None:
+            model.log("precision/loss_scale", self.scaler.scale)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"skipped_steps": self.skipped_steps}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        if self.scaler is not None and "scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["scaler"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store FP32 in ``checkpoint["state_dict"]``: the masters, and exact upcasts of other 16-bit tensors."""
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        for name, value in state.items():
+            master = self._master_by_name.get(name)
+            if master is not None:
+                state[name] = master.detach()
+            elif isinstance(value, Tensor) and value.dtype == self.dtype:
+                state[name] = value.float()
+
+    @torch.no_grad()
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the masters from the checkpoint's (FP32) state dict, then the 16-bit weights from them."""
+        state = checkpoint.get("state_dict", {})
+        for name, master in self._master_by_name.items():
+            if name in state:
+                master.copy_(state[name])
+        self.masters.masters_to_params()
+
+
+def _lightning_module(model: nn.Module) -> nn.Module:
+    """The LightningModule inside a strategy's wrapper (DDP...), whose names the checkpoint uses."""
+    if isinstance(model, pl.LightningModule):
+        return model
+    return next((m for m in model.modules() if isinstance(m, pl.LightningModule)), model)
+
+
+# -- LR schedulers that do not advance on a skipped step --------------------------------------
+
+_SKIP_AWARE_CLASSES: dict[type, type] = {}
+
+
+def _skip_aware_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+    if getattr(self.optimizer, _SKIP_FLAG, False):
+        setattr(self.optimizer, _SKIP_FLAG, False)
+        return None
+    return super(type(self), self).step(*args, **kwargs)
+
+
+def _new_instance(cls: type) -> Any:
+    return cls.__new__(cls)
+
+
+def _reduce_to_base(self: Any, protocol: int) -> Any:
+    # Pickle (and deepcopy) as the user's own scheduler class: the subclass exists only here.
+    return _new_instance, (type(self).__bases__[0],), self.__dict__
+
+
+def _make_skip_aware(scheduler: Any) -> None:
+    """Give ``scheduler`` a subclass whose ``step`` does nothing right after a skipped optimizer step.
+
+    The instance keeps its ``__dict__`` (so ``state_dict``, checkpoints, ``LearningRateMonitor``
+    and ``isinstance`` checks are unchanged), the way Lightning wraps optimizers.
+    """
+    base = type(scheduler)
+    if base in _SKIP_AWARE_CLASSES.values():
+        return
+    if base not in _SKIP_AWARE_CLASSES:
+        _SKIP_AWARE_CLASSES[base] = type(
+            base.__name__, (base,), {"step": _skip_aware_step, "__reduce_ex__": _reduce_to_base}
+        )
+    scheduler.__class__ = _SKIP_AWARE_CLASSES[base]
+
+
+# -- one factory for every precision name ----------------------------------------------------
+
+_LIGHTNING_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+PRECISION_NAMES: tuple[str, ...] = (
+    "32-true",
+    "64-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "bf16-master",
+    "16-master",
+)
+
+
+def precision_plugin(name: str, *, device: Optional[str] = None, **kwargs: Any) -> Precision:
+    """The precision plugin for any name, lightning-mp's or Lightning's.
+
+    ``"bf16-master"`` and ``"16-master"`` give :class:`MasterWeightPrecision` (``kwargs`` go to
+    it); Lightning's names (``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"bf16-true"``,
+    ``"16-true"``, ``"64-true"`` and the aliases ``"32"``, ``"16"``, ``"bf16"``, ``"64"``) give
+    the plugin that ``Trainer(precision=name)`` builds. ``device`` is the autocast device type
+    (default: ``"cuda"`` when available, else ``"cpu"``).
+    """
+    name = _LIGHTNING_ALIASES.get(str(name), str(name))
+    if name in _MASTER_DTYPES:
+        return MasterWeightPrecision(name, device=device, **kwargs)  # type: ignore[arg-type]
+    if name not in PRECISION_NAMES:
+        raise ValueError(f"Unknown precision {name!r}; choose one of {', '.join(PRECISION_NAMES)}.")
+    if kwargs:
+        raise TypeError(f"precision {name!r} takes no options, got {sorted(kwargs)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "32-true":
+        return Precision()
+    if name == "64-true":
+        return DoublePrecision()
+    if name in ("bf16-true", "16-true"):
+        return HalfPrecision(name)  # type: ignore[arg-type]
+    if name == "16-mixed" and device == "cpu":
+        # What Trainer(precision="16-mixed") does on CPU.
+        warnings.warn("16-mixed is not supported by autocast on CPU; using bf16-mixed instead.", stacklevel=2)
+        name = "bf16-mixed"
+    return MixedPrecision(name, device)  # type: ignore[arg-type]

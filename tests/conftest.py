@@ -1,0 +1,107 @@
+"""Shared helpers: tiny models and a quiet CPU Trainer."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_mp import precision_plugin
+
+
+def trainer(precision="bf16-master", plugin_kwargs=None, **kwargs) -> L.Trainer:
+    """A quiet single-process CPU trainer for ``precision`` (a name or a plugin)."""
+    plugin = precision if not isinstance(precision, str) else precision_plugin(precision, **(plugin_kwargs or {}))
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    options.update(kwargs)
+    return L.Trainer(plugins=[plugin], **options)
+
+
+def regression_data(n=32, d=8, batch_size=8, seed=0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = x @ torch.randn(d, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class TinyRegressor(L.LightningModule):
+    """Linear -> LayerNorm -> GELU -> Linear, MSE loss; the optimizer is chosen by name."""
+
+    def __init__(self, d: int = 8, hidden: int = 16, optimizer: str = "adamw", lr: float = 1e-2, scheduler: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.inp = nn.Linear(d, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return self.out(nn.functional.gelu(self.norm(self.inp(x))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x).float(), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x).float(), y))
+
+    def configure_optimizers(self):
+        lr = self.hparams.lr
+        groups = [
+            {"params": [self.inp.weight, self.out.weight], "weight_decay": 0.1},
+            {"params": [self.inp.bias, self.out.bias, *self.norm.parameters()], "weight_decay": 0.0, "lr": lr / 2},
+        ]
+        name = self.hparams.optimizer
+        if name == "adamw":
+            opt = torch.optim.AdamW(groups, lr=lr)
+        elif name == "sgd":
+            opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+        elif name == "adagrad":
+            opt = torch.optim.Adagrad(groups, lr=lr, initial_accumulator_value=0.1)
+        elif name == "sign":
+            opt = SignSGD(groups, lr=lr)
+        else:
+            raise ValueError(name)
+        if not self.hparams.scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, inverse_step)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def inverse_step(step: int) -> float:
+    return 1.0 / (1 + step)
+
+
+class SignSGD(torch.optim.Optimizer):
+    """A user's own optimizer with per-parameter state."""
+
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["count"] = state.get("count", 0) + 1
+                p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

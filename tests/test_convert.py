@@ -1,0 +1,85 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_mp.convert import DEFAULT_KEEP_FP32, cast_module_, is_norm_layer
+
+
+class LlamaRMSNorm(nn.Module):  # another library's norm, recognised by its class name
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+
+class Router(nn.Module):
+    keep_fp32 = True
+
+    def __init__(self, d, n):
+        super().__init__()
+        self.gate = nn.Linear(d, n, bias=False)
+
+
+class Block(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.rms = LlamaRMSNorm(d)
+        self.bn = nn.BatchNorm1d(d)
+        self.proj = nn.Linear(d, d)
+        self.router = Router(d, 4)
+        self.head = nn.Linear(d, 3)
+        self.register_buffer("table", torch.linspace(0, 1, d))
+        self.register_buffer("index", torch.arange(d))
+
+
+def dtypes(module):
+    return {n: t.dtype for n, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def test_default_keeps_norms_and_flagged_modules():
+    m = cast_module_(Block(), torch.bfloat16, DEFAULT_KEEP_FP32)
+    d = dtypes(m)
+    for name in ("ln.weight", "ln.bias", "rms.weight", "bn.weight", "bn.running_mean", "router.gate.weight"):
+        assert d[name] == torch.float32, name
+    for name in ("proj.weight", "proj.bias", "head.weight", "table"):
+        assert d[name] == torch.bfloat16, name
+    assert d["index"] == torch.int64  # integer buffers are never cast
+    assert d["bn.num_batches_tracked"] == torch.int64
+
+
+def test_patterns_classes_and_predicates():
+    m = cast_module_(Block(), torch.float16, ["head", nn.LayerNorm, lambda name, mod: name == "proj"])
+    d = dtypes(m)
+    assert d["head.weight"] == d["ln.weight"] == d["proj.weight"] == torch.float32
+    assert d["rms.weight"] == torch.float16  # the user's list replaces the default
+    assert d["router.gate.weight"] == torch.float32  # the module's own flag always counts
+
+
+def test_wildcard_pattern_and_empty_list():
+    m = cast_module_(Block(), torch.bfloat16, ["*.gate", "r*"])
+    assert dtypes(m)["rms.weight"] == torch.float32
+    m = cast_module_(nn.Sequential(nn.LayerNorm(4)), torch.bfloat16, [])
+    assert m[0].weight.dtype == torch.bfloat16
+
+
+def test_parameter_identity_survives_and_before_cast_sees_fp32():
+    m = Block()
+    ids = {n: id(p) for n, p in m.named_parameters()}
+    seen = {}
+    cast_module_(m, torch.bfloat16, DEFAULT_KEEP_FP32, before_cast=lambda p: seen.setdefault(id(p), p.dtype))
+    assert {n: id(p) for n, p in m.named_parameters()} == ids
+    assert set(seen.values()) == {torch.float32}
+    assert id(m.proj.weight) in seen and id(m.ln.weight) not in seen
+
+
+def test_norm_detection():
+    assert is_norm_layer("x", nn.GroupNorm(2, 4)) and is_norm_layer("x", LlamaRMSNorm(2))
+    assert is_norm_layer("x", nn.InstanceNorm1d(3))
+    assert not is_norm_layer("x", nn.Linear(2, 2))
+
+
+def test_bad_entry_is_a_type_error():
+    with pytest.raises(TypeError, match="keep_fp32"):
+        cast_module_(Block(), torch.bfloat16, [3])
+    with pytest.raises(TypeError, match="nn.Module"):
+        cast_module_(Block(), torch.bfloat16, [int])

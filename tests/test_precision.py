@@ -1,0 +1,465 @@
+"""MasterWeightPrecision through a real Lightning Trainer on CPU: one test per promised behaviour."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import pickle
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import TinyRegressor, regression_data, trainer
+from lightning_mp import LossScaleError, MasterWeightPrecision, precision_plugin
+
+BF16 = torch.bfloat16
+
+
+def masters(t: L.Trainer) -> list[torch.Tensor]:
+    return [p for opt in t.optimizers for g in opt.param_groups for p in g["params"]]
+
+
+# -- names and the factory -----------------------------------------------------------------------
+
+
+def test_rejects_other_names_listing_the_accepted_ones():
+    with pytest.raises(ValueError, match=r"\['16-master', 'bf16-master'\].*precision_plugin\('bf16-mixed'\)"):
+        MasterWeightPrecision("bf16-mixed")
+    with pytest.raises(ValueError, match="32-true.*bf16-master"):
+        precision_plugin("bf16-masterr")
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("32-true", Precision),
+        ("32", Precision),
+        ("64-true", DoublePrecision),
+        ("bf16-mixed", MixedPrecision),
+        ("bf16", MixedPrecision),
+        ("bf16-true", HalfPrecision),
+        ("16-true", HalfPrecision),
+        ("bf16-master", MasterWeightPrecision),
+        ("16-master", MasterWeightPrecision),
+    ],
+)
+def test_precision_plugin_builds_every_name(name, cls):
+    plugin = precision_plugin(name)
+    assert type(plugin) is cls
+    if cls in (MixedPrecision, HalfPrecision, MasterWeightPrecision):
+        assert plugin.precision == {"bf16": "bf16-mixed"}.get(name, name)
+
+
+def test_16_mixed_on_cpu_becomes_bf16_mixed_as_in_lightning():
+    with pytest.warns(UserWarning, match="bf16-mixed"):
+        plugin = precision_plugin("16-mixed", device="cpu")
+    assert plugin.precision == "bf16-mixed"
+
+
+def test_lightning_names_train_as_before():
+    for name in ("32-true", "bf16-mixed", "bf16-true"):
+        model = TinyRegressor()
+        trainer(name, max_steps=2).fit(model, regression_data())
+        expected = BF16 if name == "bf16-true" else torch.float32
+        assert model.inp.weight.dtype == expected
+
+
+def test_options_only_for_master_modes():
+    assert precision_plugin("16-master", init_scale=8.0).scaler.scale == 8.0
+    with pytest.raises(TypeError, match="takes no options"):
+        precision_plugin("32-true", init_scale=8.0)
+    with pytest.raises(ValueError, match="loss_scale"):
+        MasterWeightPrecision("16-master", loss_scale="static")
+
+
+# -- 1. conversion: 16-bit weights, FP32 masters bit for bit ----------------------------------------
+
+
+class Snapshot(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.masters = [m.detach().clone() for m in masters(trainer)]
+        self.params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def test_masters_are_the_fp32_values_bit_for_bit():
+    model = TinyRegressor()
+    fp32 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    snap = Snapshot()
+    trainer("bf16-master", max_steps=1, callbacks=[snap]).fit(model, regression_data())
+    names = [n for n, _ in model.named_parameters()]
+    by_name = dict(zip(["inp.weight", "out.weight", "inp.bias", "out.bias", "norm.weight", "norm.bias"], snap.masters))
+    for name in names:
+        assert torch.equal(by_name[name], fp32[name]), name  # nothing lost to the cast
+        if not name.startswith("norm"):
+            assert snap.params[name].dtype == BF16
+            assert torch.equal(snap.params[name], fp32[name].to(BF16))  # round to nearest
+    assert not torch.equal(fp32["inp.weight"].to(BF16).float(), fp32["inp.weight"])  # the cast did lose bits
+
+
+# -- 2. every optimizer sees FP32 masters; groups, options and state kept --------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "adagrad", "sign"])
+def test_any_optimizer_steps_fp32_masters(optimizer):
+    model = TinyRegressor(optimizer=optimizer)
+    before = [p.detach().float().clone() for p in model.parameters()]
+    t = trainer("bf16-master", max_steps=3)
+    t.fit(model, regression_data())
+    opt = t.optimizers[0]
+    assert all(p.dtype == torch.float32 for p in masters(t))
+    assert model.inp.weight.dtype == model.out.weight.dtype == BF16 and model.norm.weight.dtype == torch.float32
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"] / 2
+    assert set(opt.state) <= set(masters(t)) and len(opt.state) == 6
+    for state in opt.state.values():
+        assert all(v.dtype == torch.float32 for v in state.values() if torch.is_tensor(v) and v.numel() > 1)
+    if optimizer == "adagrad":  # state built in the constructor, keyed by the (then 16-bit) parameter
+        assert opt.state[masters(t)[0]]["sum"].dtype == torch.float32
+    for master, p in zip(masters(t)[:2], [model.inp.weight, model.out.weight]):
+        assert torch.equal(master.to(BF16), p)  # the weights are the rounded masters
+    assert all(not torch.equal(b, p.float()) for b, p in zip(before, model.parameters()))  # and they trained
+
+
+def test_lr_scheduler_and_lr_monitor_work_unchanged(tmp_path):
+    model = TinyRegressor(scheduler=True, lr=0.1)
+    t = trainer(
+        "bf16-master",
+        max_steps=4,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[LearningRateMonitor(logging_interval="step")],
+        log_every_n_steps=1,
+    )
+    t.fit(model, regression_data())
+    sched = t.lr_scheduler_configs[0].scheduler
+    assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+    assert sched.get_last_lr()[0] == pytest.approx(0.1 / 5)  # LambdaLR after 4 steps: lr / (1 + 4)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        lrs = [float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")]
+    assert lrs == pytest.approx([0.1 / k for k in range(1, 5)])
+
+
+# -- 3 and 8. autocast in training, validation, test and predict ---------------------------------
+
+
+class AutocastProbe(TinyRegressor):
+    seen: dict
+
+    def _probe(self, stage, x):
+        out = self.inp(x)
+        ce = nn.functional.cross_entropy(out, torch.zeros(len(x), dtype=torch.long))
+        self.seen[stage] = (torch.is_autocast_enabled("cpu"), out.dtype, ce.dtype, self.inp.weight.dtype)
+
+    def training_step(self, batch, batch_idx):
+        self._probe("train", batch[0])
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self._probe("val", batch[0])
+
+    def test_step(self, batch, batch_idx):
+        self._probe("test", batch[0])
+
+    def predict_step(self, batch, batch_idx):
+        self._probe("predict", batch[0])
+
+
+def test_all_stages_run_16bit_weights_under_autocast():
+    model = AutocastProbe()
+    model.seen = {}
+    t = trainer("bf16-master", max_steps=1, limit_val_batches=1)
+    t.fit(model, regression_data())
+    t.validate(model, regression_data(), verbose=False)
+    t.test(model, regression_data(), verbose=False)
+    t.predict(model, regression_data())
+    # matmul in bf16, the loss on autocast's FP32 list, weights 16-bit
+    expected = (True, BF16, torch.float32, BF16)
+    assert model.seen == {stage: expected for stage in ("train", "val", "test", "predict")}
+
+
+# -- 4. gradient accumulation sums in FP32 ---------------------------------------------------------
+
+
+class Dot(L.LightningModule):
+    """loss = w . x, so dloss/dw = x exactly: gradients are whatever the data says."""
+
+    def __init__(self, d=4, lr=0.0):
+        super().__init__()
+        self.w = nn.Linear(d, 1, bias=False)
+        nn.init.ones_(self.w.weight)
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        return self.w(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class GradProbe(Callback):
+    def __init__(self):
+        self.after_batch, self.before_step = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        master = masters(trainer)[0]
+        self.after_batch.append((pl_module.w.weight.grad, None if master.grad is None else master.grad.clone()))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before_step.append(masters(trainer)[0].grad.clone())
+
+
+def test_accumulated_gradients_are_summed_in_fp32_and_16bit_grads_freed():
+    # Micro-batch gradients 1 and 2**-9: a bf16 running sum rounds 1 + 2**-9 to 1.
+    x = torch.tensor([[1.0] * 4, [2.0**-9] * 4])
+    assert (torch.tensor(1.0, dtype=BF16) + torch.tensor(2.0**-9, dtype=BF16)).item() == 1.0
+    probe = GradProbe()
+    trainer("bf16-master", max_steps=1, accumulate_grad_batches=2, callbacks=[probe]).fit(
+        Dot(), DataLoader(TensorDataset(x), batch_size=1)
+    )
+    # Lightning divides each micro-batch loss by 2
+    assert probe.after_batch[0][0] is None  # the 16-bit grad was freed once added
+    assert torch.equal(probe.after_batch[0][1], torch.full((1, 4), 0.5))
+    assert torch.equal(probe.before_step[0], torch.full((1, 4), 0.5 + 2.0**-10))
+    assert probe.after_batch[1] == (None, None)  # FP32 grads do not outlive the step
+
+
+# -- 5. unscale -> check -> clip on FP32 grads -> step -> copy back --------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16-master", "16-master"])
+@pytest.mark.parametrize("algorithm, expected", [("norm", [0.6, 0.8]), ("value", [0.5, 0.5])])
+def test_clipping_acts_on_unscaled_fp32_grads(precision, algorithm, expected):
+    x = torch.tensor([[3.0, 4.0]])  # grad (3, 4): norm 5 -> clip to 1 gives (0.6, 0.8); value 0.5 gives (0.5, 0.5)
+    model = Dot(d=2, lr=0.01)
+    plugin = MasterWeightPrecision(precision, init_scale=2.0**8)  # scaled grads (768, 1024) fit in fp16
+    t = trainer(plugin, max_steps=1, gradient_clip_val=1.0 if algorithm == "norm" else 0.5,
+                gradient_clip_algorithm=algorithm)
+    t.fit(model, DataLoader(TensorDataset(x), batch_size=1))
+    expected_master = 1.0 - 0.01 * torch.tensor([expected])
+    assert torch.allclose(masters(t)[0], expected_master, rtol=0, atol=1e-6)
+    assert torch.equal(model.w.weight, masters(t)[0].to(model.w.weight.dtype))
+    assert t.precision_plugin.skipped_steps == 0
+
+
+# -- 6. inf/NaN: skip the step, leave the state, hold the scheduler --------------------------------
+
+
+class NaNBatch(TinyRegressor):
+    bad_batches: tuple = (2,)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx in self.bad_batches else loss
+
+
+class StateProbe(Callback):
+    def __init__(self, at):
+        self.at, self.before, self.after = at, None, None
+
+    def _state(self, trainer):
+        sched = trainer.lr_scheduler_configs[0].scheduler
+        return ([m.detach().clone() for m in masters(trainer)], copy.deepcopy(trainer.optimizers[0].state_dict()),
+                sched.last_epoch, [p.detach().clone() for p in trainer.lightning_module.parameters()])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.at:
+            self.before = self._state(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.at:
+            self.after = self._state(trainer)
+
+
+def _same(a, b):
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("precision", ["bf16-master", "16-master"])
+def test_nan_step_is_skipped_whole(precision, tmp_path):
+    model = NaNBatch(scheduler=True)
+    probe = StateProbe(at=2)
+    scale = {"init_scale": 2.0**8} if precision == "16-master" else {}  # no overflow but the NaN batch
+    t = trainer(precision, scale, max_steps=4, callbacks=[probe], logger=CSVLogger(tmp_path, name="r"),
+                log_every_n_steps=1)
+    t.fit(model, regression_data())
+    masters_b, opt_b, sched_b, params_b = probe.before
+    masters_a, opt_a, sched_a, params_a = probe.after
+    assert _same(masters_b, masters_a) and _same(params_b, params_a)  # the weights did not move
+    assert _same(opt_b, opt_a)  # optimizer state untouched (Adam's step count included)
+    assert sched_a == sched_b  # the scheduler did not advance
+    sched = t.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == 3  # 4 optimizer steps, one skipped
+    assert t.precision_plugin.skipped_steps == 1
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        logged = [float(r["precision/skipped_steps"]) for r in csv.DictReader(f) if r.get("precision/skipped_steps")]
+    assert logged == [0.0, 0.0, 1.0, 1.0]
+    # the skip-aware scheduler still pickles, deep-copies and reloads as the user's class
+    clone = pickle.loads(pickle.dumps(sched))
+    assert type(clone) is torch.optim.lr_scheduler.LambdaLR and clone.last_epoch == 3
+    assert type(copy.deepcopy(sched)) is torch.optim.lr_scheduler.LambdaLR
+
+
+class Scaled(Dot):
+    def training_step(self, batch, batch_idx):
+        return (self.w(batch[0]) * 2.0).sum()
+
+
+class ScaleProbe(Callback):
+    def __init__(self):
+        self.scales = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.scales.append((trainer.precision_plugin.scaler.scale, trainer.precision_plugin.skipped_steps))
+
+
+def test_dynamic_loss_scale_backs_off_with_hysteresis_and_grows():
+    # grad of the scaled loss = 2 * scale: fp16 overflows (> 65504) while scale >= 2**15
+    probe = ScaleProbe()
+    plugin = MasterWeightPrecision("16-master", growth_interval=2)
+    t = trainer(plugin, max_steps=7, callbacks=[probe])
+    t.fit(Scaled(d=1, lr=0.0), DataLoader(TensorDataset(torch.ones(8, 1)), batch_size=1))
+    assert probe.scales == [
+        (2.0**16, 1),  # overflow, hysteresis 2 -> 1
+        (2.0**15, 2),  # overflow, hysteresis spent: back off
+        (2.0**14, 3),  # overflow again: back off again
+        (2.0**14, 3),  # clean
+        (2.0**15, 3),  # second clean step: grow, hysteresis refilled
+        (2.0**15, 4),  # overflow, hysteresis 2 -> 1: no back-off
+        (2.0**14, 5),  # overflow: back off
+    ]
+
+
+def test_overflow_at_min_scale_raises_instead_of_looping():
+    model = NaNBatch()
+    model.bad_batches = tuple(range(100))
+    plugin = MasterWeightPrecision("16-master", init_scale=4.0, min_scale=2.0, hysteresis=1)
+    with pytest.raises(LossScaleError, match="minimum loss scale"):
+        trainer(plugin, max_steps=10).fit(model, regression_data())
+    assert plugin.skipped_steps == 2
+
+
+# -- 7. checkpoints: FP32, scaler state, bit-exact resume, cross-loading ---------------------------
+
+
+def _fit(precision, steps, ckpt_in=None, ckpt_out=None, model=None):
+    torch.manual_seed(0)  # every run starts from the same initial weights
+    model = model or TinyRegressor(scheduler=True)
+    t = trainer(precision, max_steps=steps)
+    # One batch per epoch: Lightning's loop may replay a batch on resume; here every batch is the same.
+    t.fit(model, regression_data(n=8, batch_size=8), ckpt_path=ckpt_in)
+    if ckpt_out:
+        t.save_checkpoint(ckpt_out)
+    return t, model
+
+
+@pytest.mark.parametrize("precision", ["bf16-master", "16-master"])
+def test_checkpoint_holds_fp32_masters_and_scaler_state(precision, tmp_path):
+    t, model = _fit(precision, 4, ckpt_out=tmp_path / "a.ckpt")
+    ckpt = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())
+    assert torch.equal(ckpt["state_dict"]["inp.weight"], masters(t)[0])
+    assert ckpt["MasterWeightPrecision"]["skipped_steps"] == t.precision_plugin.skipped_steps
+    if precision == "16-master":
+        assert ckpt["MasterWeightPrecision"]["scaler"] == t.precision_plugin.scaler.state_dict()
+    fp32 = TinyRegressor.load_from_checkpoint(tmp_path / "a.ckpt")  # any FP32 code can load it
+    assert torch.equal(fp32.inp.weight, masters(t)[0])
+
+
+@pytest.mark.parametrize("precision", ["bf16-master", "16-master"])
+def test_resume_is_bit_exact(precision, tmp_path):
+    straight, _ = _fit(precision, 8)
+    _fit(precision, 4, ckpt_out=tmp_path / "half.ckpt")
+    resumed, _ = _fit(precision, 8, ckpt_in=tmp_path / "half.ckpt")
+    assert _same(masters(straight), masters(resumed))
+    assert _same(straight.optimizers[0].state_dict(), resumed.optimizers[0].state_dict())
+    assert _same(straight.lightning_module.state_dict(), resumed.lightning_module.state_dict())
+    assert straight.precision_plugin.state_dict() == resumed.precision_plugin.state_dict()
+
+
+def test_resume_restores_masters_into_an_already_16bit_model(tmp_path):
+    # A model that is already bf16 (a second fit) loses the FP32 values at load: the plugin restores them.
+    t, _ = _fit("bf16-master", 4, ckpt_out=tmp_path / "a.ckpt")
+    model = TinyRegressor(scheduler=True).to(BF16)
+    resumed, _ = _fit("bf16-master", 4, ckpt_in=tmp_path / "a.ckpt", model=model)
+    assert _same(masters(resumed), masters(t))
+
+
+def test_cross_loading_between_32_true_and_bf16_master(tmp_path):
+    t32, _ = _fit("32-true", 4, ckpt_out=tmp_path / "fp32.ckpt")
+    t16, _ = _fit("bf16-master", 4, ckpt_in=tmp_path / "fp32.ckpt")  # resumes at step 4: no step taken
+    assert _same(masters(t16), masters(t32))
+    t16.save_checkpoint(tmp_path / "bf16.ckpt")
+    back, _ = _fit("32-true", 4, ckpt_in=tmp_path / "bf16.ckpt")
+    assert _same(masters(back), masters(t32))
+    # and both continue: 4 more steps under either mode from the other's checkpoint
+    _fit("bf16-master", 8, ckpt_in=tmp_path / "fp32.ckpt")
+    _fit("32-true", 8, ckpt_in=tmp_path / "bf16.ckpt")
+
+
+# -- manual optimization and a training_step that returns None ------------------------------------
+
+
+class Manual(TinyRegressor):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = nn.functional.mse_loss(self(batch[0]).float(), batch[1])
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_manual_optimization_steps_the_masters():
+    model = Manual()
+    w0 = model.inp.weight.detach().clone()
+    t = trainer("bf16-master", max_steps=3)
+    t.fit(model, regression_data())
+    assert not torch.equal(masters(t)[0], w0)
+    assert torch.equal(masters(t)[0].to(BF16), model.inp.weight)
+
+
+class SkipsBatch(TinyRegressor):
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+
+def test_training_step_returning_none_takes_no_step():
+    t = trainer("bf16-master", max_steps=2)
+    t.fit(SkipsBatch(), regression_data())
+    assert t.precision_plugin.skipped_steps == 0
+
+
+# -- the mantissa trap, the reason for all of this -------------------------------------------------
+
+
+def _total_change(precision):
+    # SGD on loss = w . 1 with lr 1e-4: every step moves each weight (1.0) by 1e-4, 1/40 of half a bf16 step
+    model = Dot(d=8, lr=1e-4)
+    t = trainer(precision, max_epochs=1)
+    t.fit(model, DataLoader(TensorDataset(torch.ones(100, 8)), batch_size=1))
+    weight = masters(t)[0] if precision == "bf16-master" else model.w.weight
+    return (weight.float() - 1.0).abs().mean().item(), model.w.weight.float()
+
+
+def test_mantissa_trap_bf16_true_freezes_bf16_master_tracks_fp32():
+    fp32, _ = _total_change("32-true")
+    trapped, w_true = _total_change("bf16-true")
+    master, w_master = _total_change("bf16-master")
+    assert fp32 == pytest.approx(100 * 1e-4, rel=1e-3)
+    assert trapped == 0.0  # every update rounded away
+    assert master == pytest.approx(fp32, rel=0.01)
+    assert torch.all(w_master < 1.0)  # and the 16-bit weights moved too, once the masters crossed a step
