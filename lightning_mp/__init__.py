@@ -1,6 +1,7 @@
 """lightning-mp: 16-bit training in PyTorch Lightning with FP32 master weights."""
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, is_norm_layer
+from lightning_mp.diagnostics import bytes_per_param, memory_audit
 from lightning_mp.masters import FP32Masters
 from lightning_mp.precision import PRECISION_NAMES, MasterWeightPrecision, precision_plugin
 from lightning_mp.scaler import LossScaleError, LossScaler
@@ -10,6 +11,8 @@ __all__ = [
     "FP32Masters",
     "LossScaleError",
     "LossScaler",
+    "bytes_per_param",
+    "memory_audit",
     "MasterWeightPrecision",
     "PRECISION_NAMES",
     "is_norm_layer",

@@ -172,7 +172,8 @@ class MasterWeightPrecision(Precision):
             optimizer.zero_grad(set_to_none=True)
             setattr(optimizer, _SKIP_FLAG, True)  # the step's LR-scheduler step is skipped too
         else:
-            self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, gradient clipping
+            if isinstance(model, pl.LightningModule):
+                self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, gradient clipping
             optimizer.step(**kwargs)
             self.masters.masters_to_params(optimizer)
         self.masters.release_grads(optimizer)
