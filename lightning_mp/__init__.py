@@ -3,6 +3,7 @@
 from lightning_mp.convert import DEFAULT_KEEP_FP32, is_norm_layer
 from lightning_mp.diagnostics import bytes_per_param, memory_audit
 from lightning_mp.masters import FP32Masters
+from lightning_mp.module import MoEModule
 from lightning_mp.precision import PRECISION_NAMES, MasterWeightPrecision, precision_plugin
 from lightning_mp.scaler import LossScaleError, LossScaler
 
@@ -14,6 +15,7 @@ __all__ = [
     "bytes_per_param",
     "memory_audit",
     "MasterWeightPrecision",
+    "MoEModule",
     "PRECISION_NAMES",
     "is_norm_layer",
     "precision_plugin",

@@ -1,0 +1,160 @@
+"""Byte-level next-token prediction over real text that every machine has: no tokenizer, no download.
+
+By default the corpus is the running Python's standard library source (``*.py`` under
+``sysconfig``'s ``stdlib`` path, several megabytes of real code and docstrings). Files are
+listed in sorted order and assigned to train or validation by a hash of their relative path,
+so the split is deterministic and no file is in both.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from pathlib import Path
+from typing import Optional, Union
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+VOCAB_SIZE = 256  # bytes
+
+
+class ByteWindows(Dataset):
+    """Non-overlapping windows of ``seq_len + 1`` bytes: ``(inputs, targets)`` shifted by one."""
+
+    def __init__(self, data: Tensor, seq_len: int) -> None:
+        if data.numel() < seq_len + 1:
+            raise ValueError(f"seq_len={seq_len} is longer than this split of the corpus ({data.numel()} bytes)")
+        self.data, self.seq_len = data, seq_len
+
+    def __len__(self) -> int:
+        return (self.data.numel() - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        chunk = self.data[i * self.seq_len : (i + 1) * self.seq_len + 1].long()
+        return chunk[:-1], chunk[1:]
+
+
+def _is_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    return bool(head) and b"\0" not in head
+
+
+def _in_validation(relative: str, val_fraction: float) -> bool:
+    return zlib.crc32(relative.encode()) % 10_000 < val_fraction * 10_000
+
+
+class ByteTextDataModule(L.LightningDataModule):
+    """Byte-level language-modelling data.
+
+    Args:
+        path: a text file or a directory of text files (binary files are skipped); default:
+            the standard library's ``*.py`` files.
+        seq_len: tokens (bytes) per training sequence.
+        batch_size: sequences per batch.
+        val_fraction: share of files (of bytes, for a single file: its tail) held out.
+        max_bytes: cap on each split's size (the first bytes in file order); ``None``: all.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        path: Optional[Union[str, Path]] = None,
+        seq_len: int = 128,
+        batch_size: int = 32,
+        val_fraction: float = 0.05,
+        max_bytes: Optional[int] = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.path = Path(path).expanduser() if path is not None else None
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.val_fraction, self.max_bytes, self.num_workers = val_fraction, max_bytes, num_workers
+        self.train_data: Optional[Tensor] = None
+        self.val_data: Optional[Tensor] = None
+        self.train_files: list[str] = []
+        self.val_files: list[str] = []
+
+    def files(self) -> tuple[Path, list[Path]]:
+        """The corpus root and its text files, sorted."""
+        if self.path is None:
+            root = Path(sysconfig.get_paths()["stdlib"])
+            files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+        elif not self.path.exists():
+            raise FileNotFoundError(f"corpus path {str(self.path)!r} does not exist")
+        elif self.path.is_file():
+            root, files = self.path.parent, [self.path]
+        else:
+            root = self.path
+            files = sorted(p for p in root.rglob("*") if p.is_file() and _is_text(p))
+        files = [f for f in files if f.stat().st_size > 0]
+        if not files:
+            raise ValueError(f"no non-empty text files under {str(self.path or root)!r}")
+        return root, files
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_data is not None:
+            return
+        root, files = self.files()
+        if len(files) == 1:  # one file: hold out its tail
+            data = torch.frombuffer(bytearray(files[0].read_bytes()), dtype=torch.uint8)
+            cut = int(data.numel() * (1 - self.val_fraction))
+            self.train_files = self.val_files = [files[0].name]
+            self.train_data, self.val_data = data[:cut], data[cut:]
+        else:
+            train, val = [], []
+            for f in files:
+                relative = f.relative_to(root).as_posix()
+                (val if _in_validation(relative, self.val_fraction) else train).append((relative, f))
+            if not train or not val:
+                raise ValueError(f"{len(files)} files are too few to split with val_fraction={self.val_fraction}")
+            self.train_files = [r for r, _ in train]
+            self.val_files = [r for r, _ in val]
+            self.train_data = self._concat([f for _, f in train])
+            self.val_data = self._concat([f for _, f in val])
+        for name, data in (("training", self.train_data), ("validation", self.val_data)):
+            if data.numel() < self.seq_len + 1:
+                raise ValueError(
+                    f"seq_len={self.seq_len} is longer than the {name} split ({data.numel()} bytes); "
+                    "use a shorter seq_len or a larger corpus"
+                )
+
+    def _concat(self, files: list[Path]) -> Tensor:
+        chunks, total = [], 0
+        for f in files:
+            if self.max_bytes is not None and total >= self.max_bytes:
+                break
+            blob = f.read_bytes()
+            chunks.append(blob)
+            total += len(blob)
+        data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+        return data[: self.max_bytes] if self.max_bytes is not None else data
+
+    def unigram_bits_per_byte(self) -> float:
+        """Entropy of the training split's byte frequencies: the loss of a model that ignores context."""
+        self.setup()
+        counts = torch.bincount(self.train_data.long(), minlength=VOCAB_SIZE).double()
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * p.log2()).sum())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            ByteWindows(self.train_data, self.seq_len),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ByteWindows(self.val_data, self.seq_len), batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,203 @@
+"""``MoEModule``: the MoE language model as a LightningModule that users train, configure or subclass."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_mp.model import MoETransformer, TransformerConfig
+from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
+
+
+class MoEModule(L.LightningModule):
+    """A decoder-only Mixture-of-Experts language model.
+
+    Batches are ``(inputs, targets)`` pairs of LongTensors ``(batch, time)``, as
+    :class:`lightning_mp.data.ByteTextDataModule` yields them. The loss is next-token cross
+    entropy plus ``aux_loss_coef`` times the load-balancing loss and ``z_loss_coef`` times the
+    router z-loss, each summed over the MoE layers.
+
+    Extension points for subclasses:
+
+    - ``make_expert(layer) -> nn.Module``: one expert of MoE layer ``layer`` (called once per
+      expert), mapping ``(tokens, d_model)`` to ``(tokens, d_model)``. Not overriding it keeps
+      the stacked SwiGLU experts that run as grouped matmuls.
+    - ``make_router(layer) -> nn.Module``: maps ``(tokens, d_model)`` to logits
+      ``(tokens, n_experts)``; whatever it returns runs in FP32, weights and math.
+    - ``configure_model``: replace the whole model (set ``self.model``).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        n_experts: int = 8,
+        top_k: int = 2,
+        d_ff: int = 256,
+        moe_every: int = 1,
+        capacity_factor: Optional[float] = None,
+        score_func: Literal["softmax", "sigmoid"] = "softmax",
+        n_shared_experts: int = 0,
+        aux_loss_coef: float = 1e-2,
+        z_loss_coef: float = 1e-3,
+        bias_update_rate: float = 0.0,
+        max_seq_len: int = 256,
+        positions: Literal["rope", "learned"] = "rope",
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = TransformerConfig(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            max_seq_len=max_seq_len,
+            positions=positions,
+            moe_every=moe_every,
+            moe=MoEConfig(
+                d_model=d_model,
+                d_ff=d_ff,
+                n_experts=n_experts,
+                top_k=top_k,
+                score_func=score_func,
+                capacity_factor=capacity_factor,
+                n_shared_experts=n_shared_experts,
+                aux_loss_coef=aux_loss_coef,
+                z_loss_coef=z_loss_coef,
+                bias_update_rate=bias_update_rate,
+            ),
+        )
+        self.model: Optional[nn.Module] = None
+        self._batch_start: Optional[float] = None
+
+    # -- extension points ---------------------------------------------------------------------
+
+    def make_expert(self, layer: int) -> nn.Module:
+        """One expert of MoE layer ``layer``. The default, a SwiGLU FFN, is run stacked instead."""
+        return SwiGLU(self.config.d_model, self.config.moe.d_ff)
+
+    def make_router(self, layer: int) -> nn.Module:
+        """The router of MoE layer ``layer``: ``(tokens, d_model) -> (tokens, n_experts)`` logits."""
+        return nn.Linear(self.config.d_model, self.config.moe.n_experts, bias=False)
+
+    def configure_model(self) -> None:
+        """Build the model once (Lightning calls this before the precision plugin converts it)."""
+        if self.model is not None:
+            return
+        custom_expert = type(self).make_expert is not MoEModule.make_expert
+        custom_router = type(self).make_router is not MoEModule.make_router
+        self.model = MoETransformer(
+            self.config,
+            make_router=self.make_router if custom_router else None,
+            make_expert=self.make_expert if custom_expert else None,
+        )
+
+    # -- forward and losses -------------------------------------------------------------------
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """``tokens (batch, time)`` LongTensor to logits ``(batch, time, vocab)``."""
+        self.configure_model()
+        return self.model(tokens)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.model.modules() if isinstance(m, MoELayer)] if self.model is not None else []
+
+    def _lm_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        tokens, targets = batch
+        logits = self(tokens)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        lm_loss = self._lm_loss(batch)
+        layers = self.moe_layers
+        moe = self.config.moe
+        aux = torch.stack([m.aux_loss for m in layers]).sum() if layers else lm_loss.new_zeros(())
+        z = torch.stack([m.z_loss for m in layers]).sum() if layers else lm_loss.new_zeros(())
+        loss = lm_loss + moe.aux_loss_coef * aux + moe.z_loss_coef * z
+        self.log("train/loss", lm_loss, prog_bar=True)
+        self.log("train/aux_loss", aux)
+        self.log("train/z_loss", z)
+        self._log_routing(layers)
+        return loss
+
+    def _log_routing(self, layers: list[MoELayer]) -> None:
+        if not layers:
+            return
+        for i, layer in enumerate(layers):
+            stats = layer.stats
+            for e, share in enumerate(stats["load"]):
+                self.log(f"moe/layer{i}/load_expert{e}", share)
+            self.log(f"moe/layer{i}/imbalance", stats["imbalance"])
+            self.log(f"moe/layer{i}/router_entropy", stats["entropy"])
+        self.log("moe/drop_frac", torch.stack([m.stats["drop_frac"] for m in layers]).mean())
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss = self._lm_loss(batch)
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", loss.exp())
+        self.log("val/bits_per_byte", loss / math.log(2))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss = self._lm_loss(batch)
+        self.log("test/loss", loss)
+        self.log("test/bits_per_byte", loss / math.log(2))
+
+    # -- throughput and balancing -------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for layer in self.moe_layers:
+            if layer.balance is not None:
+                layer.balance.update(self.config.moe.bias_update_rate)
+        if self._batch_start is not None:
+            elapsed = time.perf_counter() - self._batch_start
+            self.log("train/tokens_per_sec", batch[0].numel() / max(elapsed, 1e-9))
+
+    # -- optimization ---------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW without weight decay on norms, biases and embeddings; linear warm-up, then cosine."""
+        hp = self.hparams
+        decay, no_decay = [], []
+        no_decay_ids = {
+            id(p)
+            for m in self.model.modules()
+            if isinstance(m, nn.Embedding) or "Norm" in type(m).__name__
+            for p in m.parameters(recurse=False)
+        }
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if id(p) in no_decay_ids or name.endswith("bias") else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(hp.warmup_steps, total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,237 @@
+"""Where routing happens: a token-choice top-k Mixture-of-Experts feed-forward layer.
+
+Tokens are routed in FP32 (Switch Transformer's selective precision: the router's weights,
+matmul and softmax never see 16 bits), sorted by expert, and each expert runs once on its
+contiguous slice (dropless by default). The default experts are SwiGLU FFNs stored stacked,
+one ``(n_experts, ...)`` weight per projection, so all of them run as one grouped matmul
+(``torch._grouped_mm``) where the device supports it, and as one matmul per expert slice
+elsewhere. Experts from ``MoEModule.make_expert`` run one module per slice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class MoEConfig:
+    """One MoE layer. Defaults make a small, stable layer."""
+
+    d_model: int = 128
+    d_ff: int = 256  # hidden width of each expert
+    n_experts: int = 8
+    top_k: int = 2
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    capacity_factor: Optional[float] = None  # None: dropless; else keep ceil(cf * tokens * k / E) per expert
+    n_shared_experts: int = 0  # DeepSeek-style always-on experts, each of width d_ff
+    aux_loss_coef: float = 1e-2  # Switch/Mixtral load-balancing loss
+    z_loss_coef: float = 1e-3  # ST-MoE router z-loss
+    bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 aux-loss-free balancing by a per-expert bias
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        if self.score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)``: one expert, or the dense FFN and the shared expert."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
+    # torch._grouped_mm needs 16-byte-aligned rows (8 bf16 / 4 fp32 elements) and one dtype.
+    if not hasattr(torch, "_grouped_mm") or any(w.dtype != x.dtype for w in weights):
+        return False
+    align = 16 // x.element_size()
+    return all(s % align == 0 for w in weights for s in w.shape[1:])
+
+
+class GroupedSwiGLU(nn.Module):
+    """All experts' SwiGLU weights stacked: ``w1, w3: (E, d_model, d_ff)``, ``w2: (E, d_ff, d_model)``."""
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        for w, fan_in in ((self.w1, d_model), (self.w3, d_model), (self.w2, d_ff)):
+            nn.init.uniform_(w, -(fan_in**-0.5), fan_in**-0.5)  # nn.Linear's default range
+
+    def forward(self, x: Tensor, counts: Tensor, counts_list: list[int]) -> Tensor:
+        """``x``: tokens sorted by expert; ``counts[e]`` of them belong to expert ``e``."""
+        # Under autocast the weights are cast like any matmul operand; grouped_mm is not on
+        # autocast's lists, so match the dtypes by hand.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x, w1, w3, w2 = (t.to(dtype) for t in (x, self.w1, self.w3, self.w2))
+        if _grouped_mm_ok(x, w1, w3, w2):
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
+            return torch._grouped_mm(h, w2, offs=offs)
+        return self.forward_loop(x, counts_list, w1, w3, w2)
+
+    @staticmethod
+    def forward_loop(x: Tensor, counts_list: list[int], w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+        """Reference path: one matmul per expert on its contiguous slice."""
+        outs = []
+        for e, xs in enumerate(torch.split(x, counts_list)):
+            outs.append((F.silu(xs @ w1[e]) * (xs @ w3[e])) @ w2[e])
+        return torch.cat(outs)
+
+
+class Router(nn.Module):
+    """Hidden states ``(tokens, d_model)`` to expert logits ``(tokens, n_experts)``, kept FP32."""
+
+    keep_fp32 = True
+
+    def __init__(self, d_model: int, n_experts: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gate(x)
+
+
+class ExpertBias(nn.Module):
+    """DeepSeek-V3's aux-loss-free balancing: a per-expert bias added to scores for selection only."""
+
+    keep_fp32 = True
+
+    def __init__(self, n_experts: int) -> None:
+        super().__init__()
+        self.register_buffer("bias", torch.zeros(n_experts))
+        self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
+
+    @torch.no_grad()
+    def update(self, rate: float) -> None:
+        """Move under-loaded experts' bias up and over-loaded ones' down by ``rate``; reset the count."""
+        load = self.tokens_per_expert
+        if load.sum() > 0:
+            self.bias += rate * torch.sign(load.mean() - load)
+        load.zero_()
+
+
+class MoELayer(nn.Module):
+    """Token-choice top-k MoE feed-forward: ``(..., d_model) -> (..., d_model)``.
+
+    After each forward, ``aux_loss`` and ``z_loss`` hold this layer's (unweighted) losses and
+    ``stats`` its detached routing statistics: ``load`` (fraction of assignments per expert),
+    ``imbalance`` (max load / mean load), ``entropy`` (mean router entropy, nats) and
+    ``drop_frac`` (assignments dropped by the capacity limit).
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        router: Optional[nn.Module] = None,
+        experts: Optional[list[nn.Module]] = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.router = router if router is not None else Router(config.d_model, config.n_experts)
+        self.router.keep_fp32 = True  # whatever the router is, its weights stay FP32
+        if experts is not None:
+            if len(experts) != config.n_experts:
+                raise ValueError(f"expected {config.n_experts} experts, got {len(experts)}")
+            self.experts: nn.Module = nn.ModuleList(experts)
+        else:
+            self.experts = GroupedSwiGLU(config.n_experts, config.d_model, config.d_ff)
+        self.shared = SwiGLU(config.d_model, config.d_ff * config.n_shared_experts) if config.n_shared_experts else None
+        self.balance = ExpertBias(config.n_experts) if config.bias_update_rate > 0 else None
+        self.aux_loss = torch.zeros(())
+        self.z_loss = torch.zeros(())
+        self.stats: dict[str, Tensor] = {}
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """FP32 routing: ``(logits, top-k weights, top-k expert indices)``, all ``(tokens, ...)``."""
+        cfg = self.config
+        with torch.autocast(x.device.type, enabled=False):
+            # FP32 math even where a plugin cast the router too (Lightning's bf16-true): run it on
+            # upcast views of its tensors; the cast is differentiable, so its weights still train.
+            state = {n: t.float() if t.is_floating_point() else t for n, t in self.router.state_dict(keep_vars=True).items()}
+            logits = torch.func.functional_call(self.router, state, (x.float(),))
+            if logits.dtype != torch.float32:
+                raise TypeError(f"the router must return FP32 logits, got {logits.dtype}")
+            scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+            select = scores if self.balance is None else scores + self.balance.bias
+            idx = select.topk(cfg.top_k, dim=-1).indices
+            weights = scores.gather(-1, idx)
+            # Mixtral renormalises the top-k; top-1 softmax keeps its raw probability (Switch),
+            # or the router would get no gradient. Sigmoid scores are always normalised (DeepSeek-V3).
+            if cfg.score_func == "sigmoid" or cfg.top_k > 1:
+                weights = weights / weights.sum(-1, keepdim=True)
+        return logits, weights, idx
+
+    def forward(self, x: Tensor) -> Tensor:
+        cfg = self.config
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        n_tokens, k, n_exp = x.shape[0], cfg.top_k, cfg.n_experts
+        logits, weights, idx = self.route(x)
+
+        # Sort the n_tokens * k assignments by expert: each expert's tokens become one slice.
+        flat_expert = idx.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        counts = torch.bincount(flat_expert, minlength=n_exp)
+        kept_counts = counts
+        if cfg.capacity_factor is not None:
+            capacity = math.ceil(cfg.capacity_factor * n_tokens * k / n_exp)
+            starts = torch.cumsum(counts, 0) - counts
+            sorted_expert = flat_expert[order]
+            position = torch.arange(order.numel(), device=x.device) - starts[sorted_expert]
+            order = order[position < capacity]  # stable sort: earlier tokens win, as in Switch
+            kept_counts = counts.clamp(max=capacity)
+        token = order // k
+        counts_list = kept_counts.tolist()  # host sync: slice sizes for the per-expert path
+
+        xs = x[token]
+        if isinstance(self.experts, GroupedSwiGLU):
+            out = self.experts(xs, kept_counts, counts_list)
+        else:
+            out = torch.cat([expert(s) for expert, s in zip(self.experts, torch.split(xs, counts_list))])
+        # Combine in FP32: k weighted expert outputs per token, summed by index_add_.
+        out = out.float() * weights.reshape(-1)[order, None]
+        y = torch.zeros(n_tokens, shape[-1], device=x.device, dtype=torch.float32).index_add_(0, token, out)
+        y = y.to(x.dtype)
+        if self.shared is not None:
+            y = y + self.shared(x)
+
+        self._losses_and_stats(logits, counts, kept_counts, n_tokens)
+        return y.reshape(shape)
+
+    def _losses_and_stats(self, logits: Tensor, counts: Tensor, kept: Tensor, n_tokens: int) -> None:
+        cfg = self.config
+        with torch.autocast(logits.device.type, enabled=False):
+            scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+            probs = scores / scores.sum(-1, keepdim=True)
+            load = counts.float() / (n_tokens * cfg.top_k)  # f_i: share of assignments
+            # Switch/Mixtral: E * sum_i f_i * P_i, 1.0 when perfectly balanced
+            self.aux_loss = cfg.n_experts * (load * probs.mean(0)).sum()
+            self.z_loss = torch.logsumexp(logits, -1).square().mean()  # ST-MoE
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
+        if self.balance is not None and self.training:
+            self.balance.tokens_per_expert += counts.float()
+        self.stats = {
+            "load": load.detach(),
+            "imbalance": (load.max() / load.mean()).detach(),
+            "entropy": entropy.detach(),
+            "drop_frac": 1.0 - kept.sum().float().detach() / (n_tokens * cfg.top_k),
+        }
+

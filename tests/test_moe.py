@@ -1,0 +1,144 @@
+"""The MoE layer: dispatch against a per-token reference, capacity, losses in closed form, FP32 routing."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_mp.moe import GroupedSwiGLU, MoEConfig, MoELayer, SwiGLU
+
+
+def reference_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Naive: every token, every chosen expert, one at a time."""
+    _, weights, idx = layer.route(x)
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t], idx[t]):
+            if isinstance(layer.experts, GroupedSwiGLU):
+                ex = layer.experts
+                out = (F.silu(x[t] @ ex.w1[e]) * (x[t] @ ex.w3[e])) @ ex.w2[e]
+            else:
+                out = layer.experts[e](x[t : t + 1])[0]
+            y[t] += w * out
+    if layer.shared is not None:
+        y += layer.shared(x)
+    return y
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(top_k=2),
+        dict(top_k=1),
+        dict(top_k=2, score_func="sigmoid"),
+        dict(top_k=2, n_shared_experts=1),
+        dict(top_k=3, n_experts=6),
+    ],
+)
+@pytest.mark.parametrize("custom_experts", [False, True])
+def test_dropless_dispatch_matches_per_token_reference(cfg, custom_experts):
+    config = MoEConfig(d_model=16, d_ff=24, **{"n_experts": 4, **cfg})
+    experts = [SwiGLU(16, 24) for _ in range(config.n_experts)] if custom_experts else None
+    layer = MoELayer(config, experts=experts)
+    x = torch.randn(37, 16)
+    torch.testing.assert_close(layer(x), reference_moe(layer, x), rtol=1e-5, atol=1e-5)
+    assert layer.stats["drop_frac"].item() == 0.0
+
+
+def test_grouped_mm_path_equals_per_expert_loop():
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=32, n_experts=4, top_k=2))
+    ex = layer.experts
+    x = torch.randn(50, 16)
+    counts = torch.tensor([10, 0, 25, 15])  # an expert with no tokens too
+    loop = GroupedSwiGLU.forward_loop(x, counts.tolist(), ex.w1, ex.w3, ex.w2)
+    torch.testing.assert_close(ex(x, counts, counts.tolist()), loop, rtol=1e-5, atol=1e-5)
+
+
+class FixedRouter(nn.Module):
+    """Returns the given logits whatever the input (plus 0 * x so autograd sees the input)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", torch.as_tensor(logits, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.logits + 0 * x[:, :1]
+
+
+def test_capacity_drops_overflow_and_reports_the_fraction():
+    # 8 tokens, top-1, every token prefers expert 0: capacity ceil(1.0 * 8 / 4) = 2 keeps 2 of 8
+    logits = torch.tensor([[5.0, 1.0, 0.0, 0.0]] * 8)
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=8, n_experts=4, top_k=1, capacity_factor=1.0),
+                     router=FixedRouter(logits))
+    x = torch.randn(8, 8)
+    y = layer(x)
+    assert layer.stats["drop_frac"].item() == pytest.approx(0.75)
+    assert torch.all(y[2:] == 0)  # dropped tokens get no expert output (the residual carries them)
+    full = MoELayer(MoEConfig(d_model=8, d_ff=8, n_experts=4, top_k=1), router=FixedRouter(logits))
+    full.experts.load_state_dict(layer.experts.state_dict())
+    torch.testing.assert_close(y[:2], full(x)[:2])  # the first tokens in order keep their slot
+    # capacity 1.5 * 8 * 2 / 4 = 6 with top-2: expert 0 keeps 6 of 8, expert 1 keeps 6 of 8
+    layer2 = MoELayer(MoEConfig(d_model=8, d_ff=8, n_experts=4, top_k=2, capacity_factor=1.5),
+                      router=FixedRouter(logits))
+    layer2(x)
+    assert layer2.stats["drop_frac"].item() == pytest.approx(4 / 16)
+
+
+def test_aux_and_z_loss_equal_their_formulas():
+    l3 = math.log(3.0)
+    logits = [[0.0, l3], [0.0, l3], [l3, 0.0], [0.0, l3]]  # probs (.25, .75) x3 and (.75, .25)
+    layer = MoELayer(MoEConfig(d_model=4, d_ff=4, n_experts=2, top_k=1), router=FixedRouter(logits))
+    layer(torch.randn(4, 4))
+    # f = (1/4, 3/4) assignments, P = mean probs = (.375, .625): aux = 2 * (.25 * .375 + .75 * .625)
+    assert layer.aux_loss.item() == pytest.approx(1.125)
+    assert layer.z_loss.item() == pytest.approx(math.log(4.0) ** 2)  # logsumexp = log 4 for every token
+    assert layer.stats["imbalance"].item() == pytest.approx(0.75 / 0.5)
+    assert layer.stats["load"].tolist() == [0.25, 0.75]
+
+
+def test_router_runs_fp32_under_autocast_even_with_16bit_input():
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, n_experts=4, top_k=2))
+    seen = {}
+    layer.router.register_forward_hook(lambda m, i, o: seen.update(inp=i[0].dtype, out=o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(8, 16, dtype=torch.bfloat16))
+    assert seen == {"inp": torch.float32, "out": torch.float32}
+    assert y.dtype == torch.bfloat16
+
+
+def test_custom_router_must_return_fp32_and_is_flagged_keep_fp32():
+    router = nn.Linear(8, 4)
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=8, n_experts=4, top_k=2), router=router)
+    assert router.keep_fp32 is True
+    layer(torch.randn(3, 8))
+
+    class HalfRouter(nn.Module):
+        def forward(self, x):
+            return x[:, :4].half()
+
+    with pytest.raises(TypeError, match="FP32 logits"):
+        MoELayer(MoEConfig(d_model=8, d_ff=8, n_experts=4, top_k=2), router=HalfRouter())(torch.randn(3, 8))
+
+
+def test_aux_loss_free_bias_moves_toward_underloaded_experts():
+    logits = torch.tensor([[3.0, 2.0, 0.0, 0.0]] * 6)
+    layer = MoELayer(MoEConfig(d_model=4, d_ff=4, n_experts=4, top_k=1, bias_update_rate=0.1),
+                     router=FixedRouter(logits))
+    layer.train()
+    layer(torch.randn(6, 4))
+    layer.balance.update(0.1)
+    assert layer.balance.bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
+    assert layer.balance.tokens_per_expert.sum() == 0  # counts reset after each update
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="top_k"):
+        MoEConfig(n_experts=4, top_k=5)
+    with pytest.raises(ValueError, match="score_func"):
+        MoEConfig(score_func="relu")
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoEConfig(capacity_factor=0)
+    with pytest.raises(ValueError, match="experts"):
+        MoELayer(MoEConfig(n_experts=4), experts=[nn.Identity()])
