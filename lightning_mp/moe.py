@@ -65,10 +65,14 @@ def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
 
 
 class GroupedSwiGLU(nn.Module):
-    """All experts' SwiGLU weights stacked: ``w1, w3: (E, d_model, d_ff)``, ``w2: (E, d_ff, d_model)``."""
+    """All experts' SwiGLU weights stacked: ``w1, w3: (E, d_model, d_ff)``, ``w2: (E, d_ff, d_model)``.
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int) -> None:
+    ``grouped_mm=False`` forces the reference path (one matmul per expert slice).
+    """
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, grouped_mm: bool = True) -> None:
         super().__init__()
+        self.grouped_mm = grouped_mm
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
@@ -81,7 +85,7 @@ class GroupedSwiGLU(nn.Module):
         # autocast's lists, so match the dtypes by hand.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x, w1, w3, w2 = (t.to(dtype) for t in (x, self.w1, self.w3, self.w2))
-        if _grouped_mm_ok(x, w1, w3, w2):
+        if self.grouped_mm and _grouped_mm_ok(x, w1, w3, w2):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return torch._grouped_mm(h, w2, offs=offs)

@@ -54,6 +54,8 @@ def test_grouped_mm_path_equals_per_expert_loop():
     counts = torch.tensor([10, 0, 25, 15])  # an expert with no tokens too
     loop = GroupedSwiGLU.forward_loop(x, counts.tolist(), ex.w1, ex.w3, ex.w2)
     torch.testing.assert_close(ex(x, counts, counts.tolist()), loop, rtol=1e-5, atol=1e-5)
+    ex.grouped_mm = False
+    assert torch.equal(ex(x, counts, counts.tolist()), loop)
 
 
 class FixedRouter(nn.Module):
