@@ -1,0 +1,1 @@
+"""lightning-mp's Hydra config groups (installed as ``lightning_mp.conf``)."""

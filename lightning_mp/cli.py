@@ -1,0 +1,253 @@
+"""``lightning-mp-train``: run a Hydra recipe with command-line overrides.
+
+    lightning-mp-train recipe=<name> precision=<name> trainer.max_steps=200 model.n_experts=8
+    lightning-mp-train recipe=mantissa-trap --multirun
+
+Each run writes to its own directory: the resolved ``config.yaml``, ``metrics.csv``,
+``checkpoints/last.ckpt`` and the best checkpoint, and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import resource
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import lightning.pytorch as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class UsageError(Exception):
+    """A mistake in the run's configuration: reported in one line, exit status 2."""
+
+
+def output_dir() -> str:
+    """The run directory: Hydra's output directory, or the working directory outside a Hydra run."""
+    try:
+        return HydraConfig.get().runtime.output_dir
+    except ValueError:
+        return os.getcwd()
+
+
+OmegaConf.register_new_resolver("output_dir", output_dir, replace=True)
+
+
+class PlainProgress(L.Callback):
+    """One log line every ``every_n_steps`` steps, for output that is not a terminal (CI, nohup, SLURM)."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every_n_steps = max(every_n_steps, 1)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 or step == trainer.max_steps:
+            shown = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/", "precision/"))}
+            text = "  ".join(f"{k}={v.item():.4g}" for k, v in sorted(shown.items()))
+            print(f"step {step}/{trainer.max_steps}  {text}", flush=True)
+
+
+def fp16_supported(device_type: str) -> bool:
+    """Whether an fp16 matmul runs under autocast on this device type."""
+    try:
+        x = torch.ones(8, 8, device=device_type)
+        with torch.autocast(device_type, dtype=torch.float16):
+            return (x @ x).dtype == torch.float16
+    except (RuntimeError, AssertionError):
+        return False
+
+
+def _device_type(accelerator: str) -> str:
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu" if accelerator in ("cpu", "auto") else accelerator
+
+
+def _checkpoint(cfg: DictConfig) -> Optional[str]:
+    if cfg.ckpt_path and cfg.resume:
+        raise UsageError("give either ckpt_path=<file> or resume=<run dir>, not both")
+    if cfg.resume:
+        path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise UsageError(f"resume={cfg.resume}: no checkpoints/last.ckpt in that run directory")
+        return str(path)
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise UsageError(f"ckpt_path={cfg.ckpt_path}: no such file")
+    return cfg.ckpt_path
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
+    """The model, data and trainer a config describes; user mistakes become :class:`UsageError`."""
+    if "precision" in cfg.trainer:
+        raise UsageError(
+            f"remove trainer.precision={cfg.trainer.precision}: choose the precision with "
+            f"precision=<name> (Lightning refuses a trainer.precision beside a plugin)"
+        )
+    name = cfg.precision.name
+    device = _device_type(cfg.trainer.accelerator)
+    if name == "16-master" and not fp16_supported(device):
+        raise UsageError(f"precision=16-master needs fp16 support, which {device} lacks: use precision=bf16-master")
+    if cfg.model.get("max_seq_len", cfg.data.seq_len) < cfg.data.seq_len:
+        raise UsageError(f"data.seq_len={cfg.data.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}")
+    check_types("model", cfg.model, cfg.model.get("_target_"))
+    check_types("optimizer", cfg.optimizer, cfg.model.get("_target_"))  # optimizer keys go to the model
+    check_types("data", cfg.data, cfg.data.get("_target_"))
+    if name in ("bf16-master", "16-master"):
+        check_types("precision", cfg.precision, "lightning_mp.MasterWeightPrecision")
+    try:
+        plugin = instantiate(cfg.precision, device=device)
+        # Plain containers, so checkpoints' hyper-parameters load with torch.load(weights_only=True).
+        model = instantiate(cfg.model, **OmegaConf.to_container(cfg.optimizer, resolve=True), _convert_="all")
+        datamodule = instantiate(cfg.data, _convert_="all")
+        loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
+        callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
+    except (InstantiationException, OmegaConfBaseException, TypeError, ValueError) as err:
+        raise UsageError(_first_line(err)) from err
+    interactive = sys.stdout.isatty()
+    if not interactive:
+        callbacks.append(PlainProgress(cfg.trainer.log_every_n_steps))
+    try:
+        trainer = instantiate(
+            cfg.trainer,
+            plugins=[plugin],
+            logger=loggers,
+            callbacks=callbacks,
+            enable_checkpointing=bool(cfg.callbacks) and "checkpoint" in cfg.callbacks,
+            enable_progress_bar=interactive,
+            default_root_dir=output_dir(),
+        )
+    except (InstantiationException, TypeError, ValueError) as err:
+        raise UsageError(f"trainer: {_first_line(err)}") from err
+    return model, datamodule, trainer
+
+
+def check_types(group: str, node: DictConfig, target: Optional[str]) -> None:
+    """Compare each value with the type of ``target``'s default for that argument (``model.d_model=abc``)."""
+    if target is None:
+        return
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError) as err:
+        raise UsageError(f"{group}._target_={target}: {_first_line(err)}") from err
+    for key, value in node.items():
+        param = params.get(str(key))
+        if param is None or param.default is inspect.Parameter.empty or param.default is None or value is None:
+            continue
+        expected = type(param.default)
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if expected in (int, float, bool, str) and not ok:
+            raise UsageError(f"{group}.{key}={value!r} must be {expected.__name__} (default {param.default!r})")
+
+
+def _first_line(err: BaseException) -> str:
+    # Hydra wraps the real error: show its innermost message, which names the bad value.
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}"
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train as ``cfg`` says and return (and write) the run's summary."""
+    run_dir = Path(output_dir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt = _checkpoint(cfg)
+    model, datamodule, trainer = build(cfg)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.fit(model, datamodule, ckpt_path=ckpt)
+    elapsed = time.perf_counter() - start
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    tokens = (trainer.global_step - (_ckpt_step(ckpt) or 0)) * cfg.data.batch_size * cfg.data.seq_len
+    tokens *= cfg.trainer.accumulate_grad_batches
+    summary = {
+        "precision": cfg.precision.name,
+        "recipe": cfg.recipe,
+        "steps": trainer.global_step,
+        "train_loss": metrics.get("train/loss"),
+        "val_loss": metrics.get("val/loss"),
+        "val_bits_per_byte": metrics.get("val/bits_per_byte"),
+        "skipped_steps": metrics.get("precision/skipped_steps", 0.0),
+        "tokens_per_sec": tokens / elapsed if elapsed > 0 else None,
+        "fit_seconds": elapsed,
+        "peak_memory_bytes": _peak_memory(),
+        "peak_memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "process peak RSS",
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"run directory: {run_dir}\n{json.dumps(summary, indent=2)}", flush=True)
+    return summary
+
+
+def _ckpt_step(ckpt: Optional[str]) -> Optional[int]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] if ckpt else None
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+DEFAULT_RECIPE = "tiny"
+
+
+def recipe_dir() -> Path:
+    """The installed ``recipes/`` folder (inside the package in a wheel, the repository's in an editable install)."""
+    return Path(str(resources.files("lightning_mp.recipe")))
+
+
+def recipes() -> list[str]:
+    """The installed recipe names (``recipes/*.yaml``)."""
+    return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """Turn ``recipe=<name>`` into Hydra's ``--config-name`` (a recipe is a primary config extending ``train``)."""
+    names = recipes()
+    recipe, rest = DEFAULT_RECIPE, []
+    for arg in argv:
+        if arg.lstrip("+").startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if recipe not in names:
+        raise UsageError(f"unknown recipe {recipe!r}; choose one of: {', '.join(names)}")
+    return [f"--config-dir={recipe_dir()}", f"--config-name={recipe}", *rest]
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_mp.conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except UsageError as err:
+        _fail(err)
+
+
+def _fail(err: UsageError) -> None:
+    print(f"lightning-mp-train: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    """Console entry point (``lightning-mp-train``, ``python -m lightning_mp``)."""
+    try:
+        sys.argv[1:] = hydra_argv(sys.argv[1:])
+    except UsageError as err:
+        _fail(err)
+    _hydra_main()

@@ -1,0 +1,153 @@
+"""lightning-mp-train: every recipe and group option composes and builds; the installed command runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.plugins.precision import Precision
+
+from lightning_mp import MoEModule
+from lightning_mp.cli import UsageError, build, hydra_argv, recipe_dir, recipes
+from lightning_mp.data import ByteTextDataModule
+
+REPO = Path(__file__).resolve().parent.parent
+GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
+          for g in ("precision", "model", "data", "optimizer", "trainer", "logger", "callbacks")}
+FAST = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "data.max_bytes=200000"]
+
+
+def compose_recipe(name: str, overrides=()):
+    with initialize_config_dir(str(recipe_dir()), version_base="1.3"):
+        return compose(name, overrides=[*overrides, "hydra.searchpath=[pkg://lightning_mp.conf]"])
+
+
+def test_groups_and_recipes_are_complete():
+    assert GROUPS["precision"] == sorted(["32-true", "bf16-mixed", "16-mixed", "bf16-true", "bf16-master", "16-master"])
+    assert recipes() == ["fp16", "gpu-100m", "mantissa-trap", "tiny"]
+    for recipe in recipes():
+        header = (REPO / "recipes" / f"{recipe}.yaml").read_text()
+        assert f"lightning-mp-train recipe={recipe}" in header  # its run command is in its header
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "gpu-100m", "mantissa-trap", "tiny"])
+def test_every_recipe_builds(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_recipe(recipe, ["trainer.accelerator=cpu"])
+    assert cfg.recipe == recipe
+    model, data, trainer = build(cfg)
+    assert isinstance(model, MoEModule) and isinstance(data, ByteTextDataModule)
+    assert trainer.precision_plugin.precision == cfg.precision.name
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, options in GROUPS.items() for o in options])
+def test_every_group_option_builds(group, option, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"{group}={option}", "trainer.accelerator=cpu"]
+    if (group, option) == ("data", "text"):
+        (tmp_path / "t.txt").write_text("some text to learn from\n" * 100)
+        overrides.append(f"data.path={tmp_path / 't.txt'}")
+    cfg = compose_recipe("tiny", overrides)
+    if (group, option) == ("logger", "tensorboard"):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            with pytest.raises(UsageError, match="tensorboard"):
+                build(cfg)
+            return
+    model, data, trainer = build(cfg)
+    assert isinstance(trainer.precision_plugin, Precision)
+    if group == "model":
+        assert model.hparams.d_model == cfg.model.d_model
+    if group == "optimizer":
+        assert model.hparams.lr == cfg.optimizer.lr
+
+
+def test_clear_errors_for_bad_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="unknown recipe 'nope'; choose one of: fp16, gpu-100m, mantissa-trap, tiny"):
+        hydra_argv(["recipe=nope"])
+    assert hydra_argv(["trainer.max_steps=3"])[1:] == ["--config-name=tiny", "trainer.max_steps=3"]
+    with pytest.raises(UsageError, match=r"model.d_model='abc' must be int"):
+        build(compose_recipe("tiny", ["model.d_model=abc"]))
+    with pytest.raises(UsageError, match=r"remove trainer.precision=bf16-mixed.*precision=<name>"):
+        build(compose_recipe("tiny", ["+trainer.precision=bf16-mixed"]))
+    with pytest.raises(UsageError, match="data.seq_len=128 is longer than model.max_seq_len=64"):
+        build(compose_recipe("tiny", ["data.seq_len=128"]))
+    monkeypatch.setattr("lightning_mp.cli.fp16_supported", lambda device: False)
+    with pytest.raises(UsageError, match="16-master needs fp16 support.*bf16-master"):
+        build(compose_recipe("fp16", ["trainer.accelerator=cpu"]))
+
+
+def _command() -> list[str]:
+    exe = shutil.which("lightning-mp-train", path=str(Path(sys.executable).parent))
+    assert exe, "the console script is not installed"
+    return [exe]
+
+
+def _run(args, cwd, env=None):
+    return subprocess.run(_command() + args, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_installed_command_runs_and_resumes_from_an_unrelated_directory(tmp_path):
+    result = _run(FAST, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = (tmp_path / "outputs" / "tiny").iterdir()
+    for name in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    assert list((run / "checkpoints").glob("best-*.ckpt"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] == "bf16-master" and summary["steps"] == 3 and summary["recipe"] == "tiny"
+    assert summary["val_loss"] > 0 and summary["tokens_per_sec"] > 0 and summary["peak_memory_bytes"] > 0
+    assert "step 3/3" in result.stdout  # plain log lines when stdout is not a terminal
+    resumed = _run([*FAST, "trainer.max_steps=5", f"resume={run}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    latest = max((tmp_path / "outputs" / "tiny").iterdir())
+    assert json.loads((latest / "summary.json").read_text())["steps"] == 5
+
+
+def test_bad_names_exit_nonzero_without_a_traceback(tmp_path):
+    for args, message in ((["recipe=nope"], "unknown recipe"), (["precision=fp8"], "Could not find 'precision/fp8'"),
+                          (["model.nope=1"], "Key 'nope' is not in struct")):
+        result = _run(args, tmp_path)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_multirun_over_two_precisions_writes_two_run_directories(tmp_path):
+    result = _run(["--multirun", "precision=32-true,bf16-master", *FAST, "callbacks=none"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (sweep,) = (tmp_path / "multirun" / "tiny").iterdir()
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    assert runs == ["0_32-true", "1_bf16-master"]
+    assert json.loads((sweep / "1_bf16-master" / "summary.json").read_text())["precision"] == "bf16-master"
+
+
+@pytest.mark.slow
+def test_wheel_ships_every_yaml_and_runs_from_the_wheel(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+                   check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("lightning_mp-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"lightning_mp/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")}
+    expected |= {f"lightning_mp/recipe/{p.name}" for p in (REPO / "recipes").glob("*.yaml")}
+    assert expected and expected <= names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import lightning_mp.cli as c; print(c.__file__, c.recipe_dir())"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    assert str(target) in where and str(REPO) not in where  # the wheel's copy, not the checkout
+    result = subprocess.run([sys.executable, "-m", "lightning_mp", *FAST, "trainer.max_steps=1", "callbacks=none"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list((tmp_path / "outputs" / "tiny").glob("*/summary.json"))
