@@ -51,14 +51,22 @@ class MasterWeightPrecision(Precision):
             the dynamic loss-scale policy, see :class:`~lightning_mp.scaler.LossScaler`.
         device: device type for ``torch.autocast`` (``"cuda"``, ``"cpu"``...). Default: the
             device of the model's parameters.
+        sync_free: skip overflowing steps without a host sync, for optimizers that skip on the
+            device (torch's ``fused=True`` Adam, AdamW, SGD...). ``None`` (default): on CUDA;
+            ``True``: on any device; ``False``: never. See below.
 
     Gradients live on the masters: in ``on_before_optimizer_step`` read them from
     ``trainer.precision_plugin.main_params(optimizer)`` (FP32, already unscaled); the
     model's own 16-bit ``.grad`` is freed after each backward (it is still there in
     ``on_after_backward``). Parameters that no optimizer updates get no master.
 
-    Each step reads one overflow flag on the host (as ``torch.amp.GradScaler`` and
-    Megatron-LM do): one sync per optimizer step, whatever the number of tensors.
+    Host syncs: with most optimizers each step reads one overflow flag on the host (as
+    ``torch.amp.GradScaler`` and Megatron-LM do): one sync per step, whatever the number of
+    tensors. With an optimizer that skips on the device (``_step_supports_amp_scaling``, e.g.
+    ``torch.optim.AdamW(fused=True)``) on CUDA, the step reads nothing: the flag goes to the
+    fused kernel, which leaves weights and state untouched on overflow, and a non-blocking
+    copy of it settles the host bookkeeping one step later (the skipped-step count, the loss
+    scale, and the LR scheduler, which then holds for the following step instead).
     """
 
     precision: Literal["bf16-master", "16-master"] = "bf16-master"
@@ -76,6 +84,7 @@ class MasterWeightPrecision(Precision):
         hysteresis: int = 2,
         min_scale: float = 1.0,
         device: Optional[str] = None,
+        sync_free: Optional[bool] = None,
     ) -> None:
         if precision not in _MASTER_DTYPES:
             raise ValueError(
@@ -103,8 +112,10 @@ class MasterWeightPrecision(Precision):
         else:
             raise ValueError(f"loss_scale must be 'dynamic' or a positive number, got {loss_scale!r}")
         self.device = device
+        self.sync_free = sync_free
         self.masters = FP32Masters()
         self.skipped_steps = 0
+        self._pending: list[tuple[Optimizer, Tensor, Any]] = []  # unread overflow flags of sync-free steps
         self._master_by_name: dict[str, Tensor] = {}
 
     # -- setup -------------------------------------------------------------------------------
@@ -165,27 +176,74 @@ class MasterWeightPrecision(Precision):
         closure_result = closure()
         if closure_result is None and isinstance(model, pl.LightningModule) and model.automatic_optimization:
             return None  # training_step returned None: no backward, nothing to step (as Lightning's AMP)
+        self.settle()  # the previous sync-free step's bookkeeping: its flag has long been copied
         self.masters.grads_to_masters()  # a backward that bypassed post_backward (manual loss.backward())
         found_inf = self._unscale_and_check(optimizer)
-        if found_inf:
-            self.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            setattr(optimizer, _SKIP_FLAG, True)  # the step's LR-scheduler step is skipped too
+        if self._is_sync_free(optimizer):
+            self._step_on_device(optimizer, model, found_inf, **kwargs)
+        elif found_inf.item():  # the step's one host sync
+            self._skip(optimizer)
         else:
             if isinstance(model, pl.LightningModule):
                 self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, gradient clipping
             optimizer.step(**kwargs)
             self.masters.masters_to_params(optimizer)
+            if self.scaler is not None:
+                self.scaler.update(False)
         self.masters.release_grads(optimizer)
-        if self.scaler is not None:
-            self.scaler.update(found_inf)
         self._log(model)
         return closure_result
 
-    def _unscale_and_check(self, optimizer: Optimizer) -> bool:
-        """Unscale the master grads in place and report whether any is inf or NaN.
+    def _skip(self, optimizer: Optimizer) -> None:
+        """Host bookkeeping of an overflowing step: count it, hold its LR-scheduler step, back off."""
+        self.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        setattr(optimizer, _SKIP_FLAG, True)
+        if self.scaler is not None:
+            self.scaler.update(True)
 
-        One fused kernel per device, then the one host sync of the step (``.item()``).
+    def _is_sync_free(self, optimizer: Optimizer) -> bool:
+        if not getattr(optimizer, "_step_supports_amp_scaling", False) or self.sync_free is False:
+            return False
+        return self.sync_free is True or self.device == "cuda"
+
+    def _step_on_device(self, optimizer: Optimizer, model: nn.Module, found_inf: Tensor, **kwargs: Any) -> None:
+        """A step whose overflow skip happens inside the fused kernel; the host learns of it later."""
+        if isinstance(model, pl.LightningModule):
+            self._after_closure(model, optimizer)  # an inf norm clips to NaN: the kernel skips anyway
+        optimizer.found_inf, optimizer.grad_scale = found_inf, None  # torch's contract for fused steps
+        try:
+            optimizer.step(**kwargs)
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+        self.masters.masters_to_params(optimizer)  # unchanged masters on a skipped step: a no-op
+        if found_inf.is_cuda:
+            flag = torch.empty((), pin_memory=True)
+            flag.copy_(found_inf, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            flag, event = found_inf, None
+        self._pending.append((optimizer, flag, event))
+
+    def settle(self) -> None:
+        """Apply the host bookkeeping of sync-free steps whose overflow flags are now on the host."""
+        pending, self._pending = self._pending, []
+        for optimizer, flag, event in pending:
+            if event is not None:
+                event.synchronize()  # waits for the flag's copy, queued a whole step ago
+            if flag.item():
+                self._skip(optimizer)
+            elif self.scaler is not None:
+                self.scaler.update(False)
+
+    def teardown(self) -> None:
+        self.settle()
+
+    def _unscale_and_check(self, optimizer: Optimizer) -> Tensor:
+        """Unscale the master grads in place; a 0-dim float tensor, 1.0 if any is inf or NaN.
+
+        One fused kernel per device, and no host sync.
         """
         by_device: dict[torch.device, list[Tensor]] = {}
         for group in optimizer.param_groups:
@@ -194,11 +252,16 @@ class MasterWeightPrecision(Precision):
                     by_device.setdefault(p.grad.device, []).append(p.grad)
         flags = []
         for device, grads in by_device.items():
-            found_inf = torch.zeros(1, device=device)
-            inv_scale = self.scaler.inv_scale(device) if self.scaler else torch.ones(1, device=device)
+            found_inf = torch.zeros((), device=device)
+            inv_scale = self.scaler.inv_scale(device) if self.scaler else torch.ones((), device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
             flags.append(found_inf)
-        return any(bool(flag.item()) for flag in flags)
+        if not flags:
+            return torch.zeros(())
+        found = flags[0]
+        for flag in flags[1:]:  # parameters on several devices (rare): gather on the first
+            found = torch.maximum(found, flag.to(found.device))
+        return found
 
     def _log(self, model: nn.Module) -> None:
         if not isinstance(model, pl.LightningModule) or getattr(model, "_current_fx_name", None) is None:
@@ -210,6 +273,7 @@ class MasterWeightPrecision(Precision):
     # -- checkpoints -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        self.settle()
         state: dict[str, Any] = {"skipped_steps": self.skipped_steps}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()

@@ -30,8 +30,9 @@ class LossScaler:
 
     Static policy (``dynamic=False``): the scale never changes; overflowing steps are skipped.
 
-    Scales are kept as Python floats: the plugin already reads the overflow flag on the host
-    once per step, so no device tensor is needed and the scale costs no extra sync.
+    Scales are kept as Python floats: ``loss * scale`` needs no device tensor and the policy
+    advances on the host once the step's overflow flag is known there (see the plugin's
+    ``sync_free`` for when that is one step later).
     """
 
     def __init__(
@@ -73,8 +74,8 @@ class LossScaler:
         return loss * self.scale
 
     def inv_scale(self, device: torch.device) -> Tensor:
-        """``1 / scale`` as a float32 tensor, computed in float64 as ``torch.amp.GradScaler`` does."""
-        return torch.tensor([1.0 / self.scale], dtype=torch.float64).float().to(device)
+        """``1 / scale`` as a 0-dim float32 tensor, computed in float64 as ``torch.amp.GradScaler`` does."""
+        return torch.tensor(1.0 / self.scale, dtype=torch.float64).float().to(device)
 
     def update(self, found_inf: bool) -> None:
         """Advance the policy after one optimizer step (``found_inf``: the step was skipped)."""

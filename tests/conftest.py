@@ -67,6 +67,8 @@ class TinyRegressor(L.LightningModule):
         name = self.hparams.optimizer
         if name == "adamw":
             opt = torch.optim.AdamW(groups, lr=lr)
+        elif name == "adamw-fused":  # skips overflowing steps on the device (found_inf)
+            opt = torch.optim.AdamW(groups, lr=lr, fused=True)
         elif name == "sgd":
             opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
         elif name == "adagrad":

@@ -310,6 +310,54 @@ def test_nan_step_is_skipped_whole(precision, tmp_path):
     assert type(copy.deepcopy(sched)) is torch.optim.lr_scheduler.LambdaLR
 
 
+class SkipCount(Callback):
+    def __init__(self):
+        self.counts = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counts.append(trainer.precision_plugin.skipped_steps)
+
+
+@pytest.mark.parametrize("precision", ["bf16-master", "16-master"])
+@pytest.mark.parametrize("sync_free, host_counts", [(False, [0, 0, 1, 1]), (True, [0, 0, 0, 1])])
+def test_fused_optimizer_skips_on_device_without_reading_the_flag(precision, sync_free, host_counts):
+    model = NaNBatch(optimizer="adamw-fused", scheduler=True)
+    probe, counts = StateProbe(at=2), SkipCount()
+    plugin = MasterWeightPrecision(precision, init_scale=2.0**8, sync_free=sync_free)
+    t = trainer(plugin, max_steps=4, callbacks=[probe, counts])
+    t.fit(model, regression_data())
+    masters_b, opt_b, _, params_b = probe.before
+    masters_a, opt_a, _, params_a = probe.after
+    assert _same(masters_b, masters_a) and _same(params_b, params_a) and _same(opt_b["state"], opt_a["state"])
+    # Sync-free: the host reads the NaN step's flag only at the next step, then counts it and
+    # holds that step's scheduler step instead; the totals are the same.
+    assert counts.counts == host_counts
+    assert t.precision_plugin.skipped_steps == 1
+    assert t.lr_scheduler_configs[0].scheduler.last_epoch == 3
+
+
+def test_sync_free_steps_equal_synced_steps_bit_for_bit():
+    runs = []
+    for sync_free in (False, True):
+        torch.manual_seed(0)
+        t = trainer(MasterWeightPrecision("16-master", init_scale=2.0**8, sync_free=sync_free), max_steps=6)
+        t.fit(TinyRegressor(optimizer="adamw-fused", scheduler=True), regression_data())
+        runs.append(t)
+    assert _same(masters(runs[0]), masters(runs[1]))
+    assert _same(runs[0].optimizers[0].state_dict(), runs[1].optimizers[0].state_dict())
+    assert runs[0].precision_plugin.state_dict() == runs[1].precision_plugin.state_dict()
+
+
+def test_sync_free_is_for_cuda_and_fused_optimizers_by_default():
+    plugin = MasterWeightPrecision("bf16-master", device="cpu")
+    fused = torch.optim.AdamW([nn.Parameter(torch.ones(2))], fused=True)
+    plain = torch.optim.AdamW([nn.Parameter(torch.ones(2))])
+    assert not plugin._is_sync_free(fused) and not plugin._is_sync_free(plain)
+    plugin.device = "cuda"
+    assert plugin._is_sync_free(fused) and not plugin._is_sync_free(plain)  # a plain step must be skipped on the host
+    assert not MasterWeightPrecision("bf16-master", device="cuda", sync_free=False)._is_sync_free(fused)
+
+
 class Scaled(Dot):
     def training_step(self, batch, batch_idx):
         return (self.w(batch[0]) * 2.0).sum()
