@@ -44,6 +44,14 @@ def output_dir() -> str:
 OmegaConf.register_new_resolver("output_dir", output_dir, replace=True)
 
 
+def tensorboard_if_installed(save_dir: str, name: str = "tensorboard") -> Optional[L.loggers.Logger]:
+    """A TensorBoardLogger when ``tensorboard`` (or ``tensorboardX``) is importable, else ``None``."""
+    try:
+        return L.loggers.TensorBoardLogger(save_dir=save_dir, name=name, version="")
+    except ModuleNotFoundError:
+        return None
+
+
 class PlainProgress(L.Callback):
     """One log line every ``every_n_steps`` steps, for output that is not a terminal (CI, nohup, SLURM)."""
 
@@ -110,7 +118,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         # Plain containers, so checkpoints' hyper-parameters load with torch.load(weights_only=True).
         model = instantiate(cfg.model, **OmegaConf.to_container(cfg.optimizer, resolve=True), _convert_="all")
         datamodule = instantiate(cfg.data, _convert_="all")
-        loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
+        loggers = [lg for lg in (instantiate(c) for c in cfg.logger.values()) if lg is not None] if cfg.logger else []
         callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
     except (InstantiationException, OmegaConfBaseException, TypeError, ValueError) as err:
         raise UsageError(_first_line(err)) from err
@@ -121,7 +129,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         trainer = instantiate(
             cfg.trainer,
             plugins=[plugin],
-            logger=loggers,
+            logger=loggers or False,
             callbacks=callbacks,
             enable_checkpointing=bool(cfg.callbacks) and "checkpoint" in cfg.callbacks,
             enable_progress_bar=interactive,

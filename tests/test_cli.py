@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -55,19 +56,23 @@ def test_every_group_option_builds(group, option, tmp_path, monkeypatch):
         (tmp_path / "t.txt").write_text("some text to learn from\n" * 100)
         overrides.append(f"data.path={tmp_path / 't.txt'}")
     cfg = compose_recipe("tiny", overrides)
-    if (group, option) == ("logger", "tensorboard"):
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            with pytest.raises(UsageError, match="tensorboard"):
-                build(cfg)
-            return
+    if (group, option) == ("logger", "tensorboard") and not _tensorboard_installed():
+        with pytest.raises(UsageError, match="tensorboard"):
+            build(cfg)
+        return
     model, data, trainer = build(cfg)
     assert isinstance(trainer.precision_plugin, Precision)
+    if (group, option) == ("logger", "default"):
+        kinds = {type(lg).__name__ for lg in trainer.loggers}
+        assert "CSVLogger" in kinds and (("TensorBoardLogger" in kinds) == _tensorboard_installed())
     if group == "model":
         assert model.hparams.d_model == cfg.model.d_model
     if group == "optimizer":
         assert model.hparams.lr == cfg.optimizer.lr
+
+
+def _tensorboard_installed() -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
 
 
 def test_clear_errors_for_bad_input(tmp_path, monkeypatch):
