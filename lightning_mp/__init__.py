@@ -1,7 +1,7 @@
 """lightning-mp: 16-bit training in PyTorch Lightning with FP32 master weights."""
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, is_norm_layer
-from lightning_mp.diagnostics import bytes_per_param, memory_audit
+from lightning_mp.diagnostics import SwallowedUpdateMonitor, bytes_per_param, estimate_memory, memory_audit
 from lightning_mp.masters import FP32Masters
 from lightning_mp.module import MoEModule
 from lightning_mp.precision import PRECISION_NAMES, MasterWeightPrecision, precision_plugin
@@ -13,10 +13,12 @@ __all__ = [
     "LossScaleError",
     "LossScaler",
     "bytes_per_param",
+    "estimate_memory",
     "memory_audit",
     "MasterWeightPrecision",
     "MoEModule",
     "PRECISION_NAMES",
+    "SwallowedUpdateMonitor",
     "is_norm_layer",
     "precision_plugin",
 ]

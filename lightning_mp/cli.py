@@ -28,6 +28,8 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_mp.diagnostics import CATEGORIES, bytes_per_param, estimate_memory, memory_audit
+
 
 class UsageError(Exception):
     """A mistake in the run's configuration: reported in one line, exit status 2."""
@@ -196,6 +198,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "peak_memory_bytes": _peak_memory(),
         "peak_memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "process peak RSS",
         "n_params": sum(p.numel() for p in model.parameters()),
+        "bytes_per_param": bytes_per_param(memory_audit(model, trainer.optimizers, trainer.precision_plugin))["total"],
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"run directory: {run_dir}\n{json.dumps(summary, indent=2)}", flush=True)
@@ -259,3 +262,74 @@ def main() -> None:
     except UsageError as err:
         _fail(err)
     _hydra_main()
+
+
+# -- lightning-mp-memory and lightning-mp-report ------------------------------------------------
+
+MEMORY_MODES = ("32-true", "bf16-mixed", "bf16-true", "bf16-master", "16-master")
+
+
+def _model_config(name: str) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(recipe_dir()), version_base="1.3"):
+        cfg = compose(DEFAULT_RECIPE, overrides=[f"model={name}", "hydra.searchpath=[pkg://lightning_mp.conf]"])
+    return cfg.model
+
+
+class _AuditAfterStep(L.Callback):
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.audit = memory_audit(pl_module, trainer.optimizers, trainer.precision_plugin)
+
+
+def measure_memory(model_name: str, precision: str, seq_len: int = 16, batch_size: int = 2) -> dict[str, int]:
+    """Bytes per category after one real AdamW step of a ``conf/model`` model under ``precision``."""
+    from lightning_mp.precision import precision_plugin
+
+    torch.manual_seed(0)
+    model = instantiate(_model_config(model_name), _convert_="all")
+    tokens = torch.randint(0, model.hparams.vocab_size, (batch_size, seq_len + 1))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch_size)
+    audit = _AuditAfterStep()
+    L.Trainer(
+        max_steps=1, devices=1, plugins=[precision_plugin(precision)], callbacks=[audit], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ).fit(model, data)
+    return audit.audit
+
+
+def memory_main(argv: Optional[list[str]] = None) -> None:
+    """``lightning-mp-memory``: training-state bytes per parameter, measured from live tensors after a step."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lightning-mp-memory", description=memory_main.__doc__)
+    parser.add_argument("--model", default="tiny", help="a conf/model option (default tiny)")
+    parser.add_argument("--precision", nargs="+", default=list(MEMORY_MODES), help="precision names (default: all)")
+    args = parser.parse_args(argv)
+    print(f"model={args.model}, AdamW, one training step; bytes per parameter (measured / estimated total)\n")
+    print("| precision | " + " | ".join(CATEGORIES) + " | total | estimate | total bytes |")
+    print("|---|" + "---|" * (len(CATEGORIES) + 3))
+    for name in args.precision:
+        audit = measure_memory(args.model, name)
+        per = bytes_per_param(audit)
+        estimate = bytes_per_param(estimate_memory(audit["n_params"], name, "adamw"))["total"]
+        cells = " | ".join(f"{per[c]:.2f}" for c in CATEGORIES)
+        print(f"| `{name}` | {cells} | **{per['total']:.2f}** | {estimate:.2f} | {audit['total']:,} |")
+
+
+def report_main(argv: Optional[list[str]] = None) -> None:
+    """``lightning-mp-report <sweep dir>``: loss and swallowed-update curves (PNG) and a Markdown table."""
+    import argparse
+
+    from lightning_mp.report import write_report
+
+    parser = argparse.ArgumentParser(prog="lightning-mp-report", description=report_main.__doc__)
+    parser.add_argument("sweep_dir", type=Path, help="a --multirun directory (one run directory per job)")
+    args = parser.parse_args(argv)
+    try:
+        png, md = write_report(args.sweep_dir)
+    except FileNotFoundError as err:
+        print(f"lightning-mp-report: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(md.read_text())
+    print(f"wrote {png} and {md}")

@@ -5,7 +5,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from conftest import regression_data, trainer
-from lightning_mp import bytes_per_param, memory_audit
+from lightning_mp import SwallowedUpdateMonitor, bytes_per_param, estimate_memory, memory_audit
 
 
 class TwoLayer(L.LightningModule):
@@ -23,7 +23,7 @@ class TwoLayer(L.LightningModule):
 
 class Audit(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.audit = memory_audit(pl_module, trainer.optimizers)
+        self.audit = memory_audit(pl_module, trainer.optimizers, trainer.precision_plugin)
 
 
 N = 8 * 16 + 16  # parameters
@@ -49,9 +49,33 @@ def test_audit_matches_hand_count_after_a_step(precision, weights, masters, grad
         "masters": masters,
         "gradients": grads,
         "optimizer_state": state,
+        "loss_scaler": 0,  # lightning-mp's scaler keeps Python floats
         "total": weights + masters + grads + state,
         "n_params": N,
     }
+    assert estimate_memory(N, precision, "adamw", n_tensors=2) == audit.audit  # the estimate agrees
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true", "bf16-master"])
+@pytest.mark.parametrize("optimizer, make", [
+    ("sgd", lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9)),
+    ("adagrad", lambda p: torch.optim.Adagrad(p, lr=1e-3)),
+])
+def test_estimate_agrees_with_the_audit_for_other_optimizers(precision, optimizer, make):
+    class Model(TwoLayer):
+        def configure_optimizers(self):
+            return make(self.parameters())
+
+    audit = Audit()
+    trainer(precision, max_steps=1, callbacks=[audit]).fit(Model(), regression_data())
+    assert estimate_memory(N, precision, optimizer, n_tensors=2) == audit.audit
+
+
+def test_estimate_rejects_unknown_names():
+    with pytest.raises(ValueError, match="bf16-master"):
+        estimate_memory(10, "fp8")
+    with pytest.raises(ValueError, match="adamw"):
+        estimate_memory(10, "32-true", "lion")
 
 
 def test_shared_storage_is_counted_once():
@@ -63,3 +87,63 @@ def test_shared_storage_is_counted_once():
     audit = memory_audit(model, [opt])
     assert audit["weights"] == 40 * 4 and audit["masters"] == 0 and audit["n_params"] == 40
     assert bytes_per_param(audit)["total"] == 4.0
+
+
+# -- the swallowed-update monitor: SGD on loss = w . x with w = 1, so every update is exactly lr * x --
+
+
+class Dot(L.LightningModule):
+    def __init__(self, lr):
+        super().__init__()
+        self.w = nn.Linear(8, 1, bias=False)
+        nn.init.ones_(self.w.weight)
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        return self.w(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def monitored(precision, lr, steps=4, **monitor_kwargs):
+    monitor = SwallowedUpdateMonitor(every_n_steps=1, **monitor_kwargs)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(steps, 8)), batch_size=1)
+    trainer(precision, max_steps=steps, callbacks=[monitor]).fit(Dot(lr), data)
+    return monitor.last
+
+
+# Half a bf16 step: 2**-8 at exactly 1.0 (spacing 2**-7 in [1, 2)); 2**-9 just below 1, where an
+# FP32-stored weight sits after its first update.
+HALF_STEP = {"bf16-true": 2.0**-8, "32-true": 2.0**-9, "bf16-mixed": 2.0**-9, "bf16-master": 2.0**-9}
+
+
+@pytest.mark.parametrize("precision, small, large", [
+    ("bf16-true", 1.0, 0.0),  # the stored bf16 weight never takes an update below half a step
+    ("32-true", 1.0, 0.0),  # would be lost in bf16 storage
+    ("bf16-mixed", 1.0, 0.0),
+    ("bf16-master", 0.0, 0.0),  # the masters keep every update
+])
+def test_swallowed_fraction_in_closed_form(precision, small, large):
+    below = monitored(precision, lr=1e-4)  # update 1e-4 < 2**-8: rounds away in bf16
+    above = monitored(precision, lr=0.05)  # update 0.05 > 2**-8: always applied
+    assert below["precision/swallowed_frac"] == small and below["precision/swallowed_frac/pg0"] == small
+    assert above["precision/swallowed_frac"] == large
+    assert below["precision/update_to_half_step"] == pytest.approx(1e-4 / HALF_STEP[precision], rel=0.01)
+    assert below["precision/update_ratio"] == pytest.approx(1e-4, rel=0.02)
+
+
+def test_masters_report_what_they_saved():
+    assert monitored("bf16-master", lr=1e-4)["precision/swallowed_without_masters"] == 1.0
+    assert monitored("bf16-master", lr=0.05)["precision/swallowed_without_masters"] == 0.0
+
+
+def test_warns_once_under_bf16_true_and_names_the_fix():
+    with pytest.warns(UserWarning, match=r"100% of this step's weight updates.*precision='bf16-master'") as record:
+        monitored("bf16-true", lr=1e-4, steps=6, patience=3)
+    assert sum("rounded away" in str(w.message) for w in record) == 1
+
+
+def test_no_warning_when_masters_keep_the_updates(recwarn):
+    monitored("bf16-master", lr=1e-4, steps=6, patience=3)
+    assert not [w for w in recwarn if "rounded away" in str(w.message)]
