@@ -128,12 +128,17 @@ def test_bad_names_exit_nonzero_without_a_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_over_two_precisions_writes_two_run_directories(tmp_path):
-    result = _run(["--multirun", "precision=32-true,bf16-master", *FAST, "callbacks=none"], tmp_path)
+    result = _run(["--multirun", "precision=32-true,bf16-master", *FAST, "callbacks.swallowed.every_n_steps=1",
+                   "~callbacks.checkpoint"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     (sweep,) = (tmp_path / "multirun" / "tiny").iterdir()
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
     assert runs == ["0_32-true", "1_bf16-master"]
     assert json.loads((sweep / "1_bf16-master" / "summary.json").read_text())["precision"] == "bf16-master"
+    report = subprocess.run([str(Path(_command()[0]).parent / "lightning-mp-report"), str(sweep)],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (sweep / "report.png").stat().st_size > 10_000 and "| `bf16-master` |" in (sweep / "report.md").read_text()
 
 
 @pytest.mark.slow
