@@ -30,6 +30,11 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     return {"dir": run_dir, "summary": summary, "curves": curves}
 
 
+def _checks(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The steps where a periodic metric was measured: CSV rows repeat its last value until the next check."""
+    return [p for i, p in enumerate(points) if i == 0 or p[1] != points[i - 1][1]]
+
+
 def sweep_runs(sweep_dir: Path) -> list[dict[str, Any]]:
     runs = [load_run(d) for d in sorted(sweep_dir.iterdir()) if (d / "summary.json").is_file()]
     if not runs:
@@ -65,9 +70,12 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     for ax, (key, label) in zip(axes, CURVES):
         for run in runs:
             points = run["curves"].get(key)
+            if key.startswith("precision/") and points:
+                points = _checks(points)
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, label=run["summary"]["precision"], linewidth=1.8, marker="o" if len(points) < 12 else None)
+                periodic = key.startswith("precision/")
+                ax.plot(steps, values, label=run["summary"]["precision"], linewidth=1.8, marker="o" if periodic else None)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(title="precision")
