@@ -87,6 +87,22 @@ def inverse_step(step: int) -> float:
     return 1.0 / (1 + step)
 
 
+class Dot(L.LightningModule):
+    """loss = w . x, so dloss/dw = x exactly: gradients are whatever the data says."""
+
+    def __init__(self, d=4, lr=0.0):
+        super().__init__()
+        self.w = nn.Linear(d, 1, bias=False)
+        nn.init.ones_(self.w.weight)
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        return self.w(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
 class SignSGD(torch.optim.Optimizer):
     """A user's own optimizer with per-parameter state."""
 

@@ -4,7 +4,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from conftest import regression_data, trainer
+from conftest import Dot, regression_data, trainer
 from lightning_mp import SwallowedUpdateMonitor, bytes_per_param, estimate_memory, memory_audit
 
 
@@ -92,24 +92,10 @@ def test_shared_storage_is_counted_once():
 # -- the swallowed-update monitor: SGD on loss = w . x with w = 1, so every update is exactly lr * x --
 
 
-class Dot(L.LightningModule):
-    def __init__(self, lr):
-        super().__init__()
-        self.w = nn.Linear(8, 1, bias=False)
-        nn.init.ones_(self.w.weight)
-        self.lr = lr
-
-    def training_step(self, batch, batch_idx):
-        return self.w(batch[0]).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
 def monitored(precision, lr, steps=4, **monitor_kwargs):
     monitor = SwallowedUpdateMonitor(every_n_steps=1, **monitor_kwargs)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(steps, 8)), batch_size=1)
-    trainer(precision, max_steps=steps, callbacks=[monitor]).fit(Dot(lr), data)
+    trainer(precision, max_steps=steps, callbacks=[monitor]).fit(Dot(d=8, lr=lr), data)
     return monitor.last
 
 

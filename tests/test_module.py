@@ -2,7 +2,6 @@
 
 import math
 
-import lightning.pytorch as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback

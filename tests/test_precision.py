@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TinyRegressor, regression_data, trainer
+from conftest import Dot, TinyRegressor, regression_data, trainer
 from lightning_mp import LossScaleError, MasterWeightPrecision, precision_plugin
 
 BF16 = torch.bfloat16
@@ -183,22 +183,6 @@ def test_all_stages_run_16bit_weights_under_autocast():
 
 
 # -- 4. gradient accumulation sums in FP32 ---------------------------------------------------------
-
-
-class Dot(L.LightningModule):
-    """loss = w . x, so dloss/dw = x exactly: gradients are whatever the data says."""
-
-    def __init__(self, d=4, lr=0.0):
-        super().__init__()
-        self.w = nn.Linear(d, 1, bias=False)
-        nn.init.ones_(self.w.weight)
-        self.lr = lr
-
-    def training_step(self, batch, batch_idx):
-        return self.w(batch[0]).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 class GradProbe(Callback):
