@@ -160,6 +160,15 @@ class MasterWeightPrecision(Precision):
 
     def post_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
         loss = super().post_backward(tensor, module)  # on_after_backward still sees the 16-bit grads
+        trainer = getattr(module, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1 and trainer.accumulate_grad_batches > 1:
+            # Moving a micro-batch's grads into the masters before DDP's final all-reduce would
+            # leave them unsynchronised: the ranks' masters would silently diverge.
+            raise RuntimeError(
+                "MasterWeightPrecision does not support accumulate_grad_batches > 1 with several "
+                f"processes yet (world_size={trainer.world_size}): use accumulate_grad_batches=1 "
+                "with a larger per-device batch."
+            )
         self.masters.grads_to_masters()
         return loss
 
