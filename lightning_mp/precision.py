@@ -190,26 +190,32 @@ class MasterWeightPrecision(Precision):
         found_inf = self._unscale_and_check(optimizer)
         if self._is_sync_free(optimizer):
             self._step_on_device(optimizer, model, found_inf, **kwargs)
-        elif found_inf.item():  # the step's one host sync
-            self._skip(optimizer)
         else:
-            if isinstance(model, pl.LightningModule):
-                self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, gradient clipping
-            optimizer.step(**kwargs)
-            self.masters.masters_to_params(optimizer)
-            if self.scaler is not None:
-                self.scaler.update(False)
+            overflowed = bool(found_inf.item())  # the step's one host sync
+            if overflowed:
+                optimizer.zero_grad(set_to_none=True)  # this step's inf/NaN gradients
+            else:
+                if isinstance(model, pl.LightningModule):
+                    self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, gradient clipping
+                optimizer.step(**kwargs)
+                self.masters.masters_to_params(optimizer)
+            self._record(optimizer, overflowed)
         self.masters.release_grads(optimizer)
         self._log(model)
         return closure_result
 
-    def _skip(self, optimizer: Optimizer) -> None:
-        """Host bookkeeping of an overflowing step: count it, hold its LR-scheduler step, back off."""
-        self.skipped_steps += 1
-        optimizer.zero_grad(set_to_none=True)
-        setattr(optimizer, _SKIP_FLAG, True)
+    def _record(self, optimizer: Optimizer, overflowed: bool) -> None:
+        """Host bookkeeping of a step once its overflow flag is known: advance the loss scale and,
+        for an overflow, count the skip and hold an LR-scheduler step.
+
+        A sync-free step is recorded during the next step, whose gradients are already in the
+        masters: nothing here may touch gradients.
+        """
+        if overflowed:
+            self.skipped_steps += 1
+            setattr(optimizer, _SKIP_FLAG, True)
         if self.scaler is not None:
-            self.scaler.update(True)
+            self.scaler.update(overflowed)
 
     def _is_sync_free(self, optimizer: Optimizer) -> bool:
         if not getattr(optimizer, "_step_supports_amp_scaling", False) or self.sync_free is False:
@@ -241,10 +247,7 @@ class MasterWeightPrecision(Precision):
         for optimizer, flag, event in pending:
             if event is not None:
                 event.synchronize()  # waits for the flag's copy, queued a whole step ago
-            if flag.item():
-                self._skip(optimizer)
-            elif self.scaler is not None:
-                self.scaler.update(False)
+            self._record(optimizer, bool(flag.item()))
 
     def teardown(self) -> None:
         self.settle()
