@@ -17,6 +17,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import hydra
@@ -177,13 +178,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt = _checkpoint(cfg)
     model, datamodule, trainer = build(cfg)
+    first_step = _FirstStep()
+    trainer.callbacks.append(first_step)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.fit(model, datamodule, ckpt_path=ckpt)
     elapsed = time.perf_counter() - start
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    tokens = (trainer.global_step - (_ckpt_step(ckpt) or 0)) * cfg.data.batch_size * cfg.data.seq_len
+    tokens = (trainer.global_step - first_step.step) * cfg.data.batch_size * cfg.data.seq_len
     tokens *= cfg.trainer.accumulate_grad_batches
     summary = {
         "precision": cfg.precision.name,
@@ -205,8 +208,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _ckpt_step(ckpt: Optional[str]) -> Optional[int]:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] if ckpt else None
+class _FirstStep(L.Callback):
+    """The global step training starts from (after any resume), for the run's own token count."""
+
+    step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = trainer.global_step
 
 
 def _peak_memory() -> int:
@@ -226,6 +234,14 @@ def recipe_dir() -> Path:
 def recipes() -> list[str]:
     """The installed recipe names (``recipes/*.yaml``)."""
     return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+
+
+def compose_recipe(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """A recipe's config with overrides, without running it (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(recipe_dir()), version_base="1.3"):
+        return compose(name, overrides=[*overrides, "hydra.searchpath=[pkg://lightning_mp.conf]"])
 
 
 def hydra_argv(argv: list[str]) -> list[str]:
@@ -269,14 +285,6 @@ def main() -> None:
 MEMORY_MODES = ("32-true", "bf16-mixed", "bf16-true", "bf16-master", "16-master")
 
 
-def _model_config(name: str) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(recipe_dir()), version_base="1.3"):
-        cfg = compose(DEFAULT_RECIPE, overrides=[f"model={name}", "hydra.searchpath=[pkg://lightning_mp.conf]"])
-    return cfg.model
-
-
 class _AuditAfterStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.audit = memory_audit(pl_module, trainer.optimizers, trainer.precision_plugin)
@@ -287,7 +295,7 @@ def measure_memory(model_name: str, precision: str, seq_len: int = 16, batch_siz
     from lightning_mp.precision import precision_plugin
 
     torch.manual_seed(0)
-    model = instantiate(_model_config(model_name), _convert_="all")
+    model = instantiate(compose_recipe(DEFAULT_RECIPE, [f"model={model_name}"]).model, _convert_="all")
     tokens = torch.randint(0, model.hparams.vocab_size, (batch_size, seq_len + 1))
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch_size)
     audit = _AuditAfterStep()

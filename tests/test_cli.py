@@ -12,22 +12,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from lightning.pytorch.plugins.precision import Precision
 
 from lightning_mp import MoEModule
-from lightning_mp.cli import UsageError, build, hydra_argv, recipe_dir, recipes
+from lightning_mp.cli import UsageError, build, compose_recipe, hydra_argv, recipes
 from lightning_mp.data import ByteTextDataModule
 
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
           for g in ("precision", "model", "data", "optimizer", "trainer", "logger", "callbacks")}
 FAST = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "data.max_bytes=200000"]
-
-
-def compose_recipe(name: str, overrides=()):
-    with initialize_config_dir(str(recipe_dir()), version_base="1.3"):
-        return compose(name, overrides=[*overrides, "hydra.searchpath=[pkg://lightning_mp.conf]"])
 
 
 def test_groups_and_recipes_are_complete():
@@ -116,7 +110,10 @@ def test_installed_command_runs_and_resumes_from_an_unrelated_directory(tmp_path
     resumed = _run([*FAST, "trainer.max_steps=5", f"resume={run}"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     latest = max((tmp_path / "outputs" / "tiny").iterdir())
-    assert json.loads((latest / "summary.json").read_text())["steps"] == 5
+    resumed_summary = json.loads((latest / "summary.json").read_text())
+    assert resumed_summary["steps"] == 5
+    # throughput counts this run's own steps (3 -> 5) of 16 x 64 tokens, not the resumed ones
+    assert resumed_summary["tokens_per_sec"] * resumed_summary["fit_seconds"] == pytest.approx(2 * 16 * 64)
 
 
 def test_bad_names_exit_nonzero_without_a_traceback(tmp_path):
