@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_mp.convert import is_norm_layer
 from lightning_mp.model import MoETransformer, TransformerConfig
 from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
 
@@ -177,8 +178,8 @@ class MoEModule(L.LightningModule):
         decay, no_decay = [], []
         no_decay_ids = {
             id(p)
-            for m in self.model.modules()
-            if isinstance(m, nn.Embedding) or "Norm" in type(m).__name__
+            for name, m in self.model.named_modules()
+            if isinstance(m, nn.Embedding) or is_norm_layer(name, m)  # the norms the plugin keeps FP32
             for p in m.parameters(recurse=False)
         }
         for name, p in self.named_parameters():
