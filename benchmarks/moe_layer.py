@@ -35,7 +35,7 @@ class NaiveMoE(nn.Module):
         self.layer = layer
 
     def forward(self, x: Tensor) -> Tensor:
-        _, weights, idx = self.layer.route(x)
+        _, _, weights, idx = self.layer.route(x)
         ex = self.layer.experts
         y = torch.zeros_like(x)
         for e in range(self.layer.config.n_experts):

@@ -164,7 +164,7 @@ class MoELayer(nn.Module):
         self.stats: dict[str, Tensor] = {}
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """FP32 routing: ``(logits, top-k weights, top-k expert indices)``, all ``(tokens, ...)``."""
+        """FP32 routing: ``(logits, scores, top-k weights, top-k expert indices)``, all ``(tokens, ...)``."""
         cfg = self.config
         with torch.autocast(x.device.type, enabled=False):
             # FP32 math even where a plugin cast the router too (Lightning's bf16-true): run it on
@@ -181,14 +181,14 @@ class MoELayer(nn.Module):
             # or the router would get no gradient. Sigmoid scores are always normalised (DeepSeek-V3).
             if cfg.score_func == "sigmoid" or cfg.top_k > 1:
                 weights = weights / weights.sum(-1, keepdim=True)
-        return logits, weights, idx
+        return logits, scores, weights, idx
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.config
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         n_tokens, k, n_exp = x.shape[0], cfg.top_k, cfg.n_experts
-        logits, weights, idx = self.route(x)
+        logits, scores, weights, idx = self.route(x)
 
         # Sort the n_tokens * k assignments by expert: each expert's tokens become one slice.
         flat_expert = idx.reshape(-1)
@@ -217,13 +217,12 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
 
-        self._losses_and_stats(logits, counts, kept_counts, n_tokens)
+        self._losses_and_stats(logits, scores, counts, kept_counts, n_tokens)
         return y.reshape(shape)
 
-    def _losses_and_stats(self, logits: Tensor, counts: Tensor, kept: Tensor, n_tokens: int) -> None:
+    def _losses_and_stats(self, logits: Tensor, scores: Tensor, counts: Tensor, kept: Tensor, n_tokens: int) -> None:
         cfg = self.config
         with torch.autocast(logits.device.type, enabled=False):
-            scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
             probs = scores / scores.sum(-1, keepdim=True)
             load = counts.float() / (n_tokens * cfg.top_k)  # f_i: share of assignments
             # Switch/Mixtral: E * sum_i f_i * P_i, 1.0 when perfectly balanced

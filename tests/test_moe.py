@@ -12,7 +12,7 @@ from lightning_mp.moe import GroupedSwiGLU, MoEConfig, MoELayer, SwiGLU
 
 def reference_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """Naive: every token, every chosen expert, one at a time."""
-    _, weights, idx = layer.route(x)
+    _, _, weights, idx = layer.route(x)
     y = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for w, e in zip(weights[t], idx[t]):
