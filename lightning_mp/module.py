@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import fields
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as L
@@ -60,26 +61,11 @@ class MoEModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # The model's configs take the matching constructor arguments, by field name.
+        hp = self.hparams
         self.config = TransformerConfig(
-            vocab_size=vocab_size,
-            d_model=d_model,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            max_seq_len=max_seq_len,
-            positions=positions,
-            moe_every=moe_every,
-            moe=MoEConfig(
-                d_model=d_model,
-                d_ff=d_ff,
-                n_experts=n_experts,
-                top_k=top_k,
-                score_func=score_func,
-                capacity_factor=capacity_factor,
-                n_shared_experts=n_shared_experts,
-                aux_loss_coef=aux_loss_coef,
-                z_loss_coef=z_loss_coef,
-                bias_update_rate=bias_update_rate,
-            ),
+            **{f.name: hp[f.name] for f in fields(TransformerConfig) if f.name in hp},
+            moe=MoEConfig(**{f.name: hp[f.name] for f in fields(MoEConfig) if f.name in hp}),
         )
         self.model: Optional[nn.Module] = None
         self._batch_start: Optional[float] = None

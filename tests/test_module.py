@@ -162,3 +162,15 @@ def test_tiny_model_beats_unigram_on_the_stdlib_under_bf16_master():
     bpb = t.callback_metrics["val/bits_per_byte"].item()
     assert bpb < dm.unigram_bits_per_byte() - 1.0
     assert t.precision_plugin.skipped_steps == 0
+
+
+def test_constructor_arguments_reach_the_model_configs():
+    m = MoEModule(vocab_size=100, d_model=48, n_layers=3, n_heads=3, n_experts=6, top_k=1, d_ff=40, moe_every=2,
+                  capacity_factor=1.5, score_func="sigmoid", n_shared_experts=1, aux_loss_coef=0.5, z_loss_coef=0.25,
+                  bias_update_rate=0.01, max_seq_len=32, positions="learned")
+    c = m.config
+    assert (c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.moe_every, c.max_seq_len, c.positions) == (
+        100, 48, 3, 3, 2, 32, "learned")
+    assert (c.moe.d_model, c.moe.n_experts, c.moe.top_k, c.moe.d_ff, c.moe.capacity_factor, c.moe.score_func,
+            c.moe.n_shared_experts, c.moe.aux_loss_coef, c.moe.z_loss_coef, c.moe.bias_update_rate) == (
+        48, 6, 1, 40, 1.5, "sigmoid", 1, 0.5, 0.25, 0.01)
