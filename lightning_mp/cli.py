@@ -190,6 +190,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokens *= cfg.trainer.accumulate_grad_batches
     summary = {
         "precision": cfg.precision.name,
+        "master": cfg.precision.get("master"),
+        "seed": cfg.seed,
         "recipe": cfg.recipe,
         "steps": trainer.global_step,
         "train_loss": metrics.get("train/loss"),

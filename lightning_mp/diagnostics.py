@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Optional
 
 import lightning.pytorch as L
@@ -29,7 +29,8 @@ def memory_audit(module: nn.Module, optimizers: Iterable[Optimizer] = (), precis
     """Bytes held right now in each category, from the live tensors' storages.
 
     - ``weights``: the module's parameters (what forward reads);
-    - ``masters``: tensors in the optimizers' ``param_groups`` that are not module parameters;
+    - ``masters``: tensors in the optimizers' ``param_groups`` that are not module parameters,
+      and the ``remainder`` or ``compensation`` state of :mod:`lightning_mp.optim`'s policies;
     - ``gradients``: ``.grad`` of both;
     - ``optimizer_state``: every tensor in the optimizers' ``state``;
     - ``loss_scaler``: tensors of ``precision_plugin``'s loss scaler.
@@ -56,6 +57,7 @@ def memory_audit(module: nn.Module, optimizers: Iterable[Optimizer] = (), precis
     in_groups = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     add("weights", params)
     add("masters", in_groups)
+    add("masters", (s[k] for opt in optimizers for s in opt.state.values() for k in _STORAGE_KEYS if k in s))
     add("gradients", (p.grad for p in [*params, *in_groups]))
     add(
         "optimizer_state",
@@ -73,17 +75,28 @@ def bytes_per_param(audit: dict[str, int]) -> dict[str, float]:
     return {k: v / n for k, v in audit.items() if k != "n_params"}
 
 
+_STORAGE_KEYS = ("remainder", "compensation")  # what lightning_mp.optim keeps beside a bf16 weight
 _OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-no-momentum": 0, "adagrad": 1}  # tensors per parameter
 _STEP_COUNTERS = ("adamw", "adam", "adagrad")  # a 4-byte `step` tensor per parameter tensor
 
 
-def estimate_memory(n_params: int, precision: str, optimizer: str = "adamw", n_tensors: int = 0) -> dict[str, int]:
+def estimate_memory(
+    n_params: int,
+    precision: str,
+    optimizer: str = "adamw",
+    n_tensors: int = 0,
+    master: str = "fp32",
+    moment_dtype: str = "float32",
+) -> dict[str, int]:
     """What :func:`memory_audit` measures after a step, predicted from the parameter count alone.
 
     Assumes every parameter is stored in the mode's weight dtype (``keep_fp32`` norms, a
     handful of parameters, are FP32 in the ``*-master`` modes). ``optimizer``: ``adamw``,
     ``adam``, ``sgd`` (with momentum), ``sgd-no-momentum`` or ``adagrad``; ``n_tensors``, the
     number of parameter tensors, adds Adam's and Adagrad's 4-byte ``step`` counter per tensor.
+    ``master`` (``bf16-master`` only) is the storage policy: ``"remainder"`` and ``"kahan"`` keep
+    2 bytes beside the weight, ``"stochastic"`` none; their bf16 gradients are freed inside the
+    step. ``moment_dtype="bfloat16"`` halves the optimizer state (:mod:`lightning_mp.optim`).
     """
     from lightning_mp.precision import PRECISION_NAMES  # a circular import at module level
 
@@ -91,13 +104,18 @@ def estimate_memory(n_params: int, precision: str, optimizer: str = "adamw", n_t
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_NAMES)}")
     if optimizer not in _OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(_OPTIMIZER_STATES)}")
-    master = precision.endswith("-master")
-    weight = {"64-true": 8, "bf16-true": 2, "16-true": 2}.get(precision, 2 if master else 4)
-    state_dtype = 4 if master else weight  # a *-true optimizer keeps 16-bit state; masters keep FP32
+    if master != "fp32" and precision != "bf16-master":
+        raise ValueError(f"master={master!r} applies to bf16-master only, not {precision!r}")
+    has_masters = precision.endswith("-master")
+    weight = {"64-true": 8, "bf16-true": 2, "16-true": 2}.get(precision, 2 if has_masters else 4)
+    state_dtype = 4 if has_masters else weight  # a *-true optimizer keeps 16-bit state; masters keep FP32
+    if moment_dtype == "bfloat16":
+        state_dtype = 2
+    master_bytes = {"fp32": 4, "remainder": 2, "kahan": 2, "stochastic": 0}[master] if has_masters else 0
     sizes = {
         "weights": weight * n_params,
-        "masters": 4 * n_params if master else 0,
-        "gradients": 0 if master else weight * n_params,  # masters' FP32 grads die with the step
+        "masters": master_bytes * n_params,
+        "gradients": 0 if has_masters else weight * n_params,  # *-master grads die with the step
         "optimizer_state": _OPTIMIZER_STATES[optimizer] * state_dtype * n_params
         + (4 * n_tensors if optimizer in _STEP_COUNTERS else 0),
         "loss_scaler": 8 if precision == "16-mixed" else 0,  # GradScaler: float32 scale + int32 tracker
@@ -185,8 +203,8 @@ class SwallowedUpdateMonitor(L.Callback):
         self._before = [
             [
                 _Snapshot(
-                    param=p,
-                    param_before=p.detach().clone(),
+                    read=(read := _reader(optimizer, p)),
+                    param_before=read().clone(),
                     weight=(w := masters.param_of.get(p, p) if masters is not None else p),
                     weight_before=w.detach().clone(),
                     intended=None if intended is None else intended[g][k],
@@ -213,7 +231,7 @@ class SwallowedUpdateMonitor(L.Callback):
                     if snap.intended is None:
                         continue
                     update, base = snap.intended, snap.param_before.float()
-                    lost = snap.param.detach() == snap.param_before  # the optimizer's own (stored) tensor
+                    lost = snap.read() == snap.param_before  # the optimizer's own value (its master, or stored)
                     if mode == "master":
                         counts.add_without_masters(update, snap.weight.detach() == snap.weight_before)
                 counts.add(update, lost, base, dtype)
@@ -241,7 +259,7 @@ class SwallowedUpdateMonitor(L.Callback):
 
 
 class _Snapshot(NamedTuple):
-    param: Tensor  # the optimizer's tensor (a master, or the weight itself)
+    read: Callable[[], Tensor]  # the value the optimizer holds: its master, or the weight with its storage
     param_before: Tensor
     weight: Tensor  # the model's weight
     weight_before: Tensor
@@ -287,13 +305,21 @@ class _Counts:
         return out
 
 
+def _reader(optimizer: Optimizer, param: Tensor) -> Callable[[], Tensor]:
+    """Reads the value the optimizer steps: ``param`` itself, or (lightning_mp.optim on a bf16 weight)
+    the FP32 value its storage policy keeps."""
+    if param.dtype != torch.float32 and hasattr(optimizer, "master_value"):
+        return lambda: optimizer.master_value(param)
+    return param.detach
+
+
 def _fp32_updates(optimizer: Optimizer) -> Optional[list[list[Optional[Tensor]]]]:
     """The update each parameter would get from this step taken in FP32, by a throwaway copy of the optimizer."""
     groups, copies = [], []
     for group in optimizer.param_groups:
         params = []
         for p in group["params"]:
-            c = p.detach().float().clone().requires_grad_(p.requires_grad)
+            c = _reader(optimizer, p)().float().clone().requires_grad_(p.requires_grad)
             c.grad = None if p.grad is None else p.grad.detach().float().clone()
             params.append(c)
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
@@ -305,6 +331,6 @@ def _fp32_updates(optimizer: Optimizer) -> Optional[list[list[Optional[Tensor]]]
     except (TypeError, ValueError, RuntimeError, KeyError):
         return None
     return [
-        [None if p.grad is None else c.detach() - p.detach().float() for c, p in zip(params, group["params"])]
+        [None if p.grad is None else c.detach() - _reader(optimizer, p)().float() for c, p in zip(params, group["params"])]
         for params, group in zip(copies, optimizer.param_groups)
     ]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from lightning_mp.convert import is_norm_layer
 from lightning_mp.model import MoETransformer, TransformerConfig
 from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
+from lightning_mp.optim import AdamW
 
 
 class MoEModule(L.LightningModule):
@@ -58,6 +59,7 @@ class MoEModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
+        moment_dtype: Literal["float32", "bfloat16"] = "float32",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -172,11 +174,19 @@ class MoEModule(L.LightningModule):
             if not p.requires_grad:
                 continue
             (no_decay if id(p) in no_decay_ids or name.endswith("bias") else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-        )
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        master = getattr(self.trainer.precision_plugin, "master", "fp32")
+        if master != "fp32" or hp.moment_dtype != "float32":
+            # bf16 weights stepped with their storage policy, or bf16 Adam moments: lightning-mp's AdamW
+            optimizer: torch.optim.Optimizer = AdamW(
+                groups,
+                lr=hp.lr,
+                betas=tuple(hp.betas),
+                moment_dtype=getattr(torch, hp.moment_dtype),
+                seed=torch.initial_seed() % 2**63,  # follows seed_everything: reproducible rounding
+            )
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total)
 

@@ -29,6 +29,7 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, cast_module_
 from lightning_mp.masters import FP32Masters
+from lightning_mp.optim import MASTER_POLICIES, _StoredMasterOptimizer
 from lightning_mp.scaler import LossScaler
 
 _MASTER_DTYPES = {"bf16-master": torch.bfloat16, "16-master": torch.float16}
@@ -54,6 +55,19 @@ class MasterWeightPrecision(Precision):
         sync_free: skip overflowing steps without a host sync, for optimizers that skip on the
             device (torch's ``fused=True`` Adam, AdamW, SGD...). ``None`` (default): on CUDA;
             ``True``: on any device; ``False``: never. See below.
+        master: where the FP32 value of each bf16 weight lives (``bf16-master`` only):
+
+            - ``"fp32"`` (default): a separate FP32 master tensor (4 extra bytes per parameter),
+              stepped by any ``torch.optim.Optimizer``; micro-batch gradients sum in FP32;
+            - ``"remainder"``: an int16 remainder beside the weight, the exact FP32 value bit for
+              bit (2 extra bytes);
+            - ``"stochastic"``: nothing beside the weight; stochastically rounded updates;
+            - ``"kahan"``: a bf16 compensation buffer (2 extra bytes).
+
+            The last three need :class:`lightning_mp.optim.AdamW` or :class:`lightning_mp.optim.SGD`,
+            which step the 16-bit weights themselves; their gradients stay bf16 (and accumulate in
+            bf16) and are freed inside the step. Checkpoints hold the exact FP32 values under
+            every policy, so a run can resume under another.
 
     Gradients live on the masters: in ``on_before_optimizer_step`` read them from
     ``trainer.precision_plugin.main_params(optimizer)`` (FP32, already unscaled); the
@@ -85,13 +99,19 @@ class MasterWeightPrecision(Precision):
         min_scale: float = 1.0,
         device: Optional[str] = None,
         sync_free: Optional[bool] = None,
+        master: str = "fp32",
     ) -> None:
         if precision not in _MASTER_DTYPES:
             raise ValueError(
                 f"MasterWeightPrecision accepts precision {sorted(_MASTER_DTYPES)}, got {precision!r}. "
                 f"For Lightning's own modes use lightning_mp.precision_plugin({precision!r})."
             )
+        if master not in MASTER_POLICIES:
+            raise ValueError(f"master must be one of {', '.join(MASTER_POLICIES)}, got {master!r}")
+        if master != "fp32" and precision != "bf16-master":
+            raise ValueError(f"master={master!r} stores bfloat16 weights: use it with 'bf16-master', not {precision!r}")
         self.precision = precision
+        self.master = master
         self.dtype = _MASTER_DTYPES[precision]
         self.keep_fp32: tuple[KeepFP32, ...] = tuple(DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
         if loss_scale is None:
@@ -116,7 +136,9 @@ class MasterWeightPrecision(Precision):
         self.masters = FP32Masters()
         self.skipped_steps = 0
         self._pending: list[tuple[Optimizer, Tensor, Any]] = []  # unread overflow flags of sync-free steps
-        self._master_by_name: dict[str, Tensor] = {}
+        self._master_by_name: dict[str, Tensor] = {}  # policy "fp32": checkpoint name -> master
+        self._stored_by_name: dict[str, tuple[Tensor, _StoredMasterOptimizer]] = {}  # other policies
+        self._warned_accumulation = False
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -127,9 +149,13 @@ class MasterWeightPrecision(Precision):
     def connect(
         self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
-        """Swap every optimizer's parameters for FP32 masters and make step schedulers skip-aware."""
+        """Swap every optimizer's parameters for FP32 masters (or hand the FP32 values to the
+        storage policy) and make step schedulers skip-aware."""
         for optimizer in optimizers:
-            self.masters.attach(optimizer)
+            if self.master == "fp32":
+                self.masters.attach(optimizer)
+            else:
+                self._attach_stored(optimizer)
         self.masters.discard_pending()
         self.masters.masters_to_params()
         if self.device is None:
@@ -141,10 +167,39 @@ class MasterWeightPrecision(Precision):
             for name, p in module.named_parameters(remove_duplicate=False)
             if self.masters.master_of.get(p, p) is not p
         }
+        owner = {
+            p: optimizer
+            for optimizer in optimizers
+            if isinstance(optimizer, _StoredMasterOptimizer)
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
+        self._stored_by_name = {
+            name: (p, owner[p])
+            for name, p in module.named_parameters(remove_duplicate=False)
+            if p in owner and p.dtype != torch.float32
+        }
         for config in lr_schedulers:
             if getattr(config, "interval", "step") == "step" and hasattr(config.scheduler, "optimizer"):
                 _make_skip_aware(config.scheduler)
         return model, optimizers, lr_schedulers
+
+    def _attach_stored(self, optimizer: Optimizer) -> None:
+        """Give a storage-policy optimizer its policy and each weight's exact FP32 value from before the cast."""
+        if not isinstance(optimizer, _StoredMasterOptimizer):
+            raise TypeError(
+                f"master={self.master!r} needs an optimizer that steps the bf16 weights with their "
+                f"{self.master} storage: lightning_mp.optim.AdamW or lightning_mp.optim.SGD, not "
+                f"{type(optimizer).__module__}.{type(optimizer).__qualname__}. Any optimizer works with master='fp32'."
+            )
+        if optimizer.master not in (None, self.master):
+            raise ValueError(f"the optimizer was built with master={optimizer.master!r} but the plugin has master={self.master!r}")
+        optimizer.master = self.master
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                value = self.masters.take_captured(p)
+                if value is not None and p.dtype != torch.float32:
+                    optimizer.set_master(p, value)
 
     # -- compute -----------------------------------------------------------------------------
 
@@ -161,6 +216,15 @@ class MasterWeightPrecision(Precision):
     def post_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
         loss = super().post_backward(tensor, module)  # on_after_backward still sees the 16-bit grads
         trainer = getattr(module, "_trainer", None)
+        if self.master != "fp32":
+            if trainer is not None and trainer.accumulate_grad_batches > 1 and not self._warned_accumulation:
+                self._warned_accumulation = True
+                warnings.warn(
+                    f"master={self.master!r} keeps bf16 gradients, so accumulate_grad_batches="
+                    f"{trainer.accumulate_grad_batches} sums micro-batches in bf16; master='fp32' sums them in FP32.",
+                    stacklevel=2,
+                )
+            return loss  # the gradients stay on the weights, where the optimizer reads them
         if trainer is not None and trainer.world_size > 1 and trainer.accumulate_grad_batches > 1:
             # Moving a micro-batch's grads into the masters before DDP's final all-reduce would
             # leave them unsynchronised: the ranks' masters would silently diverge.
@@ -201,6 +265,8 @@ class MasterWeightPrecision(Precision):
                 self.masters.masters_to_params(optimizer)
             self._record(optimizer, overflowed)
         self.masters.release_grads(optimizer)
+        if self.master != "fp32":
+            optimizer.zero_grad(set_to_none=True)  # the 16-bit grads die with the step, as the masters' do
         self._log(model)
         return closure_result
 
@@ -303,8 +369,11 @@ class MasterWeightPrecision(Precision):
             return
         for name, value in state.items():
             master = self._master_by_name.get(name)
+            stored = self._stored_by_name.get(name)
             if master is not None:
                 state[name] = master.detach()
+            elif stored is not None:
+                state[name] = stored[1].master_value(stored[0])
             elif isinstance(value, Tensor) and value.dtype == self.dtype:
                 state[name] = value.float()
 
@@ -316,6 +385,9 @@ class MasterWeightPrecision(Precision):
             if name in state:
                 master.copy_(state[name])
         self.masters.masters_to_params()
+        for name, (param, optimizer) in self._stored_by_name.items():
+            if name in state:
+                optimizer.set_master(param, state[name])
 
 
 def _lightning_module(model: nn.Module) -> nn.Module:

@@ -48,6 +48,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def run_label(summary: dict[str, Any]) -> str:
+    """A run's precision, with its master storage policy when that is not a separate FP32 master."""
+    master = summary.get("master")
+    return summary["precision"] + (f" master={master}" if master not in (None, "fp32") else "")
+
+
 def markdown_table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| precision | final train loss | final val loss | val bits/byte | swallowed updates (last check) "
@@ -58,7 +64,7 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
         s, curves = run["summary"], run["curves"]
         swallowed = curves.get("precision/swallowed_frac", [(0, None)])[-1][1]
         lines.append(
-            f"| `{s['precision']}` | {_fmt(s.get('train_loss'))} | {_fmt(s.get('val_loss'))} | "
+            f"| `{run_label(s)}` | {_fmt(s.get('train_loss'))} | {_fmt(s.get('val_loss'))} | "
             f"{_fmt(s.get('val_bits_per_byte'), 2)} | {_fmt(swallowed, 3)} | {_fmt(s.get('bytes_per_param'), 2)} | "
             f"{_fmt(s.get('tokens_per_sec'), 0)} |"
         )
@@ -75,7 +81,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
             if points:
                 steps, values = zip(*points)
                 periodic = key.startswith("precision/")
-                ax.plot(steps, values, label=run["summary"]["precision"], linewidth=1.8, marker="o" if periodic else None)
+                ax.plot(steps, values, label=run_label(run["summary"]), linewidth=1.8, marker="o" if periodic else None)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(title="precision")

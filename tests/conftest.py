@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_mp.optim
 from lightning_mp import precision_plugin
 
 
@@ -73,6 +74,10 @@ class TinyRegressor(L.LightningModule):
             opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
         elif name == "adagrad":
             opt = torch.optim.Adagrad(groups, lr=lr, initial_accumulator_value=0.1)
+        elif name == "mp-adamw":  # steps bf16 weights under any master policy
+            opt = lightning_mp.optim.AdamW(groups, lr=lr)
+        elif name == "mp-sgd":
+            opt = lightning_mp.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
         elif name == "sign":
             opt = SignSGD(groups, lr=lr)
         else:

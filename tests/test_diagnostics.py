@@ -4,6 +4,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+import lightning_mp.optim
 from conftest import Dot, regression_data, trainer
 from lightning_mp import SwallowedUpdateMonitor, bytes_per_param, estimate_memory, memory_audit
 
@@ -71,6 +72,27 @@ def test_estimate_agrees_with_the_audit_for_other_optimizers(precision, optimize
     assert estimate_memory(N, precision, optimizer, n_tensors=2) == audit.audit
 
 
+@pytest.mark.parametrize(
+    "master, moment_dtype, masters, state",
+    [
+        ("remainder", torch.float32, 2 * N, 8 * N + STEPS),  # 2 + 2 + 8: 12 bytes per parameter
+        ("kahan", torch.float32, 2 * N, 8 * N + STEPS),
+        ("stochastic", torch.bfloat16, 0, 4 * N + STEPS),  # 2 + 4: bf16 weight and moments only
+    ],
+)
+def test_audit_of_the_storage_policies_matches_hand_count(master, moment_dtype, masters, state):
+    class Model(TwoLayer):
+        def configure_optimizers(self):
+            return lightning_mp.optim.AdamW(self.parameters(), lr=1e-3, moment_dtype=moment_dtype)
+
+    audit = Audit()
+    trainer("bf16-master", {"master": master}, max_steps=1, callbacks=[audit]).fit(Model(), regression_data())
+    expected = {"weights": 2 * N, "masters": masters, "gradients": 0, "optimizer_state": state, "loss_scaler": 0}
+    assert audit.audit == {**expected, "total": sum(expected.values()), "n_params": N}
+    dtype = "bfloat16" if moment_dtype == torch.bfloat16 else "float32"
+    assert estimate_memory(N, "bf16-master", "adamw", n_tensors=2, master=master, moment_dtype=dtype) == audit.audit
+
+
 def test_estimate_rejects_unknown_names():
     with pytest.raises(ValueError, match="bf16-master"):
         estimate_memory(10, "fp8")
@@ -133,3 +155,18 @@ def test_warns_once_under_bf16_true_and_names_the_fix():
 def test_no_warning_when_masters_keep_the_updates(recwarn):
     monitored("bf16-master", lr=1e-4, steps=6, patience=3)
     assert not [w for w in recwarn if "rounded away" in str(w.message)]
+
+
+class DotStored(Dot):
+    def configure_optimizers(self):
+        return lightning_mp.optim.SGD(self.parameters(), lr=self.lr)
+
+
+@pytest.mark.parametrize("master", ["remainder", "kahan"])
+def test_storage_policies_keep_the_updates_their_weights_cannot(master):
+    monitor = SwallowedUpdateMonitor(every_n_steps=1)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 8)), batch_size=1)
+    trainer("bf16-master", {"master": master}, max_steps=4, callbacks=[monitor]).fit(DotStored(d=8, lr=1e-4), data)
+    assert monitor.last["precision/swallowed_frac"] == 0.0  # the remainder (compensation) took each update
+    assert monitor.last["precision/swallowed_without_masters"] == 1.0  # the bf16 weight alone could not
+    assert monitor.last["precision/update_ratio"] == pytest.approx(1e-4, rel=0.02)

@@ -497,3 +497,102 @@ def test_mantissa_trap_bf16_true_freezes_bf16_master_tracks_fp32():
     assert trapped == 0.0  # every update rounded away
     assert master == pytest.approx(fp32, rel=0.01)
     assert torch.all(w_master < 1.0)  # and the 16-bit weights moved too, once the masters crossed a step
+
+
+# -- master storage policies (master="remainder" | "stochastic" | "kahan") --------------------------
+
+POLICIES = ["remainder", "stochastic", "kahan"]
+
+
+def _policy_fit(master, steps, optimizer="mp-adamw", ckpt_in=None, ckpt_out=None):
+    torch.manual_seed(0)
+    model = TinyRegressor(optimizer=optimizer, scheduler=True)
+    t = trainer(precision_plugin("bf16-master", master=master) if master else "32-true", max_steps=steps)
+    t.fit(model, regression_data(n=8, batch_size=8), ckpt_path=ckpt_in)
+    if ckpt_out:
+        t.save_checkpoint(ckpt_out)
+    return t, model
+
+
+def _values(t):
+    """Each parameter's FP32 value as its optimizer holds it, by name."""
+    module, plugin = t.lightning_module, t.precision_plugin
+    if getattr(plugin, "master", "fp32") == "fp32":  # separate FP32 masters, or 32-true
+        by_param = dict(zip((t.precision_plugin.masters.param_of.get(m, m) for m in masters(t)), masters(t))) \
+            if isinstance(t.precision_plugin, MasterWeightPrecision) else {}
+        return {n: by_param.get(p, p).detach().float() for n, p in module.named_parameters()}
+    return {n: t.optimizers[0].master_value(p).clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("optimizer", ["mp-adamw", "mp-sgd"])
+@pytest.mark.parametrize("master", POLICIES)
+def test_every_policy_trains_bf16_weights_like_fp32(master, optimizer):
+    reference, _ = _policy_fit("fp32", 40, optimizer)  # separate FP32 masters, same bf16 compute
+    t, model = _policy_fit(master, 40, optimizer)
+    assert model.inp.weight.dtype == BF16 and model.norm.weight.dtype == torch.float32
+    assert not any(p.grad is not None for p in model.parameters())  # the bf16 grads die with the step
+    key = {"remainder": "remainder", "kahan": "compensation"}.get(master)
+    assert all((key in s) == (key is not None and p.dtype == BF16) for p, s in t.optimizers[0].state.items())
+    ref, got = _values(reference), _values(t)
+    if master == "remainder":  # the same FP32 values bit for bit, through 40 steps of training
+        assert _same(got, ref)
+    else:
+        rel = max(((got[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref)
+        assert rel < {"kahan": 1e-3, "stochastic": 2e-2}[master], rel
+
+
+def test_remainder_starts_from_the_fp32_values_bit_for_bit():
+    class First(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.values = _values(trainer)
+
+    torch.manual_seed(0)
+    init = {n: p.detach().clone() for n, p in TinyRegressor(optimizer="mp-adamw").named_parameters()}
+    torch.manual_seed(0)
+    probe = First()
+    trainer(precision_plugin("bf16-master", master="remainder"), max_steps=1, callbacks=[probe]).fit(
+        TinyRegressor(optimizer="mp-adamw"), regression_data())
+    assert all(torch.equal(probe.values[n], init[n]) for n in init)
+
+
+def test_policies_reject_other_optimizers_and_fp16():
+    with pytest.raises(TypeError, match="lightning_mp.optim.AdamW or lightning_mp.optim.SGD"):
+        trainer(precision_plugin("bf16-master", master="remainder"), max_steps=1).fit(TinyRegressor(), regression_data())
+    with pytest.raises(ValueError, match="bf16-master"):
+        MasterWeightPrecision("16-master", master="kahan")
+    with pytest.raises(ValueError, match="master must be one of"):
+        MasterWeightPrecision(master="fp16")
+
+
+@pytest.mark.parametrize("master", POLICIES)
+def test_policy_checkpoint_holds_fp32_values_and_resumes_bit_exactly(master, tmp_path):
+    straight, _ = _policy_fit(master, 8)
+    half, _ = _policy_fit(master, 4, ckpt_out=tmp_path / "half.ckpt")
+    ckpt = torch.load(tmp_path / "half.ckpt", weights_only=False)
+    values = _values(half)
+    assert all(torch.equal(ckpt["state_dict"][n], values[n]) for n in values)  # canonical FP32 values
+    resumed, _ = _policy_fit(master, 8, ckpt_in=tmp_path / "half.ckpt")
+    assert _same(_values(straight), _values(resumed))
+    assert _same(straight.optimizers[0].state_dict(), resumed.optimizers[0].state_dict())
+
+
+@pytest.mark.parametrize("source, target", [("remainder", "fp32"), ("fp32", "remainder"), ("kahan", "remainder"),
+                                            ("remainder", "stochastic")])
+def test_a_run_resumes_under_another_policy(source, target, tmp_path):
+    first, _ = _policy_fit(source, 4, ckpt_out=tmp_path / "a.ckpt")
+    same, _ = _policy_fit(target, 4, ckpt_in=tmp_path / "a.ckpt")  # at step 4 already: no step taken
+    exact = target != "stochastic"  # the stochastic policy keeps only the bf16 weight
+    got, want = _values(same), _values(first)
+    for n, p in same.lightning_module.named_parameters():
+        expected = want[n] if exact or p.dtype == torch.float32 else want[n].to(BF16).float()
+        assert torch.equal(got[n], expected), n
+    _policy_fit(target, 8, ckpt_in=tmp_path / "a.ckpt")  # and it trains on
+
+
+def test_policy_skips_a_nan_step_whole():
+    model = NaNBatch(optimizer="mp-adamw", scheduler=True)
+    probe = StateProbe(at=2)
+    t = trainer(precision_plugin("bf16-master", master="remainder"), max_steps=4, callbacks=[probe])
+    t.fit(model, regression_data())
+    assert _same(probe.before, probe.after)  # weights, remainders, moments, scheduler
+    assert t.precision_plugin.skipped_steps == 1

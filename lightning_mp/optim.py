@@ -1,0 +1,455 @@
+"""Where the step happens for 16-bit weights without a separate FP32 master: AdamW and SGD.
+
+Each optimizer steps the model's bfloat16 weights directly. The FP32 value it updates is kept
+by a storage policy (:data:`MASTER_POLICIES`), chosen with ``master=`` or by
+:class:`~lightning_mp.MasterWeightPrecision`:
+
+- ``"remainder"``: beside each bf16 weight an int16 tensor holds the low 16 bits of the FP32
+  master; weight and remainder are the FP32 value bit for bit (2 extra bytes per parameter);
+- ``"stochastic"``: nothing beside the weight; each update is rounded up or down at random
+  with the probability that keeps it unbiased, so updates below half a bf16 step still move
+  the weight in expectation;
+- ``"kahan"``: a bf16 compensation buffer holds what rounding the weight lost.
+
+A step reconstructs FP32 values, runs torch's own AdamW or SGD arithmetic on them (the same
+``torch._foreach_*`` ops in the same order, so ``"remainder"`` is bit-exact with
+``torch.optim.AdamW`` on FP32 masters) and stores them back: a few kernels per parameter group
+and chunk, not a Python loop of kernels per tensor. Weight decay is part of that FP32 update,
+never a separate 16-bit multiply (which rounds away whenever ``lr * weight_decay`` is below
+half a bf16 step). FP32 parameters (norms under ``keep_fp32``) are stepped in place as by torch.
+
+State keys match torch's (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) plus
+``remainder`` or ``compensation``, so a state saved by ``torch.optim.AdamW`` loads here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_mp.masters import compensate_, join_, split_, stochastic_round_, uncompensate_
+
+MASTER_POLICIES: tuple[str, ...] = ("fp32", "remainder", "stochastic", "kahan")
+_STORAGE_KEY = {"remainder": "remainder", "kahan": "compensation"}  # per-parameter state each policy adds
+# Elements stepped at once (see _blocks): on a CPU 1 MiB of FP32 per temporary, which stays in
+# cache across a step's ops; elsewhere 64 MiB, which bounds the step's temporaries.
+_BLOCK_NUMEL = {"cpu": 1 << 18, "cuda": 1 << 24}
+
+Params = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
+
+
+class _StoredMasterOptimizer(Optimizer):
+    """Shared machinery: reconstruct FP32 values, let the subclass update them, store them back."""
+
+    _state_keys: tuple[str, ...] = ()  # moment tensors, kept in ``moment_dtype``
+
+    def _moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return self._state_keys
+
+    def __init__(
+        self,
+        params: Params,
+        defaults: dict[str, Any],
+        *,
+        master: Optional[str],
+        moment_dtype: torch.dtype,
+        seed: int,
+    ) -> None:
+        if master is not None and master not in MASTER_POLICIES:
+            raise ValueError(f"master must be one of {', '.join(MASTER_POLICIES)}, got {master!r}")
+        if moment_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
+        super().__init__(params, defaults)
+        self.master = master
+        self.moment_dtype = moment_dtype
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._versions: dict[Tensor, int] = {}  # 16-bit weight -> its version when we last wrote it
+
+    # -- the policy of one tensor ------------------------------------------------------------
+
+    def _policy(self, p: Tensor) -> str:
+        if p.dtype == torch.float32:
+            return "fp32"
+        if p.dtype != torch.bfloat16:
+            raise TypeError(f"{type(self).__name__} steps float32 or bfloat16 parameters, got {p.dtype}")
+        if self.master in (None, "fp32"):
+            raise ValueError(
+                f"{type(self).__name__} got bfloat16 parameters but no storage policy for their FP32 "
+                "value: pass master='remainder', 'stochastic' or 'kahan', or train under "
+                "lightning_mp.MasterWeightPrecision, which keeps FP32 masters."
+            )
+        return self.master
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[device]
+
+    # -- FP32 values in and out --------------------------------------------------------------
+
+    def _storage(self, p: Tensor) -> Optional[Tensor]:
+        """``p``'s remainder or compensation, created (zero: the weight is the value) if missing."""
+        key = _STORAGE_KEY.get(self._policy(p))
+        if key is None:
+            return None
+        state = self.state[p]
+        if key not in state:
+            state[key] = torch.zeros_like(p, dtype=torch.int16 if key == "remainder" else p.dtype)
+            self._versions[p] = p._version
+        return state[key]
+
+    def _refresh(self, params: list[Tensor]) -> None:
+        """Re-derive the storage of weights written outside the optimizer (their version moved)."""
+        stale = [p for p in params if p in self._versions and p._version != self._versions[p]]
+        for p in stale:
+            self._storage(p).zero_()  # the new weight is the whole value
+            self._versions[p] = p._version
+        if stale:
+            warnings.warn(
+                f"{type(self).__name__}: {len(stale)} bfloat16 weight(s) were written outside the "
+                f"optimizer (load_state_dict, an EMA swap, copy_...); their {self.master} storage is "
+                "re-derived from the new weights, which are now the exact values.",
+                stacklevel=3,
+            )
+
+    def _load(self, params: list[Tensor]) -> list[Tensor]:
+        """The FP32 values of 16-bit ``params`` (one policy), in new tensors."""
+        out = [torch.empty_like(p, dtype=torch.float32) for p in params]
+        policy = self._policy(params[0])
+        if policy == "remainder":
+            join_(out, params, [self._storage(p) for p in params])
+        elif policy == "kahan":
+            uncompensate_(out, params, [self._storage(p) for p in params])
+        else:
+            torch._foreach_copy_(out, params)
+        return out
+
+    def _store(self, values: list[Tensor], params: list[Tensor]) -> None:
+        """Write FP32 ``values`` into 16-bit ``params`` by their policy (consumes ``values``)."""
+        policy = self._policy(params[0])
+        if policy == "remainder":
+            split_(values, params, [self._storage(p) for p in params])
+        elif policy == "kahan":
+            compensate_(values, params, [self._storage(p) for p in params])
+        else:
+            stochastic_round_(values, params, self._generator(params[0].device))
+
+    @torch.no_grad()
+    def master_value(self, p: Tensor) -> Tensor:
+        """The FP32 value the optimizer holds for parameter ``p`` (for checkpoints and diagnostics)."""
+        if p.dtype == torch.float32:
+            return p.detach()
+        if self._policy(p) != "stochastic":
+            self._storage(p)
+            self._refresh([p])
+        return self._load([p])[0]
+
+    @torch.no_grad()
+    def set_master(self, p: Tensor, value: Tensor) -> None:
+        """Make ``value`` (FP32) the value of parameter ``p``: its weight and, by the policy, its storage."""
+        value = value.detach().to(device=p.device, dtype=torch.float32)
+        if p.dtype == torch.float32:
+            p.copy_(value)
+            return
+        if self._policy(p) != "stochastic":
+            self._storage(p)
+            self._store([value.clone()], [p])
+        else:
+            p.copy_(value)  # nothing beside the weight: round to nearest
+        self._versions[p] = p._version
+
+    # -- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            for (device, dtype), params in buckets.items():
+                if dtype != torch.float32 and self._policy(params[0]) != "stochastic":
+                    for p in params:
+                        self._storage(p)
+                    self._refresh(params)
+                scalars = self._prepare(group, params)
+                for block in _blocks(params, _BLOCK_NUMEL.get(device.type, _BLOCK_NUMEL["cuda"])):
+                    self._step_block(group, block, scalars)
+                if dtype != torch.float32:
+                    for p in params:
+                        self._versions[p] = p._version
+        return loss
+
+    def _step_block(self, group: dict[str, Any], block: list[_Segment], scalars: dict[Tensor, Any]) -> None:
+        """One block of segments: FP32 values in, the subclass's update, values and moments out."""
+        weights = [seg.of(seg.param) for seg in block]
+        half = weights[0].dtype != torch.float32
+        policy = self._policy(block[0].param)
+        storage = [seg.of(self.state[seg.param][_STORAGE_KEY[policy]]) for seg in block] if policy in _STORAGE_KEY else []
+        if not half:
+            values = weights  # FP32 parameters are stepped in place
+        else:
+            values = [torch.empty_like(w, dtype=torch.float32) for w in weights]
+            if policy == "remainder":
+                join_(values, weights, storage)
+            elif policy == "kahan":
+                uncompensate_(values, weights, storage)
+            else:
+                torch._foreach_copy_(values, weights)
+        grads = [seg.of(seg.param.grad) for seg in block]
+        if grads[0].dtype != torch.float32:
+            grads = _upcast(grads)
+        stored = {key: [seg.of(self.state[seg.param][key]) for seg in block] for key in self._moment_keys(group)}
+        moments = {key: t if self.moment_dtype == torch.float32 else _upcast(t) for key, t in stored.items()}
+        self._update(group, values, grads, moments, [scalars[seg.param] for seg in block])
+        if self.moment_dtype != torch.float32:  # a bf16 `v * 0.999` never changes: round stochastically
+            for key, tensors in moments.items():
+                stochastic_round_(tensors, stored[key], self._generator(weights[0].device))
+        if half:
+            if policy == "remainder":
+                split_(values, weights, storage)
+            elif policy == "kahan":
+                compensate_(values, weights, storage)
+            else:
+                stochastic_round_(values, weights, self._generator(weights[0].device))
+
+    def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> dict[Tensor, Any]:
+        """Create missing state for ``params``; return what each needs this step (step sizes...)."""
+        raise NotImplementedError
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        values: list[Tensor],
+        grads: list[Tensor],
+        moments: dict[str, list[Tensor]],
+        scalars: list[Any],
+    ) -> None:
+        """Update FP32 ``values`` and ``moments`` in place from FP32 ``grads``."""
+        raise NotImplementedError
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["master"] = self.master
+        state["generators"] = {str(d): g.get_state() for d, g in self._generators.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by this optimizer (under any policy) or by torch's.
+
+        torch casts every floating state tensor to its parameter's dtype; here moments keep
+        ``moment_dtype`` and storage keeps its own. Storage saved under another policy is
+        dropped; a weight then keeps the storage it has now (set by the precision plugin from
+        the checkpoint's FP32 values) or starts exact.
+        """
+        state_dict = dict(state_dict)
+        generators = state_dict.pop("generators", {})
+        state_dict.pop("master", None)
+        current = {p: {k: s[k] for k in _STORAGE_KEY.values() if k in s} for p, s in self.state.items()}
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(index, {})
+            state = self.state[p]
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and key != "step":
+                    state[key] = value.to(device=p.device, dtype=self._saved_dtype(key, value))
+            wanted = _STORAGE_KEY.get(self._policy(p)) if p.dtype != torch.float32 else None
+            for key in _STORAGE_KEY.values():
+                if key != wanted:
+                    state.pop(key, None)
+                elif key not in state and key in current.get(p, {}):
+                    state[key] = current[p][key]
+            if p in self._versions or wanted is not None:
+                self._versions[p] = p._version
+        for device, rng in generators.items():
+            self._generator(torch.device(device)).set_state(rng)
+
+    def _saved_dtype(self, key: str, value: Tensor) -> torch.dtype:
+        if key in self._state_keys:
+            return self.moment_dtype
+        return value.dtype  # remainder (int16), compensation (bf16)
+
+
+class _Segment(NamedTuple):
+    """Elements ``start:stop`` of a parameter (and of its grad and state), or all of it (``start`` None)."""
+
+    param: Tensor
+    start: Optional[int] = None
+    stop: Optional[int] = None
+
+    def of(self, t: Tensor) -> Tensor:
+        return t if self.start is None else t.view(-1)[self.start : self.stop]
+
+
+def _blocks(params: list[Tensor], block_numel: int) -> Iterable[list[_Segment]]:
+    """Group ``params`` into blocks of about ``block_numel`` elements, splitting large contiguous ones.
+
+    A step runs all its ops on one block before the next: on a CPU a block's temporaries then
+    stay in cache between ops, which makes the dozen passes of a step cost about as much as
+    torch's eight over whole tensors. On CUDA blocks are large (kernel launches dominate).
+    """
+    block: list[_Segment] = []
+    numel = 0
+    for p in params:
+        n = p.numel()
+        whole = n <= block_numel or not (p.is_contiguous() and p.grad.is_contiguous())
+        pieces = [_Segment(p)] if whole else [_Segment(p, s, min(s + block_numel, n)) for s in range(0, n, block_numel)]
+        for seg in pieces:
+            size = n if seg.start is None else seg.stop - seg.start
+            if block and numel + size > block_numel:
+                yield block
+                block, numel = [], 0
+            block.append(seg)
+            numel += size
+    if block:
+        yield block
+
+
+def _upcast(tensors: list[Tensor]) -> list[Tensor]:
+    out = [torch.empty_like(t, dtype=torch.float32) for t in tensors]
+    torch._foreach_copy_(out, tensors)  # exact
+    return out
+
+
+class AdamW(_StoredMasterOptimizer):
+    """``torch.optim.AdamW`` (same defaults and arithmetic) on 16-bit weights with stored FP32 values.
+
+    Args:
+        params, lr, betas, eps, weight_decay, maximize: as ``torch.optim.AdamW`` (no ``amsgrad``).
+        master: storage policy of bfloat16 parameters, one of :data:`MASTER_POLICIES`; ``None``
+            (default) leaves it to :class:`~lightning_mp.MasterWeightPrecision`.
+        moment_dtype: ``torch.float32`` (default) or ``torch.bfloat16``, whose moments are then
+            updated with stochastic rounding (4 bytes per parameter instead of 8).
+        seed: seeds the stochastic rounding (per device), saved in ``state_dict``.
+    """
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        master: Optional[str] = None,
+        moment_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, master=master, moment_dtype=moment_dtype, seed=seed)
+
+    def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> dict[Tensor, Any]:
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)  # on the CPU, as torch keeps it: reading it never syncs
+                state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+        steps = [self.state[p]["step"] for p in params]
+        torch._foreach_add_(steps, 1)
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        # torch's step size and bias correction, per tensor, in Python floats
+        return {
+            p: ((lr / (1 - beta1**t)) * -1, (1 - beta2**t) ** 0.5) for p, t in zip(params, (s.item() for s in steps))
+        }
+
+    def _update(self, group, values, grads, moments, scalars):  # type: ignore[override]
+        # torch's _multi_tensor_adam with decoupled weight decay, op for op.
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        exp_avgs, exp_avg_sqs = moments["exp_avg"], moments["exp_avg_sq"]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if wd != 0:
+            torch._foreach_mul_(values, 1 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, [bias_correction2_sqrt for _, bias_correction2_sqrt in scalars])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(values, exp_avgs, denom, [step_size for step_size, _ in scalars])
+
+
+class SGD(_StoredMasterOptimizer):
+    """``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay; same defaults and arithmetic)
+    on 16-bit weights with stored FP32 values. ``master``, ``moment_dtype`` and ``seed`` as :class:`AdamW`.
+    """
+
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        master: Optional[str] = None,
+        moment_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"invalid SGD hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
+        )
+        super().__init__(params, defaults, master=master, moment_dtype=moment_dtype, seed=seed)
+
+    def _moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return self._state_keys if group["momentum"] != 0 else ()
+
+    def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> dict[Tensor, Any]:
+        """Whether each parameter's momentum buffer is new: torch starts it at the gradient itself."""
+        fresh = {}
+        for p in params:
+            state = self.state[p]
+            fresh[p] = group["momentum"] != 0 and state.get("momentum_buffer") is None
+            if fresh[p]:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=self.moment_dtype)
+        return fresh
+
+    def _update(self, group, values, grads, moments, scalars):  # type: ignore[override]
+        # torch's _multi_tensor_sgd, op for op.
+        lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if group["weight_decay"] != 0:
+            grads = torch._foreach_add(grads, values, alpha=group["weight_decay"])
+        if momentum != 0:
+            bufs = moments["momentum_buffer"]
+            old = [i for i, fresh in enumerate(scalars) if not fresh]
+            new = [i for i, fresh in enumerate(scalars) if fresh]
+            if old:
+                torch._foreach_mul_([bufs[i] for i in old], momentum)
+                torch._foreach_add_([bufs[i] for i in old], [grads[i] for i in old], alpha=1 - dampening)
+            if new:
+                torch._foreach_copy_([bufs[i] for i in new], [grads[i] for i in new])
+            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+        torch._foreach_add_(values, grads, alpha=-lr)
