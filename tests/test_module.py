@@ -7,8 +7,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+import lightning_mp.optim
 from conftest import trainer
-from lightning_mp import MoEModule
+from lightning_mp import MoEModule, precision_plugin
 from lightning_mp.data import ByteTextDataModule
 from lightning_mp.model import MoETransformer, TransformerConfig
 from lightning_mp.moe import MoELayer, SwiGLU
@@ -174,3 +175,15 @@ def test_constructor_arguments_reach_the_model_configs():
     assert (c.moe.d_model, c.moe.n_experts, c.moe.top_k, c.moe.d_ff, c.moe.capacity_factor, c.moe.score_func,
             c.moe.n_shared_experts, c.moe.aux_loss_coef, c.moe.z_loss_coef, c.moe.bias_update_rate) == (
         48, 6, 1, 40, 1.5, "sigmoid", 1, 0.5, 0.25, 0.01)
+
+
+@pytest.mark.parametrize("master, moment_dtype", [("remainder", "float32"), ("stochastic", "bfloat16")])
+def test_storage_policies_get_lightning_mp_adamw(corpus, master, moment_dtype):
+    model = MoEModule(**TINY, moment_dtype=moment_dtype)
+    t = trainer(precision_plugin("bf16-master", master=master), max_steps=3)
+    t.fit(model, data(corpus))
+    opt = t.optimizers[0]
+    assert isinstance(opt, lightning_mp.optim.AdamW) and opt.master == master
+    assert opt.moment_dtype == getattr(torch, moment_dtype)
+    assert [g["weight_decay"] for g in opt.param_groups] == [model.hparams.weight_decay, 0.0]
+    assert torch.isfinite(t.callback_metrics["train/loss"])
