@@ -21,7 +21,9 @@ from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 import lightning.pytorch as pl
@@ -68,6 +70,9 @@ class MasterWeightPrecision(Precision):
             which step the 16-bit weights themselves; their gradients stay bf16 (and accumulate in
             bf16) and are freed inside the step. Checkpoints hold the exact FP32 values under
             every policy, so a run can resume under another.
+        grad_reduce_dtype: under DDP, ``None`` (default) all-reduces gradients in the 16-bit
+            dtype, as DDP does; ``"fp32"`` all-reduces them in FP32, since a 16-bit sum over many
+            ranks rounds at every addition. See "Several processes" below.
 
     Gradients live on the masters: in ``on_before_optimizer_step`` read them from
     ``trainer.precision_plugin.main_params(optimizer)`` (FP32, already unscaled); the
@@ -81,6 +86,17 @@ class MasterWeightPrecision(Precision):
     fused kernel, which leaves weights and state untouched on overflow, and a non-blocking
     copy of it settles the host bookkeeping one step later (the skipped-step count, the loss
     scale, and the LR scheduler, which then holds for the following step instead).
+
+    Several processes (``strategy="ddp"``): every rank holds the same masters, and an inf/NaN
+    gradient on any rank reaches all ranks through the gradient all-reduce, so all skip the same
+    steps and keep the same loss scale. With ``master="fp32"``, when micro-batches accumulate
+    (``accumulate_grad_batches > 1``) or ``grad_reduce_dtype="fp32"``, the plugin takes the
+    reduction over from DDP: DDP's hook is a no-op, each micro-batch's gradients are summed
+    locally into the FP32 master grads (Lightning runs accumulating micro-batches under
+    ``no_sync``), and at the optimizer step one all-reduce per 2**24 elements averages those sums
+    over the ranks, in FP32 or in the 16-bit dtype. That reduction no longer overlaps the
+    backward pass. Otherwise DDP reduces as usual (16-bit, overlapped), and for the storage
+    policies ``grad_reduce_dtype="fp32"`` installs a hook that sums each bucket in FP32.
     """
 
     precision: Literal["bf16-master", "16-master"] = "bf16-master"
@@ -100,6 +116,7 @@ class MasterWeightPrecision(Precision):
         device: Optional[str] = None,
         sync_free: Optional[bool] = None,
         master: str = "fp32",
+        grad_reduce_dtype: Optional[Literal["fp32"]] = None,
     ) -> None:
         if precision not in _MASTER_DTYPES:
             raise ValueError(
@@ -131,6 +148,10 @@ class MasterWeightPrecision(Precision):
             self.scaler = LossScaler(float(loss_scale), dynamic=False)
         else:
             raise ValueError(f"loss_scale must be 'dynamic' or a positive number, got {loss_scale!r}")
+        if grad_reduce_dtype not in (None, "fp32"):
+            raise ValueError(f"grad_reduce_dtype must be None (the 16-bit dtype) or 'fp32', got {grad_reduce_dtype!r}")
+        self.grad_reduce_dtype = grad_reduce_dtype
+        self._reduce_group: Any = None  # the DDP process group whose gradients the plugin reduces itself
         self.device = device
         self.sync_free = sync_free
         self.masters = FP32Masters()
@@ -182,7 +203,18 @@ class MasterWeightPrecision(Precision):
         for config in lr_schedulers:
             if getattr(config, "interval", "step") == "step" and hasattr(config.scheduler, "optimizer"):
                 _make_skip_aware(config.scheduler)
+        if isinstance(model, DistributedDataParallel):
+            self._take_over_reduction(model, getattr(module, "_trainer", None))
         return model, optimizers, lr_schedulers
+
+    def _take_over_reduction(self, ddp: DistributedDataParallel, trainer: Any) -> None:
+        """Choose who all-reduces the gradients under DDP (see the class docstring)."""
+        accumulating = trainer is not None and trainer.accumulate_grad_batches > 1
+        if self.master == "fp32" and (accumulating or self.grad_reduce_dtype == "fp32"):
+            ddp.register_comm_hook(None, _leave_bucket)
+            self._reduce_group = ddp.process_group
+        elif self.grad_reduce_dtype == "fp32":
+            ddp.register_comm_hook(ddp.process_group, _fp32_allreduce)
 
     def _attach_stored(self, optimizer: Optimizer) -> None:
         """Give a storage-policy optimizer its policy and each weight's exact FP32 value from before the cast."""
@@ -215,8 +247,8 @@ class MasterWeightPrecision(Precision):
 
     def post_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
         loss = super().post_backward(tensor, module)  # on_after_backward still sees the 16-bit grads
-        trainer = getattr(module, "_trainer", None)
         if self.master != "fp32":
+            trainer = getattr(module, "_trainer", None)
             if trainer is not None and trainer.accumulate_grad_batches > 1 and not self._warned_accumulation:
                 self._warned_accumulation = True
                 warnings.warn(
@@ -225,14 +257,6 @@ class MasterWeightPrecision(Precision):
                     stacklevel=2,
                 )
             return loss  # the gradients stay on the weights, where the optimizer reads them
-        if trainer is not None and trainer.world_size > 1 and trainer.accumulate_grad_batches > 1:
-            # Moving a micro-batch's grads into the masters before DDP's final all-reduce would
-            # leave them unsynchronised: the ranks' masters would silently diverge.
-            raise RuntimeError(
-                "MasterWeightPrecision does not support accumulate_grad_batches > 1 with several "
-                f"processes yet (world_size={trainer.world_size}): use accumulate_grad_batches=1 "
-                "with a larger per-device batch."
-            )
         self.masters.grads_to_masters()
         return loss
 
@@ -251,6 +275,8 @@ class MasterWeightPrecision(Precision):
             return None  # training_step returned None: no backward, nothing to step (as Lightning's AMP)
         self.settle()  # the previous sync-free step's bookkeeping: its flag has long been copied
         self.masters.grads_to_masters()  # a backward that bypassed post_backward (manual loss.backward())
+        if self._reduce_group is not None:
+            self._all_reduce_grads(optimizer)
         found_inf = self._unscale_and_check(optimizer)
         if self._is_sync_free(optimizer):
             self._step_on_device(optimizer, model, found_inf, **kwargs)
@@ -317,6 +343,21 @@ class MasterWeightPrecision(Precision):
 
     def teardown(self) -> None:
         self.settle()
+
+    @torch.no_grad()
+    def _all_reduce_grads(self, optimizer: Optimizer) -> None:
+        """Average the masters' summed gradients over the DDP ranks, in FP32 or the 16-bit dtype.
+
+        Every rank holds gradients for the same parameters in the same order (DDP without
+        ``find_unused_parameters`` requires every parameter to be used), so the flat buffers line up.
+        """
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        dtype = torch.float32 if self.grad_reduce_dtype == "fp32" else self.dtype
+        world = dist.get_world_size(self._reduce_group)
+        for chunk in _chunks(grads, 1 << 24):
+            flat = torch.cat([g.reshape(-1) for g in chunk]).div_(world).to(dtype)  # average as DDP does: divide first
+            dist.all_reduce(flat, group=self._reduce_group)
+            torch._foreach_copy_(chunk, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in chunk]), chunk)])
 
     def _unscale_and_check(self, optimizer: Optimizer) -> Tensor:
         """Unscale the master grads in place; a 0-dim float tensor, 1.0 if any is inf or NaN.
@@ -388,6 +429,41 @@ class MasterWeightPrecision(Precision):
         for name, (param, optimizer) in self._stored_by_name.items():
             if name in state:
                 optimizer.set_master(param, state[name])
+
+
+def _chunks(tensors: list[Tensor], numel: int) -> list[list[Tensor]]:
+    chunks: list[list[Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if chunks[-1] and size + t.numel() > numel:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(t)
+        size += t.numel()
+    return [c for c in chunks if c]
+
+
+# DDP checks a comm hook's annotations as objects, which `from __future__ import annotations`
+# turns into strings: the two hooks below leave `bucket` and the result unannotated.
+
+
+def _leave_bucket(state: Any, bucket):  # type: ignore[no-untyped-def]
+    """A DDP comm hook that reduces nothing: the plugin reduces the FP32 master grads at the step."""
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+def _fp32_allreduce(group: Any, bucket):  # type: ignore[no-untyped-def]
+    """A DDP comm hook that averages a 16-bit bucket in FP32 and rounds the result once."""
+    buffer = bucket.buffer()
+    total = buffer.float().div_(dist.get_world_size(group))
+
+    def back(future: torch.futures.Future) -> Tensor:
+        buffer.copy_(future.value()[0])
+        return buffer
+
+    return dist.all_reduce(total, group=group, async_op=True).get_future().then(back)
 
 
 def _lightning_module(model: nn.Module) -> nn.Module:
