@@ -98,6 +98,12 @@ def _checkpoint(cfg: DictConfig) -> Optional[str]:
     return cfg.ckpt_path
 
 
+def _strategy_kind(strategy: Any) -> Optional[str]:
+    """``"fsdp"`` when the trainer config asks for FSDP (by name or FSDPStrategy), else None."""
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    return "fsdp" if "fsdp" in target.lower() else None
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     """The model, data and trainer a config describes; user mistakes become :class:`UsageError`."""
     if "precision" in cfg.trainer:
@@ -117,7 +123,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     if name in ("bf16-master", "16-master"):
         check_types("precision", cfg.precision, "lightning_mp.MasterWeightPrecision")
     try:
-        plugin = instantiate(cfg.precision, device=device)
+        plugin = instantiate(cfg.precision, device=device, strategy=_strategy_kind(cfg.trainer.get("strategy")))
         # Plain containers, so checkpoints' hyper-parameters load with torch.load(weights_only=True).
         model = instantiate(cfg.model, **OmegaConf.to_container(cfg.optimizer, resolve=True), _convert_="all")
         datamodule = instantiate(cfg.data, _convert_="all")

@@ -12,6 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from hydra.utils import instantiate
 from lightning.pytorch.plugins.precision import Precision
 
 from lightning_mp import MoEModule
@@ -50,6 +52,10 @@ def test_every_group_option_builds(group, option, tmp_path, monkeypatch):
         (tmp_path / "t.txt").write_text("some text to learn from\n" * 100)
         overrides.append(f"data.path={tmp_path / 't.txt'}")
     cfg = compose_recipe("tiny", overrides)
+    if (group, option) == ("trainer", "fsdp") and not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="fsdp` requires a GPU"):  # Lightning's FSDP needs CUDA
+            build(cfg)
+        return
     if (group, option) == ("logger", "tensorboard") and not _tensorboard_installed():
         with pytest.raises(UsageError, match="tensorboard"):
             build(cfg)
@@ -63,6 +69,26 @@ def test_every_group_option_builds(group, option, tmp_path, monkeypatch):
         assert model.hparams.d_model == cfg.model.d_model
     if group == "optimizer":
         assert model.hparams.lr == cfg.optimizer.lr
+
+
+def test_trainer_fsdp_wraps_blocks_and_selects_the_fsdp_master_plugin():
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lightning_mp.cli import _strategy_kind
+    from lightning_mp.model import Block
+    from lightning_mp.precision import FSDPMasterWeightPrecision
+
+    cfg = compose_recipe("tiny", ["trainer=fsdp"])
+    strategy = instantiate(cfg.trainer.strategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(strategy, FSDPStrategy) and isinstance(policy, ModuleWrapPolicy)
+    assert policy._module_classes == {Block}
+    plugin = instantiate(cfg.precision, strategy=_strategy_kind(cfg.trainer.strategy))
+    assert isinstance(plugin, FSDPMasterWeightPrecision)
+    config = plugin.mixed_precision_config
+    assert (config.param_dtype, config.reduce_dtype, config.buffer_dtype) == (torch.bfloat16, torch.float32, None)
+    assert _strategy_kind(compose_recipe("tiny", ["trainer=ddp"]).trainer.strategy) is None
 
 
 def _tensorboard_installed() -> bool:
