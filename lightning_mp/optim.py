@@ -36,9 +36,9 @@ from lightning_mp.masters import compensate_, join_, split_, stochastic_round_, 
 
 MASTER_POLICIES: tuple[str, ...] = ("fp32", "remainder", "stochastic", "kahan")
 _STORAGE_KEY = {"remainder": "remainder", "kahan": "compensation"}  # per-parameter state each policy adds
-# Elements stepped at once (see _blocks): on a CPU 1 MiB of FP32 per temporary, which stays in
+# Elements stepped at once (see _blocks): on a CPU 2 MiB of FP32 per temporary, which stays in
 # cache across a step's ops; elsewhere 64 MiB, which bounds the step's temporaries.
-_BLOCK_NUMEL = {"cpu": 1 << 18, "cuda": 1 << 24}
+_BLOCK_NUMEL = {"cpu": 1 << 19, "cuda": 1 << 24}
 
 Params = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
 
