@@ -70,6 +70,9 @@ class _StoredMasterOptimizer(Optimizer):
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self._versions: dict[Tensor, int] = {}  # 16-bit weight -> its version when we last wrote it
+        # A factor (0-dim tensor) for the next step's gradients, applied to their FP32 copies:
+        # MasterWeightPrecision's gradient clipping sets it, since scaling the bf16 grads would round.
+        self.grad_factor: Optional[Tensor] = None
 
     # -- the policy of one tensor ------------------------------------------------------------
 
@@ -172,6 +175,7 @@ class _StoredMasterOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        factor, self.grad_factor = self.grad_factor, None
         for group in self.param_groups:
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             for p in group["params"]:
@@ -186,13 +190,15 @@ class _StoredMasterOptimizer(Optimizer):
                     self._refresh(params)
                 scalars = self._prepare(group, params)
                 for block in _blocks(params, _BLOCK_NUMEL.get(device.type, _BLOCK_NUMEL["cuda"])):
-                    self._step_block(group, block, scalars)
+                    self._step_block(group, block, scalars, factor)
                 if dtype != torch.float32:
                     for p in params:
                         self._versions[p] = p._version
         return loss
 
-    def _step_block(self, group: dict[str, Any], block: list[_Segment], scalars: dict[Tensor, Any]) -> None:
+    def _step_block(
+        self, group: dict[str, Any], block: list[_Segment], scalars: dict[Tensor, Any], factor: Optional[Tensor]
+    ) -> None:
         """One block of segments: FP32 values in, the subclass's update, values and moments out."""
         weights = [seg.of(seg.param) for seg in block]
         half = weights[0].dtype != torch.float32
@@ -211,6 +217,8 @@ class _StoredMasterOptimizer(Optimizer):
         grads = [seg.of(seg.param.grad) for seg in block]
         if grads[0].dtype != torch.float32:
             grads = _upcast(grads)
+        if factor is not None:
+            torch._foreach_mul_(grads, factor.to(grads[0].device))  # in place on FP32 params' own grads, as clipping is
         stored = {key: [seg.of(self.state[seg.param][key]) for seg in block] for key in self._moment_keys(group)}
         moments = {key: t if self.moment_dtype == torch.float32 else _upcast(t) for key, t in stored.items()}
         self._update(group, values, grads, moments, [scalars[seg.param] for seg in block])

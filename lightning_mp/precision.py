@@ -262,6 +262,19 @@ class MasterWeightPrecision(Precision):
         self.masters.grads_to_masters()
         return loss
 
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        """Clip by the global gradient norm. Under the storage policies the grads are bf16: the norm
+        is summed in FP32 and the clip factor is handed to the optimizer, which applies it to its
+        FP32 copy of the grads, as ``clip_grad_norm_`` does to FP32 master grads (bit for bit)."""
+        if self.master == "fp32":
+            return super().clip_grad_by_norm(optimizer, clip_val)
+        grads = [p.grad for p in self.main_params(optimizer) if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+            optimizer.grad_factor = torch.clamp(clip_val / (total + 1e-6), max=1.0)  # torch's formula; no host sync
+        return None
+
     # -- the step ----------------------------------------------------------------------------
 
     def optimizer_step(  # type: ignore[override]

@@ -596,3 +596,16 @@ def test_policy_skips_a_nan_step_whole():
     t.fit(model, regression_data())
     assert _same(probe.before, probe.after)  # weights, remainders, moments, scheduler
     assert t.precision_plugin.skipped_steps == 1
+
+
+@pytest.mark.parametrize("optimizer", ["mp-adamw", "mp-sgd"])
+def test_remainder_clips_exactly_as_fp32_masters_do(optimizer):
+    # Clipping every step (max norm 0.05): the factor applies to the FP32 copies of the bf16 grads,
+    # so the run equals master="fp32" (clip_grad_norm_ on FP32 master grads) bit for bit.
+    runs = {}
+    for master in ("fp32", "remainder"):
+        torch.manual_seed(0)
+        t = trainer(precision_plugin("bf16-master", master=master), max_steps=20, gradient_clip_val=0.05)
+        t.fit(TinyRegressor(optimizer=optimizer, scheduler=True), regression_data(n=8, batch_size=8))
+        runs[master] = _values(t)
+    assert _same(runs["fp32"], runs["remainder"])
