@@ -26,6 +26,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -180,7 +181,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as ``cfg`` says and return (and write) the run's summary."""
     run_dir = Path(output_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    lead = rank_zero_only.rank == 0  # under DDP/FSDP every process runs this; one writes the files
+    if lead:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt = _checkpoint(cfg)
     model, datamodule, trainer = build(cfg)
@@ -193,7 +196,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     tokens = (trainer.global_step - first_step.step) * cfg.data.batch_size * cfg.data.seq_len
-    tokens *= cfg.trainer.accumulate_grad_batches
+    tokens *= cfg.trainer.accumulate_grad_batches * trainer.world_size
     summary = {
         "precision": cfg.precision.name,
         "master": cfg.precision.get("master"),
@@ -211,8 +214,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "n_params": sum(p.numel() for p in model.parameters()),
         "bytes_per_param": bytes_per_param(memory_audit(model, trainer.optimizers, trainer.precision_plugin))["total"],
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"run directory: {run_dir}\n{json.dumps(summary, indent=2)}", flush=True)
+    if lead:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"run directory: {run_dir}\n{json.dumps(summary, indent=2)}", flush=True)
     return summary
 
 

@@ -120,3 +120,17 @@ def test_ddp_resume_is_bit_exact(tmp_path):
     resumed = run(tmp_path, "resumed", steps=4, ckpt_in=str(tmp_path / "half.ckpt"), **opts)
     assert equal_masters(straight[0], resumed[0]) and equal_masters(straight[1], resumed[1])
     assert equal_masters(resumed[0], resumed[1])
+
+
+@pytest.mark.slow
+def test_torchrun_launch_line_writes_one_run_directory(tmp_path):
+    # The README's torchrun line, on 2 CPU processes: one run directory, written by rank 0 alone.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "lightning_mp", "trainer=ddp",
+           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4", "trainer.val_check_interval=4",
+           "trainer.limit_val_batches=2", "data.max_bytes=200000", "callbacks=none", "logger=csv",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["master"] == "fp32"
