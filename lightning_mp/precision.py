@@ -468,6 +468,7 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         loss_scale, init_scale, growth_factor, backoff_factor, growth_interval: ``16-master``'s
             dynamic scale, as torch's ``ShardedGradScaler`` takes them; it has no hysteresis and no
             minimum, so ``hysteresis`` and ``min_scale`` must keep their defaults.
+        grad_reduce_dtype: ``None`` or ``"fp32"``: both mean FP32, FSDP's reduction here.
 
     Gradient clipping by norm goes through ``FullyShardedDataParallel.clip_grad_norm_``, the
     norm over all shards (Lightning's ``FSDPPrecision`` refuses it).
@@ -487,7 +488,10 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         growth_interval: int = 2000,
         hysteresis: int = 2,
         min_scale: float = 1.0,
+        grad_reduce_dtype: Optional[Literal["fp32"]] = None,
     ) -> None:
+        if grad_reduce_dtype not in (None, "fp32"):
+            raise ValueError(f"under FSDP gradients are reduce-scattered in FP32; grad_reduce_dtype={grad_reduce_dtype!r}")
         if master != "fp32":
             raise ValueError(f"under FSDP the sharded FP32 parameters are the masters: master={master!r} is not supported")
         if loss_scale != "dynamic" or hysteresis != 2 or min_scale != 1.0:
@@ -506,7 +510,10 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
                 backoff_factor=backoff_factor,
                 growth_interval=growth_interval,
             )
-        super().__init__("bf16-mixed" if precision == "bf16-master" else "16-mixed", scaler)
+        mixed = "bf16-mixed" if precision == "bf16-master" else "16-mixed"
+        self.precision = mixed  # type: ignore[assignment]  # FSDPPrecision checks it before setting it
+        super().__init__(mixed, scaler)
+        self.scaler = scaler  # FSDPPrecision drops a scaler it is given (it keeps only its own default)
         self.precision = precision  # type: ignore[assignment]
         self.dtype = _MASTER_DTYPES[precision]
         self.keep_fp32 = tuple(keep_fp32)

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from conftest import TinyRegressor, regression_data
 from lightning_mp import precision_plugin
@@ -25,6 +26,11 @@ def test_factory_gives_fsdp_plugins_and_refuses_what_fsdp_cannot_do():
     assert (config.param_dtype, config.reduce_dtype) == (torch.bfloat16, torch.float32)  # bf16-mixed reduces in bf16
     assert nn.LayerNorm in config._module_classes_to_ignore
     assert type(precision_plugin("bf16-mixed", strategy="fsdp")) is FSDPPrecision
+    fp16 = precision_plugin("16-master", strategy="fsdp", init_scale=2.0**8, growth_interval=100)
+    assert fp16.precision == "16-master" and fp16.mixed_precision_config.param_dtype == torch.float16
+    assert isinstance(fp16.scaler, ShardedGradScaler)  # ours (Lightning's FSDPPrecision drops a given scaler)
+    if torch.cuda.is_available():  # without CUDA the scaler disables itself and keeps no settings
+        assert fp16.scaler.get_scale() == 2.0**8 and fp16.scaler.get_growth_interval() == 100
     with pytest.raises(ValueError, match="sharded FP32 parameters are the masters"):
         precision_plugin("bf16-master", strategy="fsdp", master="remainder")
     with pytest.raises(TypeError, match="classes only"):
