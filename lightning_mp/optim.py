@@ -121,37 +121,39 @@ class _StoredMasterOptimizer(Optimizer):
                 stacklevel=3,
             )
 
-    def _load(self, params: list[Tensor]) -> list[Tensor]:
-        """The FP32 values of 16-bit ``params`` (one policy), in new tensors."""
-        out = [torch.empty_like(p, dtype=torch.float32) for p in params]
-        policy = self._policy(params[0])
+    def _to_fp32(self, policy: str, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
+        """The FP32 values of 16-bit ``weights`` (and their ``storage``) under ``policy``, in new tensors."""
+        out = [torch.empty_like(w, dtype=torch.float32) for w in weights]
         if policy == "remainder":
-            join_(out, params, [self._storage(p) for p in params])
+            join_(out, weights, storage)
         elif policy == "kahan":
-            uncompensate_(out, params, [self._storage(p) for p in params])
+            uncompensate_(out, weights, storage)
         else:
-            torch._foreach_copy_(out, params)
+            torch._foreach_copy_(out, weights)
         return out
 
-    def _store(self, values: list[Tensor], params: list[Tensor]) -> None:
-        """Write FP32 ``values`` into 16-bit ``params`` by their policy (consumes ``values``)."""
-        policy = self._policy(params[0])
+    def _from_fp32(self, policy: str, values: list[Tensor], weights: list[Tensor], storage: list[Tensor]) -> None:
+        """Write FP32 ``values`` into 16-bit ``weights`` and their ``storage`` (consumes ``values``)."""
         if policy == "remainder":
-            split_(values, params, [self._storage(p) for p in params])
+            split_(values, weights, storage)
         elif policy == "kahan":
-            compensate_(values, params, [self._storage(p) for p in params])
+            compensate_(values, weights, storage)
         else:
-            stochastic_round_(values, params, self._generator(params[0].device))
+            stochastic_round_(values, weights, self._generator(weights[0].device))
+
+    def _storage_of(self, params: list[Tensor], policy: str) -> list[Tensor]:
+        return [self._storage(p) for p in params] if policy in _STORAGE_KEY else []
 
     @torch.no_grad()
     def master_value(self, p: Tensor) -> Tensor:
         """The FP32 value the optimizer holds for parameter ``p`` (for checkpoints and diagnostics)."""
         if p.dtype == torch.float32:
             return p.detach()
-        if self._policy(p) != "stochastic":
+        policy = self._policy(p)
+        if policy != "stochastic":
             self._storage(p)
             self._refresh([p])
-        return self._load([p])[0]
+        return self._to_fp32(policy, [p], self._storage_of([p], policy))[0]
 
     @torch.no_grad()
     def set_master(self, p: Tensor, value: Tensor) -> None:
@@ -160,9 +162,9 @@ class _StoredMasterOptimizer(Optimizer):
         if p.dtype == torch.float32:
             p.copy_(value)
             return
-        if self._policy(p) != "stochastic":
-            self._storage(p)
-            self._store([value.clone()], [p])
+        policy = self._policy(p)
+        if policy != "stochastic":
+            self._from_fp32(policy, [value.clone()], [p], self._storage_of([p], policy))
         else:
             p.copy_(value)  # nothing beside the weight: round to nearest
         self._versions[p] = p._version
@@ -203,22 +205,15 @@ class _StoredMasterOptimizer(Optimizer):
         weights = [seg.of(seg.param) for seg in block]
         half = weights[0].dtype != torch.float32
         policy = self._policy(block[0].param)
-        storage = [seg.of(self.state[seg.param][_STORAGE_KEY[policy]]) for seg in block] if policy in _STORAGE_KEY else []
-        if not half:
-            values = weights  # FP32 parameters are stepped in place
-        else:
-            values = [torch.empty_like(w, dtype=torch.float32) for w in weights]
-            if policy == "remainder":
-                join_(values, weights, storage)
-            elif policy == "kahan":
-                uncompensate_(values, weights, storage)
-            else:
-                torch._foreach_copy_(values, weights)
+        key = _STORAGE_KEY.get(policy)
+        storage = [seg.of(self.state[seg.param][key]) for seg in block] if key else []
+        values = self._to_fp32(policy, weights, storage) if half else weights  # FP32 parameters step in place
         grads = [seg.of(seg.param.grad) for seg in block]
         if grads[0].dtype != torch.float32:
             grads = _upcast(grads)
         if factor is not None:
-            torch._foreach_mul_(grads, factor.to(grads[0].device))  # in place on FP32 params' own grads, as clipping is
+            # in place on FP32 parameters' own grads, as clipping scales them
+            torch._foreach_mul_(grads, factor.to(grads[0].device))
         stored = {key: [seg.of(self.state[seg.param][key]) for seg in block] for key in self._moment_keys(group)}
         moments = {key: t if self.moment_dtype == torch.float32 else _upcast(t) for key, t in stored.items()}
         self._update(group, values, grads, moments, [scalars[seg.param] for seg in block])
@@ -226,12 +221,7 @@ class _StoredMasterOptimizer(Optimizer):
             for key, tensors in moments.items():
                 stochastic_round_(tensors, stored[key], self._generator(weights[0].device))
         if half:
-            if policy == "remainder":
-                split_(values, weights, storage)
-            elif policy == "kahan":
-                compensate_(values, weights, storage)
-            else:
-                stochastic_round_(values, weights, self._generator(weights[0].device))
+            self._from_fp32(policy, values, weights, storage)
 
     def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> dict[Tensor, Any]:
         """Create missing state for ``params``; return what each needs this step (step sizes...)."""
