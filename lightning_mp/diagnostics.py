@@ -197,14 +197,16 @@ class SwallowedUpdateMonitor(L.Callback):
             return
         mode, _ = self._mode(trainer)
         masters = getattr(trainer.precision_plugin, "masters", None)
-        intended = _fp32_updates(optimizer) if mode != "fp32" else None
+        readers = [[_reader(optimizer, p) for p in group["params"]] for group in optimizer.param_groups]
+        values = [[read().clone() for read in group] for group in readers]  # before the step
+        intended = _fp32_updates(optimizer, values) if mode != "fp32" else None
         if mode != "fp32" and intended is None:
             return  # an optimizer that cannot be copied: no FP32 reference this time
         self._before = [
             [
                 _Snapshot(
-                    read=(read := _reader(optimizer, p)),
-                    param_before=read().clone(),
+                    read=readers[g][k],
+                    param_before=values[g][k],
                     weight=(w := masters.param_of.get(p, p) if masters is not None else p),
                     weight_before=w.detach().clone(),
                     intended=None if intended is None else intended[g][k],
@@ -313,13 +315,14 @@ def _reader(optimizer: Optimizer, param: Tensor) -> Callable[[], Tensor]:
     return param.detach
 
 
-def _fp32_updates(optimizer: Optimizer) -> Optional[list[list[Optional[Tensor]]]]:
-    """The update each parameter would get from this step taken in FP32, by a throwaway copy of the optimizer."""
+def _fp32_updates(optimizer: Optimizer, values: list[list[Tensor]]) -> Optional[list[list[Optional[Tensor]]]]:
+    """The update each parameter would get from this step taken in FP32, by a throwaway copy of the
+    optimizer; ``values`` are the parameters' values (per group) before the step."""
     groups, copies = [], []
-    for group in optimizer.param_groups:
+    for group, group_values in zip(optimizer.param_groups, values):
         params = []
-        for p in group["params"]:
-            c = _reader(optimizer, p)().float().clone().requires_grad_(p.requires_grad)
+        for p, value in zip(group["params"], group_values):
+            c = value.float().clone().requires_grad_(p.requires_grad)
             c.grad = None if p.grad is None else p.grad.detach().float().clone()
             params.append(c)
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
@@ -331,6 +334,6 @@ def _fp32_updates(optimizer: Optimizer) -> Optional[list[list[Optional[Tensor]]]
     except (TypeError, ValueError, RuntimeError, KeyError):
         return None
     return [
-        [None if p.grad is None else c.detach() - _reader(optimizer, p)().float() for c, p in zip(params, group["params"])]
-        for params, group in zip(copies, optimizer.param_groups)
+        [None if p.grad is None else c.detach() - v.float() for c, p, v in zip(params, group["params"], group_values)]
+        for params, group, group_values in zip(copies, optimizer.param_groups, values)
     ]
