@@ -296,7 +296,8 @@ class _Segment(NamedTuple):
 
 
 def _blocks(params: list[Tensor], block_numel: int) -> Iterable[list[_Segment]]:
-    """Group ``params`` into blocks of about ``block_numel`` elements, splitting large contiguous ones.
+    """Group ``params`` (or any tensors) into blocks of about ``block_numel`` elements, splitting
+    large contiguous ones (whose gradient, if any, is contiguous too).
 
     A step runs all its ops on one block before the next: on a CPU a block's temporaries then
     stay in cache between ops, which makes the dozen passes of a step cost about as much as
@@ -306,7 +307,7 @@ def _blocks(params: list[Tensor], block_numel: int) -> Iterable[list[_Segment]]:
     numel = 0
     for p in params:
         n = p.numel()
-        whole = n <= block_numel or not (p.is_contiguous() and p.grad.is_contiguous())
+        whole = n <= block_numel or not (p.is_contiguous() and (p.grad is None or p.grad.is_contiguous()))
         pieces = [_Segment(p)] if whole else [_Segment(p, s, min(s + block_numel, n)) for s in range(0, n, block_numel)]
         for seg in pieces:
             size = n if seg.start is None else seg.stop - seg.start

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_mp.convert import _TORCH_NORMS, DEFAULT_KEEP_FP32, KeepFP32, cast_module_
 from lightning_mp.model import RMSNorm
 from lightning_mp.masters import FP32Masters
-from lightning_mp.optim import MASTER_POLICIES, _StoredMasterOptimizer
+from lightning_mp.optim import MASTER_POLICIES, _blocks, _StoredMasterOptimizer
 from lightning_mp.scaler import LossScaler
 
 _MASTER_DTYPES = {"bf16-master": torch.bfloat16, "16-master": torch.float16}
@@ -369,7 +369,8 @@ class MasterWeightPrecision(Precision):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         dtype = torch.float32 if self.grad_reduce_dtype == "fp32" else self.dtype
         world = dist.get_world_size(self._reduce_group)
-        for chunk in _chunks(grads, 1 << 24):
+        for block in _blocks(grads, 1 << 24):  # one collective per 2**24 elements
+            chunk = [seg.of(seg.param) for seg in block]
             flat = torch.cat([g.reshape(-1) for g in chunk]).div_(world).to(dtype)  # average as DDP does: divide first
             dist.all_reduce(flat, group=self._reduce_group)
             torch._foreach_copy_(chunk, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in chunk]), chunk)])
@@ -549,18 +550,6 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
                 f"(got {type(self._root).__name__}); use gradient_clip_algorithm='value' or let FSDPStrategy wrap it"
             )
         self._root.clip_grad_norm_(clip_val)
-
-
-def _chunks(tensors: list[Tensor], numel: int) -> list[list[Tensor]]:
-    chunks: list[list[Tensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if chunks[-1] and size + t.numel() > numel:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(t)
-        size += t.numel()
-    return [c for c in chunks if c]
 
 
 # DDP checks a comm hook's annotations as objects, which `from __future__ import annotations`
