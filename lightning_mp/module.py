@@ -59,6 +59,7 @@ class MoEModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
+        decay_steps: Optional[int] = None,
         moment_dtype: Literal["float32", "bfloat16"] = "float32",
     ) -> None:
         super().__init__()
@@ -161,7 +162,11 @@ class MoEModule(L.LightningModule):
     # -- optimization ---------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW without weight decay on norms, biases and embeddings; linear warm-up, then cosine."""
+        """AdamW without weight decay on norms, biases and embeddings; linear warm-up, then cosine.
+
+        The cosine reaches ``lr * min_lr_ratio`` at step ``decay_steps`` (default: the last
+        step) and stays there, like nanoGPT's ``lr_decay_iters``.
+        """
         hp = self.hparams
         decay, no_decay = [], []
         no_decay_ids = {
@@ -189,11 +194,12 @@ class MoEModule(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total)
+        decay_end = min(hp.decay_steps or total, total)
 
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            progress = min((step - warmup) / max(decay_end - warmup, 1), 1.0)
             return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

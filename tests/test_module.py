@@ -151,6 +151,16 @@ def test_optimizer_groups_and_schedule(corpus):
     assert fn(20) == pytest.approx(0.1) and fn(12) == pytest.approx(0.55)  # cosine to min_lr_ratio
 
 
+def test_decay_steps_ends_the_cosine_early_and_holds_the_final_lr(corpus):
+    model = MoEModule(**{**TINY, "warmup_steps": 4}, lr=1e-2, min_lr_ratio=0.1, decay_steps=12)
+    t = trainer("32-true", max_steps=20)
+    t.fit(model, data(corpus))
+    fn = t.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert fn(3) == 1.0 and fn(8) == pytest.approx(0.55)  # half-way from step 4 to step 12
+    assert fn(12) == fn(16) == fn(19) == pytest.approx(0.1)
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
 @pytest.mark.slow
 def test_tiny_model_beats_unigram_on_the_stdlib_under_bf16_master():
     """A few hundred CPU steps on the default corpus: validation bits per byte well under the unigram entropy."""
