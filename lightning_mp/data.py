@@ -53,6 +53,9 @@ class ByteTextDataModule(L.LightningDataModule):
     Args:
         path: a text file or a directory of text files (binary files are skipped); default:
             the standard library's ``*.py`` files.
+        glob: only the files under ``path`` (or the standard library) matching this pattern,
+            relative to it (``"**/*.md"``, ``"pydoc_data/topics.py"``); default: all of them.
+            When it matches a single file, that file's tail is held out for validation.
         seq_len: tokens (bytes) per training sequence.
         batch_size: sequences per batch.
         val_fraction: share of files (of bytes, for a single file: its tail) held out.
@@ -63,6 +66,7 @@ class ByteTextDataModule(L.LightningDataModule):
     def __init__(
         self,
         path: Optional[Union[str, Path]] = None,
+        glob: Optional[str] = None,
         seq_len: int = 128,
         batch_size: int = 32,
         val_fraction: float = 0.05,
@@ -75,6 +79,7 @@ class ByteTextDataModule(L.LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.path = Path(path).expanduser() if path is not None else None
+        self.glob = glob
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_fraction, self.max_bytes, self.num_workers = val_fraction, max_bytes, num_workers
         self.train_data: Optional[Tensor] = None
@@ -86,17 +91,20 @@ class ByteTextDataModule(L.LightningDataModule):
         """The corpus root and its text files, sorted."""
         if self.path is None:
             root = Path(sysconfig.get_paths()["stdlib"])
-            files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+            files = sorted(p for p in root.glob(self.glob or "**/*.py") if "site-packages" not in p.parts)
         elif not self.path.exists():
             raise FileNotFoundError(f"corpus path {str(self.path)!r} does not exist")
         elif self.path.is_file():
+            if self.glob:
+                raise ValueError(f"glob={self.glob!r} selects files in a directory, but path {str(self.path)!r} is a file")
             root, files = self.path.parent, [self.path]
         else:
             root = self.path
-            files = sorted(p for p in root.rglob("*") if p.is_file() and _is_text(p))
-        files = [f for f in files if f.stat().st_size > 0]
+            files = sorted(p for p in root.glob(self.glob or "**/*") if p.is_file() and _is_text(p))
+        files = [f for f in files if f.is_file() and f.stat().st_size > 0]
         if not files:
-            raise ValueError(f"no non-empty text files under {str(self.path or root)!r}")
+            matching = f" matching glob={self.glob!r}" if self.glob else ""
+            raise ValueError(f"no non-empty text files{matching} under {str(self.path or root)!r}")
         return root, files
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -50,6 +50,26 @@ def test_single_file_holds_out_its_tail(tmp_path):
     assert torch.equal(torch.cat([dm.train_data, dm.val_data]), torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8))
 
 
+def test_glob_selects_files_and_a_single_match_holds_out_its_tail(tmp_path):
+    for i in range(30):
+        (tmp_path / f"doc{i}.md").write_text("hello world " * 50)
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        (tmp_path / "sub" / f"code{i}.py").write_text("x = 1\n" * 50)
+    docs = ByteTextDataModule(tmp_path, glob="*.md", seq_len=16, val_fraction=0.2)
+    docs.setup()
+    assert sorted(docs.train_files + docs.val_files) == sorted(f"doc{i}.md" for i in range(30))
+    code = ByteTextDataModule(tmp_path, glob="**/*.py", seq_len=16, val_fraction=0.2)
+    code.setup()
+    assert len(code.train_files + code.val_files) == 30 and all(f.startswith("sub/") for f in code.train_files)
+    one = ByteTextDataModule(tmp_path, glob="sub/code7.py", seq_len=16, val_fraction=0.1)
+    one.setup()
+    assert one.train_data.numel() == 270 and one.val_data.numel() == 30  # 300 bytes: the last 10 % held out
+    # The stdlib with a pattern: the Python documentation's prose, one file of the default corpus.
+    topics = ByteTextDataModule(glob="pydoc_data/topics.py", seq_len=16)
+    topics.setup()
+    assert topics.train_files == ["topics.py"] and topics.val_data.numel() > 10_000
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ByteTextDataModule(tmp_path / "nope").setup()
@@ -57,6 +77,11 @@ def test_clear_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no non-empty text files"):
         ByteTextDataModule(empty).setup()
+    with pytest.raises(ValueError, match="no non-empty text files matching glob='\\*.rst'"):
+        ByteTextDataModule(empty, glob="*.rst").setup()
+    (tmp_path / "a.txt").write_text("abc" * 100)
+    with pytest.raises(ValueError, match="path .* is a file"):
+        ByteTextDataModule(tmp_path / "a.txt", glob="*.txt").setup()
     (empty / "x.bin").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="no non-empty text files"):
         ByteTextDataModule(empty).setup()
