@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-
-CURVES = (("train/loss", "training loss"), ("precision/swallowed_frac", "swallowed updates (fraction)"))
-
 
 def load_run(run_dir: Path) -> dict[str, Any]:
     """A run's ``summary.json`` and its logged curves from ``metrics.csv``: {metric: [(step, value)]}."""
@@ -28,11 +27,6 @@ def load_run(run_dir: Path) -> dict[str, Any]:
                     if key != "step" and value not in ("", None) and row.get("step"):
                         curves.setdefault(key, []).append((int(row["step"]), float(value)))
     return {"dir": run_dir, "summary": summary, "curves": curves}
-
-
-def _checks(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """The steps where a periodic metric was measured: CSV rows repeat its last value until the next check."""
-    return [p for i, p in enumerate(points) if i == 0 or p[1] != points[i - 1][1]]
 
 
 def sweep_runs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -71,23 +65,58 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start): batch noise averaged out."""
+    total, out = 0.0, []
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _stores_16_bit(summary: dict[str, Any]) -> bool:
+    """Whether the run's weights are 16-bit (its swallowed fraction is real, not what *would* be lost)."""
+    return summary["precision"].endswith(("-true", "-master")) and summary["precision"] != "32-true"
+
+
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    fig, axes = plt.subplots(len(CURVES), 1, figsize=(8, 7), sharex=True)
-    for ax, (key, label) in zip(axes, CURVES):
-        for run in runs:
-            points = run["curves"].get(key)
-            if key.startswith("precision/") and points:
-                points = _checks(points)
-            if points:
-                steps, values = zip(*points)
-                periodic = key.startswith("precision/")
-                ax.plot(steps, values, label=run_label(run["summary"]), linewidth=1.8, marker="o" if periodic else None)
-        ax.set_ylabel(label)
+    """Every run on shared axes: training loss (a running mean over about a fifteenth of the
+    logged steps, the raw points faint), validation loss when it was checked more than twice,
+    and the swallowed fraction."""
+    with_val = any(len(run["curves"].get("val/loss", [])) > 2 for run in runs)
+    fig, axes = plt.subplots(3 if with_val else 2, 1, figsize=(8, 9.5 if with_val else 7), sharex=True)
+    loss_ax, frac_ax = axes[0], axes[-1]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    window = 1
+    for i, (run, color) in enumerate(zip(runs, itertools.cycle(colors))):
+        label = run_label(run["summary"])
+        width = 1.5 + 1.2 * (len(runs) - 1 - i)  # earlier runs drawn wider: coinciding curves stay visible
+        points = run["curves"].get("train/loss")
+        if points:
+            steps, values = zip(*points)
+            window = max(1, round(len(values) / 15))
+            loss_ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.25)
+            loss_ax.plot(steps, running_mean(values, window), color=color, linewidth=width, label=label)
+        if with_val and run["curves"].get("val/loss"):
+            steps, values = zip(*run["curves"]["val/loss"])
+            axes[1].plot(steps, values, color=color, linewidth=width, marker="o", markersize=2 + width, label=label)
+        checks = run["curves"].get("precision/swallowed_frac")
+        if checks:  # logged rows repeat the last check's value until the next: a step function
+            steps, values = zip(*checks)
+            real = _stores_16_bit(run["summary"])
+            frac_ax.step(steps, values, where="post", color=color, linewidth=1.8, linestyle="-" if real else "--",
+                         label=label if real else f"{label} (would be, in 16 bits)")
+    loss_ax.set_ylabel("training loss" + (f"\n(mean of {window} logged steps)" if window > 1 else ""))
+    loss_ax.legend(title="precision")
+    if with_val:
+        axes[1].set_ylabel("validation loss")
+    frac_ax.set_ylabel("swallowed updates (fraction)")
+    frac_ax.set_ylim(-0.02, 1.02)
+    frac_ax.legend(fontsize="small", loc="center right")
+    frac_ax.set_xlabel("optimizer step")
+    for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(title="precision")
-    axes[1].set_ylim(-0.02, 1.02)
-    axes[-1].set_xlabel("optimizer step")
-    fig.suptitle("Same model, data and seed: training loss and updates lost to 16-bit rounding")
+    fig.suptitle("Same model, data and seed: loss and updates lost to 16-bit rounding")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

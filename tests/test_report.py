@@ -6,20 +6,22 @@ import json
 import pytest
 
 from lightning_mp.cli import memory_main, report_main
-from lightning_mp.report import write_report
+from lightning_mp.report import load_run, running_mean, write_report
 
 
-def fake_run(path, precision, losses, swallowed):
+def fake_run(path, precision, losses, swallowed, val=()):
     path.mkdir(parents=True)
     (path / "summary.json").write_text(json.dumps({
         "precision": precision, "train_loss": losses[-1], "val_loss": losses[-1] + 0.1, "val_bits_per_byte": 3.0,
         "bytes_per_param": 14.0, "tokens_per_sec": 1000.0,
     }))
     with open(path / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["step", "train/loss", "precision/swallowed_frac"])
+        writer = csv.DictWriter(f, ["step", "train/loss", "precision/swallowed_frac", "val/loss"])
         writer.writeheader()
         for step, (loss, frac) in enumerate(zip(losses, swallowed)):
             writer.writerow({"step": 10 * step, "train/loss": loss, "precision/swallowed_frac": frac})
+        for step, loss in val:  # validation checks: rows of their own
+            writer.writerow({"step": step, "val/loss": loss})
 
 
 def test_report_writes_a_png_and_a_table(tmp_path):
@@ -30,6 +32,22 @@ def test_report_writes_a_png_and_a_table(tmp_path):
     table = md.read_text()
     assert "| `bf16-true` | 4.900 | 5.000 | 3.00 | 0.970 | 14.00 | 1000 |" in table
     assert "| `bf16-master` | 3.000 | 3.100 | 3.00 | 0.000 | 14.00 | 1000 |" in table
+
+
+def test_report_plots_validation_checks_and_reads_them_back(tmp_path):
+    flat = [(10 * k, 2.0) for k in range(1, 5)]  # a stalled run's validation loss: equal checks all kept
+    fake_run(tmp_path / "0_bf16-true", "bf16-true", [2.0] * 30, [0.97] * 30, val=flat)
+    fake_run(tmp_path / "1_bf16-master", "bf16-master", [2.0 - 0.01 * k for k in range(30)], [0.0] * 30,
+             val=[(10 * k, 2.0 - 0.05 * k) for k in range(1, 5)])
+    assert load_run(tmp_path / "0_bf16-true")["curves"]["val/loss"] == flat
+    png, _ = write_report(tmp_path)
+    assert png.stat().st_size > 10_000
+
+
+def test_running_mean_averages_the_window_before_each_point():
+    assert running_mean([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert running_mean([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.0, 1.5, 2.0, 3.0, 4.0]
+    assert running_mean([7.0, 1.0], 1) == [7.0, 1.0]
 
 
 def test_report_command_errors_clearly_on_an_empty_directory(tmp_path, capsys):
