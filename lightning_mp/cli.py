@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import pickle
 import resource
 import sys
 import time
@@ -89,6 +90,11 @@ def _device_type(accelerator: str) -> str:
 def _checkpoint(cfg: DictConfig) -> Optional[str]:
     if cfg.ckpt_path and cfg.resume:
         raise UsageError("give either ckpt_path=<file> or resume=<run dir>, not both")
+    if _init_from(cfg) and (cfg.ckpt_path or cfg.resume):
+        raise UsageError(
+            "init_from starts a new run from a checkpoint's weights, resume and ckpt_path continue the "
+            "checkpoint's run (optimizer, schedule and step too): give one of them"
+        )
     if cfg.resume:
         path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
         if not path.is_file():
@@ -97,6 +103,51 @@ def _checkpoint(cfg: DictConfig) -> Optional[str]:
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise UsageError(f"ckpt_path={cfg.ckpt_path}: no such file")
     return cfg.ckpt_path
+
+
+def check_required(cfg: DictConfig) -> None:
+    """A recipe's ``required:`` keys (key: what to give) must be set, on the command line usually."""
+    for key, what in (cfg.get("required") or {}).items():
+        if OmegaConf.select(cfg, str(key)) in (None, ""):
+            raise UsageError(f"recipe={cfg.recipe} needs {key}=<{what}>")
+
+
+def _init_from(cfg: DictConfig) -> Optional[Path]:
+    """The checkpoint file ``init_from`` names: a ``.ckpt`` file, or a run directory's ``checkpoints/last.ckpt``."""
+    if not cfg.get("init_from"):
+        return None
+    path = Path(cfg.init_from).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise UsageError(f"init_from={cfg.init_from}: no such checkpoint file (a run directory needs checkpoints/last.ckpt)")
+    return path
+
+
+def load_weights(model: L.LightningModule, path: Path) -> None:
+    """Set ``model``'s weights from the Lightning checkpoint at ``path``, nothing else of its run.
+
+    Fine-tuning: the optimizer, schedule and step counter start fresh. The model is built in
+    FP32 first, so FP32 checkpoints (every ``*-master`` run saves its masters) load exactly and
+    the precision plugin casts them afterwards.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError) as err:
+        raise UsageError(f"init_from={path}: not a Lightning checkpoint ({_first_line(err)})") from err
+    model.configure_model()
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own.keys() - state.keys()]
+    problems += [f"unexpected {k}" for k in state.keys() - own.keys()]
+    problems += [
+        f"{k} is {tuple(state[k].shape)}, the model's {tuple(own[k].shape)}"
+        for k in own.keys() & state.keys()
+        if own[k].shape != state[k].shape
+    ]
+    if problems:
+        shown = "; ".join(sorted(problems)[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise UsageError(f"init_from={path}: its weights do not fit this model ({shown}): use the model options it was trained with")
+    model.load_state_dict(state)
 
 
 def _strategy_kind(strategy: Any) -> Optional[str]:
@@ -112,6 +163,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
             f"remove trainer.precision={cfg.trainer.precision}: choose the precision with "
             f"precision=<name> (Lightning refuses a trainer.precision beside a plugin)"
         )
+    check_required(cfg)
+    init_from = _init_from(cfg)
     name = cfg.precision.name
     device = _device_type(cfg.trainer.accelerator)
     if name == "16-master" and not fp16_supported(device):
@@ -132,6 +185,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
     except (InstantiationException, OmegaConfBaseException, TypeError, ValueError) as err:
         raise UsageError(_first_line(err)) from err
+    if init_from is not None:
+        load_weights(model, init_from)
     interactive = sys.stdout.isatty()
     if not interactive:
         callbacks.append(PlainProgress(cfg.trainer.log_every_n_steps))
@@ -185,7 +240,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if lead:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    ckpt = _checkpoint(cfg)
+    check_required(cfg)
+    ckpt, init_from = _checkpoint(cfg), _init_from(cfg)
     model, datamodule, trainer = build(cfg)
     first_step = _FirstStep()
     trainer.callbacks.append(first_step)
@@ -202,6 +258,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "master": cfg.precision.get("master"),
         "seed": cfg.seed,
         "recipe": cfg.recipe,
+        "init_from": str(init_from) if init_from else None,
         "steps": trainer.global_step,
         "train_loss": metrics.get("train/loss"),
         "val_loss": metrics.get("val/loss"),

@@ -34,10 +34,22 @@ def test_groups_and_recipes_are_complete():
         assert f"lightning-mp-train recipe={recipe}" in header  # its run command is in its header
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run directory holding checkpoints/last.ckpt of the tiny model after 3 bf16-master steps."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = compose_recipe("tiny", [*FAST, "trainer.accelerator=cpu", "logger=none", "~callbacks.lr_monitor",
+                                  f"callbacks.checkpoint.dirpath={run}/checkpoints"])
+    model, data, trainer = build(cfg)
+    trainer.fit(model, data)
+    return run
+
+
 @pytest.mark.parametrize("recipe", ["fp16", "gpu-100m", "mantissa-trap", "tiny"])
-def test_every_recipe_builds(recipe, tmp_path, monkeypatch):
+def test_every_recipe_builds(recipe, trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = compose_recipe(recipe, ["trainer.accelerator=cpu"])
+    fine_tune = [f"init_from={trained_run}"] if recipe == "mantissa-trap" else []  # it fine-tunes a trained model
+    cfg = compose_recipe(recipe, ["trainer.accelerator=cpu", *fine_tune])
     assert cfg.recipe == recipe
     model, data, trainer = build(cfg)
     assert isinstance(model, MoEModule) and isinstance(data, ByteTextDataModule)
@@ -111,6 +123,63 @@ def test_clear_errors_for_bad_input(tmp_path, monkeypatch):
         build(compose_recipe("fp16", ["trainer.accelerator=cpu"]))
 
 
+def test_init_from_fine_tunes_the_weights_of_a_trained_run(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+    cfg = compose_recipe("mantissa-trap", [*FAST, "trainer.max_steps=2", "trainer.val_check_interval=2",
+                                           "trainer.accelerator=cpu", f"init_from={trained_run}", "logger=none",
+                                           "~callbacks.checkpoint", "~callbacks.lr_monitor"])
+    model, data, trainer = build(cfg)
+    own = model.state_dict()
+    assert own.keys() == saved["state_dict"].keys()
+    assert all(torch.equal(own[k], v) for k, v in saved["state_dict"].items())  # loaded exactly ...
+    head = own["model.head.weight"]
+    assert not torch.equal(head, head.bfloat16().float())  # ... from the FP32 masters, not their bf16 copies
+    trainer.fit(model, data)
+    assert data.train_files == ["topics.py"]  # the recipe's fine-tuning text
+    # A new run: the step counter and Adam's state start over (a resume would start at step 3 and stop).
+    assert trainer.global_step == 2
+    assert {int(state["step"]) for state in trainer.optimizers[0].state.values()} == {2}
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-master"])
+def test_mantissa_trap_recipe_lr_is_below_half_a_bf16_step(precision, trained_run, tmp_path, monkeypatch):
+    """The recipe's premise: at its lr nearly every update is under half a bf16 step of its weight."""
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_recipe("mantissa-trap", [
+        f"precision={precision}", "trainer.accelerator=cpu", f"init_from={trained_run}", "logger=none",
+        "~callbacks.checkpoint", "~callbacks.lr_monitor", "trainer.max_steps=20", "trainer.limit_val_batches=0",
+        "callbacks.swallowed.every_n_steps=20",
+    ])
+    model, data, trainer = build(cfg)
+    trainer.fit(model, data)
+    metrics = trainer.callback_metrics
+    assert metrics["precision/update_to_half_step"] < 0.5
+    if precision == "bf16-true":
+        assert metrics["precision/swallowed_frac"] > 0.8  # lost: the weights barely move
+    else:
+        assert metrics["precision/swallowed_frac"] < 1e-3  # the updates land in the FP32 masters ...
+        assert metrics["precision/swallowed_without_masters"] > 0.8  # ... that bf16 weights alone would lose
+
+
+def test_init_from_errors_are_clear(trained_run, tmp_path, monkeypatch):
+    from lightning_mp.cli import _checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="recipe=mantissa-trap needs init_from=<the run directory or .ckpt file of"):
+        build(compose_recipe("mantissa-trap"))
+    with pytest.raises(UsageError, match="no such checkpoint file"):
+        build(compose_recipe("tiny", [f"init_from={tmp_path}"]))
+    with pytest.raises(UsageError, match=r"do not fit this model \(model.blocks.0.*is \(64,\), the model's \(32,\)"):
+        build(compose_recipe("tiny", [f"init_from={trained_run}", "model.d_model=32"]))
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(UsageError, match="not a Lightning checkpoint"):
+        build(compose_recipe("tiny", [f"init_from={tmp_path / 'notes.ckpt'}"]))
+    with pytest.raises(UsageError, match="init_from starts a new run.*give one of them"):
+        _checkpoint(compose_recipe("tiny", [f"init_from={trained_run}", f"resume={trained_run}"]))
+
+
 def _command() -> list[str]:
     exe = shutil.which("lightning-mp-train", path=str(Path(sys.executable).parent))
     assert exe, "the console script is not installed"
@@ -144,7 +213,8 @@ def test_installed_command_runs_and_resumes_from_an_unrelated_directory(tmp_path
 
 def test_bad_names_exit_nonzero_without_a_traceback(tmp_path):
     for args, message in ((["recipe=nope"], "unknown recipe"), (["precision=fp8"], "Could not find 'precision/fp8'"),
-                          (["model.nope=1"], "Key 'nope' is not in struct")):
+                          (["model.nope=1"], "Key 'nope' is not in struct"),
+                          (["recipe=mantissa-trap"], "recipe=mantissa-trap needs init_from=<")):
         result = _run(args, tmp_path)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
