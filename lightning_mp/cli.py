@@ -1,7 +1,7 @@
 """``lightning-mp-train``: run a Hydra recipe with command-line overrides.
 
     lightning-mp-train recipe=<name> precision=<name> trainer.max_steps=200 model.n_experts=8
-    lightning-mp-train recipe=mantissa-trap --multirun
+    lightning-mp-train recipe=mantissa-trap init_from=outputs/tiny/<time> --multirun
 
 Each run writes to its own directory: the resolved ``config.yaml``, ``metrics.csv``,
 ``checkpoints/last.ckpt`` and the best checkpoint, and ``summary.json``.
@@ -105,7 +105,7 @@ def _checkpoint(cfg: DictConfig) -> Optional[str]:
     return cfg.ckpt_path
 
 
-def check_required(cfg: DictConfig) -> None:
+def _check_required(cfg: DictConfig) -> None:
     """A recipe's ``required:`` keys (key: what to give) must be set, on the command line usually."""
     for key, what in (cfg.get("required") or {}).items():
         if OmegaConf.select(cfg, str(key)) in (None, ""):
@@ -124,7 +124,7 @@ def _init_from(cfg: DictConfig) -> Optional[Path]:
     return path
 
 
-def load_weights(model: L.LightningModule, path: Path) -> None:
+def _load_weights(model: L.LightningModule, path: Path) -> None:
     """Set ``model``'s weights from the Lightning checkpoint at ``path``, nothing else of its run.
 
     Fine-tuning: the optimizer, schedule and step counter start fresh. The model is built in
@@ -163,7 +163,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
             f"remove trainer.precision={cfg.trainer.precision}: choose the precision with "
             f"precision=<name> (Lightning refuses a trainer.precision beside a plugin)"
         )
-    check_required(cfg)
+    _check_required(cfg)
     init_from = _init_from(cfg)
     name = cfg.precision.name
     device = _device_type(cfg.trainer.accelerator)
@@ -186,7 +186,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     except (InstantiationException, OmegaConfBaseException, TypeError, ValueError) as err:
         raise UsageError(_first_line(err)) from err
     if init_from is not None:
-        load_weights(model, init_from)
+        _load_weights(model, init_from)
     interactive = sys.stdout.isatty()
     if not interactive:
         callbacks.append(PlainProgress(cfg.trainer.log_every_n_steps))
@@ -240,7 +240,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if lead:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    check_required(cfg)
     ckpt, init_from = _checkpoint(cfg), _init_from(cfg)
     model, datamodule, trainer = build(cfg)
     first_step = _FirstStep()
