@@ -48,6 +48,11 @@ def run_label(summary: dict[str, Any]) -> str:
     return summary["precision"] + (f" master={master}" if master not in (None, "fp32") else "")
 
 
+def _stores_16_bit(summary: dict[str, Any]) -> bool:
+    """Whether the run's weights are 16-bit (its swallowed fraction is real, not what *would* be lost)."""
+    return summary["precision"].endswith(("-true", "-master")) and summary["precision"] != "32-true"
+
+
 def markdown_table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| precision | final train loss | final val loss | val bits/byte | swallowed updates (last check) "
@@ -56,10 +61,12 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
     ]
     for run in runs:
         s, curves = run["summary"], run["curves"]
-        swallowed = curves.get("precision/swallowed_frac", [(0, None)])[-1][1]
+        swallowed = _fmt(curves.get("precision/swallowed_frac", [(0, None)])[-1][1], 3)
+        if swallowed != "n/a" and not _stores_16_bit(s):
+            swallowed += " (would be, in 16 bits)"
         lines.append(
             f"| `{run_label(s)}` | {_fmt(s.get('train_loss'))} | {_fmt(s.get('val_loss'))} | "
-            f"{_fmt(s.get('val_bits_per_byte'), 2)} | {_fmt(swallowed, 3)} | {_fmt(s.get('bytes_per_param'), 2)} | "
+            f"{_fmt(s.get('val_bits_per_byte'), 2)} | {swallowed} | {_fmt(s.get('bytes_per_param'), 2)} | "
             f"{_fmt(s.get('tokens_per_sec'), 0)} |"
         )
     return "\n".join(lines) + "\n"
@@ -72,11 +79,6 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
         total += v - (values[i - window] if i >= window else 0.0)
         out.append(total / min(i + 1, window))
     return out
-
-
-def _stores_16_bit(summary: dict[str, Any]) -> bool:
-    """Whether the run's weights are 16-bit (its swallowed fraction is real, not what *would* be lost)."""
-    return summary["precision"].endswith(("-true", "-master")) and summary["precision"] != "32-true"
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:

@@ -32,6 +32,9 @@ def test_report_writes_a_png_and_a_table(tmp_path):
     table = md.read_text()
     assert "| `bf16-true` | 4.900 | 5.000 | 3.00 | 0.970 | 14.00 | 1000 |" in table
     assert "| `bf16-master` | 3.000 | 3.100 | 3.00 | 0.000 | 14.00 | 1000 |" in table
+    fake_run(tmp_path / "2_32-true", "32-true", [5.0, 4.0, 3.0], [0.5, 0.6, 0.7])
+    _, md = write_report(tmp_path)
+    assert "| `32-true` | 3.000 | 3.100 | 3.00 | 0.700 (would be, in 16 bits) | 14.00 | 1000 |" in md.read_text()
 
 
 def test_report_plots_validation_checks_and_reads_them_back(tmp_path):
