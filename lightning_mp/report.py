@@ -92,7 +92,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     window = 1
     for i, (run, color) in enumerate(zip(runs, itertools.cycle(colors))):
         label = run_label(run["summary"])
-        width = 1.5 + 1.2 * (len(runs) - 1 - i)  # earlier runs drawn wider: coinciding curves stay visible
+        width = 1.5 + 1.2 * min(len(runs) - 1 - i, 3)  # earlier runs wider: coinciding curves stay visible
         points = run["curves"].get("train/loss")
         if points:
             steps, values = zip(*points)
