@@ -107,8 +107,13 @@ class _StoredMasterOptimizer(Optimizer):
             self._versions[p] = p._version
         return state[key]
 
-    def _refresh(self, params: list[Tensor]) -> None:
-        """Re-derive the storage of weights written outside the optimizer (their version moved)."""
+    def _sync_storage(self, params: list[Tensor]) -> None:
+        """Create missing storage for bf16 ``params`` and re-derive the storage of those written
+        outside the optimizer (their version moved). Nothing to do under ``"stochastic"``."""
+        if self._policy(params[0]) not in _STORAGE_KEY:
+            return
+        for p in params:
+            self._storage(p)
         stale = [p for p in params if p in self._versions and p._version != self._versions[p]]
         for p in stale:
             self._storage(p).zero_()  # the new weight is the whole value
@@ -123,13 +128,13 @@ class _StoredMasterOptimizer(Optimizer):
 
     def _to_fp32(self, policy: str, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
         """The FP32 values of 16-bit ``weights`` (and their ``storage``) under ``policy``, in new tensors."""
+        if policy == "stochastic":
+            return _upcast(weights)
         out = [torch.empty_like(w, dtype=torch.float32) for w in weights]
         if policy == "remainder":
             join_(out, weights, storage)
-        elif policy == "kahan":
-            uncompensate_(out, weights, storage)
         else:
-            torch._foreach_copy_(out, weights)
+            uncompensate_(out, weights, storage)
         return out
 
     def _from_fp32(self, policy: str, values: list[Tensor], weights: list[Tensor], storage: list[Tensor]) -> None:
@@ -150,9 +155,7 @@ class _StoredMasterOptimizer(Optimizer):
         if p.dtype == torch.float32:
             return p.detach()
         policy = self._policy(p)
-        if policy != "stochastic":
-            self._storage(p)
-            self._refresh([p])
+        self._sync_storage([p])
         return self._to_fp32(policy, [p], self._storage_of([p], policy))[0]
 
     @torch.no_grad()
@@ -186,10 +189,8 @@ class _StoredMasterOptimizer(Optimizer):
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                     buckets.setdefault((p.device, p.dtype), []).append(p)
             for (device, dtype), params in buckets.items():
-                if dtype != torch.float32 and self._policy(params[0]) != "stochastic":
-                    for p in params:
-                        self._storage(p)
-                    self._refresh(params)
+                if dtype != torch.float32:
+                    self._sync_storage(params)
                 scalars = self._prepare(group, params)
                 for block in _blocks(params, _BLOCK_NUMEL.get(device.type, _BLOCK_NUMEL["cuda"])):
                     self._step_block(group, block, scalars, factor)
