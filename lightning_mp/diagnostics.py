@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_mp.optim import _STORAGE_KEY
+
 CATEGORIES = ("weights", "masters", "gradients", "optimizer_state", "loss_scaler")
 
 
@@ -57,7 +59,8 @@ def memory_audit(module: nn.Module, optimizers: Iterable[Optimizer] = (), precis
     in_groups = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     add("weights", params)
     add("masters", in_groups)
-    add("masters", (s[k] for opt in optimizers for s in opt.state.values() for k in _STORAGE_KEYS if k in s))
+    storage = (s[k] for opt in optimizers for s in opt.state.values() for k in _STORAGE_KEY.values() if k in s)
+    add("masters", storage)  # remainders and compensations beside bf16 weights
     add("gradients", (p.grad for p in [*params, *in_groups]))
     add(
         "optimizer_state",
@@ -75,7 +78,6 @@ def bytes_per_param(audit: dict[str, int]) -> dict[str, float]:
     return {k: v / n for k, v in audit.items() if k != "n_params"}
 
 
-_STORAGE_KEYS = ("remainder", "compensation")  # what lightning_mp.optim keeps beside a bf16 weight
 _OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-no-momentum": 0, "adagrad": 1}  # tensors per parameter
 _STEP_COUNTERS = ("adamw", "adam", "adagrad")  # a 4-byte `step` tensor per parameter tensor
 
