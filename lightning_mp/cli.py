@@ -87,18 +87,21 @@ def _device_type(accelerator: str) -> str:
     return "cpu" if accelerator in ("cpu", "auto") else accelerator
 
 
+LAST_CHECKPOINT = Path("checkpoints", "last.ckpt")  # in a run directory (conf/callbacks/default.yaml)
+
+
 def _checkpoint(cfg: DictConfig) -> Optional[str]:
     if cfg.ckpt_path and cfg.resume:
         raise UsageError("give either ckpt_path=<file> or resume=<run dir>, not both")
-    if _init_from(cfg) and (cfg.ckpt_path or cfg.resume):
+    if cfg.get("init_from") and (cfg.ckpt_path or cfg.resume):
         raise UsageError(
             "init_from starts a new run from a checkpoint's weights, resume and ckpt_path continue the "
             "checkpoint's run (optimizer, schedule and step too): give one of them"
         )
     if cfg.resume:
-        path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+        path = Path(cfg.resume) / LAST_CHECKPOINT
         if not path.is_file():
-            raise UsageError(f"resume={cfg.resume}: no checkpoints/last.ckpt in that run directory")
+            raise UsageError(f"resume={cfg.resume}: no {LAST_CHECKPOINT} in that run directory")
         return str(path)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise UsageError(f"ckpt_path={cfg.ckpt_path}: no such file")
@@ -113,14 +116,14 @@ def _check_required(cfg: DictConfig) -> None:
 
 
 def _init_from(cfg: DictConfig) -> Optional[Path]:
-    """The checkpoint file ``init_from`` names: a ``.ckpt`` file, or a run directory's ``checkpoints/last.ckpt``."""
+    """The checkpoint file ``init_from`` names: a ``.ckpt`` file, or a run directory's :data:`LAST_CHECKPOINT`."""
     if not cfg.get("init_from"):
         return None
     path = Path(cfg.init_from).expanduser()
     if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+        path = path / LAST_CHECKPOINT
     if not path.is_file():
-        raise UsageError(f"init_from={cfg.init_from}: no such checkpoint file (a run directory needs checkpoints/last.ckpt)")
+        raise UsageError(f"init_from={cfg.init_from}: no such checkpoint file (a run directory needs {LAST_CHECKPOINT})")
     return path
 
 
