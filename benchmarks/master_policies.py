@@ -22,13 +22,11 @@ import platform
 import statistics
 import time
 
-import lightning.pytorch as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mp import bytes_per_param, precision_plugin
+from lightning_mp import precision_plugin
 from lightning_mp.optim import AdamW
-from precision_memory_and_step import MLP, Audit
+from precision_memory_and_step import MLP, audited_fit
 
 # (label, precision, master policy, moment dtype)
 ROWS = [
@@ -54,18 +52,9 @@ class PolicyMLP(MLP):
 
 def measure_memory(precision: str, master: str | None, moment_dtype: torch.dtype, layers: int, width: int):
     torch.manual_seed(0)
-    data = DataLoader(TensorDataset(torch.randn(16, width), torch.randn(16, 1)), batch_size=8)
-    audit = Audit()
     if master in (None, "fp32"):
-        model, plugin = MLP(layers, width), precision_plugin(precision)
-    else:
-        model, plugin = PolicyMLP(layers, width, moment_dtype), precision_plugin(precision, master=master)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=2, plugins=[plugin], callbacks=[audit], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
-    trainer.fit(model, data)
-    return bytes_per_param(audit.after_step), bytes_per_param(audit.at_step)
+        return audited_fit(MLP(layers, width), precision_plugin(precision), width)
+    return audited_fit(PolicyMLP(layers, width, moment_dtype), precision_plugin(precision, master=master), width)
 
 
 def time_steps(layers: int, width: int, repeats: int, device: str) -> tuple[dict[str, list[float]], int]:

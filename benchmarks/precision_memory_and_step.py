@@ -21,6 +21,7 @@ import time
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -51,16 +52,21 @@ class Audit(Callback):
         self.after_step = memory_audit(pl_module, trainer.optimizers)
 
 
-def measure_memory(mode: str, layers: int, width: int) -> tuple[dict, dict]:
-    torch.manual_seed(0)
+def audited_fit(model: L.LightningModule, plugin: Precision, width: int) -> tuple[dict, dict]:
+    """Bytes per parameter after 2 steps of ``model`` under ``plugin``, and at the last step."""
     data = DataLoader(TensorDataset(torch.randn(16, width), torch.randn(16, 1)), batch_size=8)
     audit = Audit()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=2, plugins=[precision_plugin(mode)], callbacks=[audit],
+        accelerator="cpu", devices=1, max_steps=2, plugins=[plugin], callbacks=[audit],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.fit(MLP(layers, width), data)
+    trainer.fit(model, data)
     return bytes_per_param(audit.after_step), bytes_per_param(audit.at_step)
+
+
+def measure_memory(mode: str, layers: int, width: int) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    return audited_fit(MLP(layers, width), precision_plugin(mode), width)
 
 
 def time_steps(layers: int, width: int, repeats: int) -> tuple[list[float], list[float], int]:
