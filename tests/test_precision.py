@@ -518,9 +518,8 @@ def _values(t):
     """Each parameter's FP32 value as its optimizer holds it, by name."""
     module, plugin = t.lightning_module, t.precision_plugin
     if getattr(plugin, "master", "fp32") == "fp32":  # separate FP32 masters, or 32-true
-        by_param = dict(zip((t.precision_plugin.masters.param_of.get(m, m) for m in masters(t)), masters(t))) \
-            if isinstance(t.precision_plugin, MasterWeightPrecision) else {}
-        return {n: by_param.get(p, p).detach().float() for n, p in module.named_parameters()}
+        master_of = plugin.masters.master_of if isinstance(plugin, MasterWeightPrecision) else {}
+        return {n: master_of.get(p, p).detach().float() for n, p in module.named_parameters()}
     return {n: t.optimizers[0].master_value(p).clone() for n, p in module.named_parameters()}
 
 
