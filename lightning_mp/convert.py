@@ -1,8 +1,10 @@
-"""Which modules stay FP32, and the cast of everything else to the 16-bit compute dtype.
+"""Which modules stay FP32, and the cast of every other parameter to the 16-bit compute dtype.
 
 Normalization layers keep FP32 weights (their statistics and tiny gains are where 16-bit
 rounding hurts most, and they are a negligible share of the parameters), and so does any
-module that sets ``keep_fp32 = True`` on itself, as an MoE router does.
+module that sets ``keep_fp32 = True`` on itself, as an MoE router does. Buffers keep their dtype,
+as under ``bf16-mixed``: they are not trained and cost little, and some are precision-critical
+(a rotary ``inv_freq`` in bf16 puts angles off by radians).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def cast_module_(
     keep_fp32: Iterable[KeepFP32],
     before_cast: Callable[[nn.Parameter], None] | None = None,
 ) -> nn.Module:
-    """Cast floating-point parameters and buffers to ``dtype`` in place, except the kept ones.
+    """Cast floating-point parameters to ``dtype`` in place, except the kept ones; buffers keep their dtype.
 
     Parameters keep their identity (only ``.data`` is replaced), so optimizers and maps keyed
     by parameter object still work. ``before_cast(param)`` sees each parameter while it still
@@ -101,8 +103,4 @@ def cast_module_(
                 if before_cast is not None:
                     before_cast(param)
                 param.data = param.data.to(dtype)
-        for key, buf in sub._buffers.items():
-            if buf is None or buf in kept or not buf.is_floating_point():
-                continue
-            sub._buffers[key] = buf.to(dtype)  # no master: buffers are not optimized
     return module

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, NamedTuple, Optional
 
 import lightning.pytorch as L
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_mp.optim import _STORAGE_KEY
+from lightning_mp.masters import MasterStore
 
 CATEGORIES = ("weights", "masters", "gradients", "optimizer_state", "loss_scaler")
 
@@ -31,9 +31,10 @@ def memory_audit(module: nn.Module, optimizers: Iterable[Optimizer] = (), precis
     """Bytes held right now in each category, from the live tensors' storages.
 
     - ``weights``: the module's parameters (what forward reads);
-    - ``masters``: tensors in the optimizers' ``param_groups`` that are not module parameters,
-      and the ``remainder`` or ``compensation`` state of :mod:`lightning_mp.optim`'s policies;
-    - ``gradients``: ``.grad`` of both;
+    - ``masters``: what keeps the FP32 values beside 16-bit weights (the plugin's
+      :class:`~lightning_mp.masters.MasterStore`: FP32 masters, remainders, compensations), and
+      tensors in the optimizers' ``param_groups`` that are not module parameters;
+    - ``gradients``: ``.grad`` of both, and FP32 gradient sums kept between micro-batches;
     - ``optimizer_state``: every tensor in the optimizers' ``state``;
     - ``loss_scaler``: tensors of ``precision_plugin``'s loss scaler.
 
@@ -57,11 +58,13 @@ def memory_audit(module: nn.Module, optimizers: Iterable[Optimizer] = (), precis
     optimizers = list(optimizers)
     params = list(module.parameters())
     in_groups = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    store = getattr(precision_plugin, "store", None) or MasterStore.of(module)
     add("weights", params)
+    add("masters", store.tensors() if store is not None else ())
     add("masters", in_groups)
-    storage = (s[k] for opt in optimizers for s in opt.state.values() for k in _STORAGE_KEY.values() if k in s)
-    add("masters", storage)  # remainders and compensations beside bf16 weights
     add("gradients", (p.grad for p in [*params, *in_groups]))
+    grads = getattr(precision_plugin, "grads", None)
+    add("gradients", grads.sums() if grads is not None else ())
     add(
         "optimizer_state",
         (v for opt in optimizers for state in opt.state.values() for v in state.values() if isinstance(v, Tensor)),
@@ -198,46 +201,49 @@ class SwallowedUpdateMonitor(L.Callback):
         if (trainer.global_step + 1) % self.every_n_steps:
             return
         mode, _ = self._mode(trainer)
-        masters = getattr(trainer.precision_plugin, "masters", None)
-        readers = [[_reader(optimizer, p) for p in group["params"]] for group in optimizer.param_groups]
-        values = [[read().clone() for read in group] for group in readers]  # before the step
+        store = getattr(trainer.precision_plugin, "store", None)
+        # the model's parameters (during a master="fp32" step the optimizer holds their masters)
+        groups = [store.params_of(g["params"]) if store else list(g["params"]) for g in optimizer.param_groups]
+        # the FP32 values the run holds before the step (inside the step, master="fp32" parameters hold them)
+        values = [[v.clone() for v in (store.values(g) if store else [p.detach() for p in g])] for g in groups]
         intended = _fp32_updates(optimizer, values) if mode != "fp32" else None
         if mode != "fp32" and intended is None:
             return  # an optimizer that cannot be copied: no FP32 reference this time
         self._before = [
             [
                 _Snapshot(
-                    read=readers[g][k],
+                    param=p,
                     param_before=values[g][k],
-                    weight=(w := masters.param_of.get(p, p) if masters is not None else p),
-                    weight_before=w.detach().clone(),
+                    weight_before=p.detach().clone(),
                     intended=None if intended is None else intended[g][k],
                 )
-                for k, p in enumerate(group["params"])
+                for k, p in enumerate(params)
             ]
-            for g, group in enumerate(optimizer.param_groups)
+            for g, params in enumerate(groups)
         ]
 
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: L.LightningModule, *args: Any) -> None:
         if self._before is None:
             return
         mode, dtype = self._mode(trainer)
+        store = getattr(trainer.precision_plugin, "store", None)
         metrics: dict[str, float] = {}
         totals = _Counts()
         for g, snapshots in enumerate(self._before):
             counts = _Counts()
-            for snap in snapshots:
+            after = store.values([s.param for s in snapshots]) if store else [s.param.detach() for s in snapshots]
+            for snap, value in zip(snapshots, after):
                 if mode == "fp32":
-                    update = snap.weight.detach() - snap.weight_before
+                    update = snap.param.detach() - snap.weight_before
                     lost = would_round_away(snap.weight_before, update, dtype)
                     base = snap.weight_before
                 else:
                     if snap.intended is None:
                         continue
                     update, base = snap.intended, snap.param_before.float()
-                    lost = snap.read() == snap.param_before  # the optimizer's own value (its master, or stored)
+                    lost = value == snap.param_before  # the value the run holds (its master, or stored)
                     if mode == "master":
-                        counts.add_without_masters(update, snap.weight.detach() == snap.weight_before)
+                        counts.add_without_masters(update, snap.param.detach() == snap.weight_before)
                 counts.add(update, lost, base, dtype)
             totals.merge(counts)
             metrics.update(counts.metrics(f"/pg{g}", mode))
@@ -263,10 +269,9 @@ class SwallowedUpdateMonitor(L.Callback):
 
 
 class _Snapshot(NamedTuple):
-    read: Callable[[], Tensor]  # the value the optimizer holds: its master, or the weight with its storage
-    param_before: Tensor
-    weight: Tensor  # the model's weight
-    weight_before: Tensor
+    param: Tensor
+    param_before: Tensor  # the FP32 value the run held before the step
+    weight_before: Tensor  # the 16-bit (or FP32) weight before the step
     intended: Optional[Tensor]  # the FP32 reference update, where one was computed
 
 
@@ -307,14 +312,6 @@ class _Counts:
             out[f"precision/update_ratio{suffix}"] = ratios.median().item()
             out[f"precision/update_to_half_step{suffix}"] = halves.median().item()
         return out
-
-
-def _reader(optimizer: Optimizer, param: Tensor) -> Callable[[], Tensor]:
-    """Reads the value the optimizer steps: ``param`` itself, or (lightning_mp.optim on a bf16 weight)
-    the FP32 value its storage policy keeps."""
-    if param.dtype != torch.float32 and hasattr(optimizer, "master_value"):
-        return lambda: optimizer.master_value(param)
-    return param.detach
 
 
 def _fp32_updates(optimizer: Optimizer, values: list[list[Tensor]]) -> Optional[list[list[Optional[Tensor]]]]:

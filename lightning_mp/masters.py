@@ -1,193 +1,463 @@
-"""Where the master weights live: FP32 copies of the 16-bit parameters that the optimizer steps.
+"""Where the FP32 values live: one :class:`MasterStore` per model, a storage policy per parameter.
 
-The model keeps 16-bit weights for compute; each optimizer's ``param_groups`` hold FP32
-masters instead. Gradients move from the 16-bit ``.grad`` into FP32 master grads after each
-backward, the inner optimizer updates the masters, and the masters are rounded back into
-the 16-bit weights. Parameters that are already FP32 (norms, routers) are their own masters.
+The model keeps 16-bit weights, and every optimizer holds those very parameters. The store
+keeps each 16-bit parameter's FP32 value beside its weight, in one of four kinds of storage
+(:data:`MASTER_POLICIES`):
+
+- ``"fp32"``: a separate FP32 tensor, the master (4 bytes per parameter);
+- ``"remainder"``: an int16 tensor with the low 16 bits of the FP32 value; weight and remainder
+  are the FP32 value bit for bit (2 bytes);
+- ``"kahan"``: a bf16 compensation, what rounding the weight lost (2 bytes, ~16 significant bits);
+- ``"stochastic"``: nothing; the weight is the value, rounded stochastically by its optimizer.
+
+Parameters that an optimizer steps get the run's policy; the others (frozen, unused) keep their
+exact FP32 value in the cheapest exact form (an int16 remainder beside a bf16 weight, an FP32
+copy beside an fp16 one) until an optimizer first steps them. FP32 parameters (norms, routers)
+are their own values and are not in the store.
+
+Everything that needs an FP32 value goes through :meth:`MasterStore.value` and
+:meth:`MasterStore.set_value`: the optimizer step, every checkpoint path (the store hooks the module's ``state_dict`` and ``load_state_dict``), the
+swallowed-update monitor and the memory audit. A weight written outside the store (an in-place
+``copy_``, SWA's averaged weights) is noticed by its version counter, and its FP32 value is
+re-derived from it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Optional
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-_HALF = (torch.float16, torch.bfloat16)
+from lightning_mp.rounding import compensate_, join_, split_, stochastic_round_, uncompensate_
+
+MASTER_POLICIES: tuple[str, ...] = ("fp32", "remainder", "stochastic", "kahan")
+HALF = (torch.float16, torch.bfloat16)
 
 
-class FP32Masters:
-    """FP32 masters for every parameter that some optimizer updates."""
+# -- the four kinds of storage ------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self._pending: dict[Tensor, Tensor] = {}  # param -> its FP32 value from before the cast
-        self.master_of: dict[Tensor, Tensor] = {}  # model param -> master (itself when FP32)
-        self.param_of: dict[Tensor, Tensor] = {}  # master -> 16-bit model param (separate masters only)
 
-    def capture(self, param: nn.Parameter) -> None:
-        """Remember ``param``'s value before it is cast to 16 bits: it becomes the master bit for bit."""
-        if param in self.master_of:  # a second fit: the existing master is more precise
+class _Policy:
+    """How one kind of storage keeps FP32 values beside 16-bit weights (lists of tensors, foreach ops)."""
+
+    name = ""
+    #: the optimizer state key the storage tensor goes under (torch's keys plus these two)
+    state_key: Optional[str] = None
+
+    def new_storage(self, weight: Tensor) -> Optional[Tensor]:
+        return None
+
+    def decode(self, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
+        """FP32 values of ``weights`` with their ``storage``, in new tensors."""
+        return _upcast(weights)
+
+    def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
+        """Write FP32 ``values`` into ``weights`` and their ``storage`` (may overwrite ``values``)."""
+        torch._foreach_copy_(weights, values)  # round to nearest even
+
+
+class _FP32(_Policy):
+    name = "fp32"
+
+    def new_storage(self, weight: Tensor) -> Tensor:
+        return torch.empty_like(weight, dtype=torch.float32)
+
+    def decode(self, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
+        return storage  # the masters themselves: no copy
+
+    def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
+        changed = [(s, v) for s, v in zip(storage, values) if s is not v]
+        if changed:
+            torch._foreach_copy_([s for s, _ in changed], [v for _, v in changed])
+        torch._foreach_copy_(weights, storage)
+
+
+class _Remainder(_Policy):
+    name, state_key = "remainder", "remainder"
+
+    def new_storage(self, weight: Tensor) -> Tensor:
+        return torch.zeros_like(weight, dtype=torch.int16)
+
+    def decode(self, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
+        out = [torch.empty_like(w, dtype=torch.float32) for w in weights]
+        join_(out, weights, storage)
+        return out
+
+    def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
+        split_(values, weights, storage)
+
+
+class _Kahan(_Policy):
+    name, state_key = "kahan", "compensation"
+
+    def new_storage(self, weight: Tensor) -> Tensor:
+        return torch.zeros_like(weight)
+
+    def decode(self, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
+        out = [torch.empty_like(w, dtype=torch.float32) for w in weights]
+        uncompensate_(out, weights, storage)
+        return out
+
+    def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
+        compensate_(values, weights, storage)
+
+
+class _Stochastic(_Policy):
+    name = "stochastic"
+
+    def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
+        stochastic_round_(values, weights, generator)
+
+
+POLICY: dict[str, _Policy] = {p.name: p for p in (_FP32(), _Remainder(), _Kahan(), _Stochastic())}
+STATE_KEYS: tuple[str, ...] = tuple(p.state_key for p in POLICY.values() if p.state_key)
+
+
+def _upcast(tensors: Sequence[Tensor]) -> list[Tensor]:
+    out = [torch.empty_like(t, dtype=torch.float32) for t in tensors]
+    if out:
+        torch._foreach_copy_(out, list(tensors))  # exact
+    return out
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    kind: str
+    storage: Optional[Tensor]
+    version: int  # the weight's version counter when the store last wrote it
+
+
+_STORES: "weakref.WeakKeyDictionary[nn.Module, MasterStore]" = weakref.WeakKeyDictionary()
+
+
+class MasterStore:
+    """The FP32 value of each 16-bit parameter, kept beside its weight by a storage policy.
+
+    Args:
+        dtype: the weights' 16-bit dtype.
+        policy: the storage of parameters that an optimizer steps, one of :data:`MASTER_POLICIES`
+            (all but ``"fp32"`` need bfloat16).
+        seed: seeds stochastic rounding (one generator per device, saved in :meth:`state_dict`).
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16, policy: str = "fp32", seed: int = 0) -> None:
+        if policy not in MASTER_POLICIES:
+            raise ValueError(f"master must be one of {', '.join(MASTER_POLICIES)}, got {policy!r}")
+        if policy != "fp32" and dtype != torch.bfloat16:
+            raise ValueError(f"master={policy!r} stores bfloat16 weights, not {dtype}")
+        self.dtype, self.policy, self.seed = dtype, policy, seed
+        self._entries: dict[Tensor, _Entry] = {}
+        self._captured: dict[Tensor, Tensor] = {}  # parameter -> its FP32 value from before the cast
+        self._loading: dict[Tensor, Tensor] = {}  # parameter -> the FP32 value load_state_dict brings
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._names: dict[Tensor, str] = {}
+        self._hooks: list[Any] = []
+        self._cache: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+
+    # -- a model's store ------------------------------------------------------------------------
+
+    @staticmethod
+    def of(module: nn.Module) -> Optional["MasterStore"]:
+        """The store that keeps ``module``'s FP32 values, if a plugin converted it."""
+        return _STORES.get(module)
+
+    def attach(self, module: nn.Module) -> None:
+        """Keep ``module``'s FP32 values: hook its ``state_dict`` (FP32 values out) and
+        ``load_state_dict`` (FP32 values in, non-finite ones refused) on every submodule."""
+        previous = _STORES.get(module)
+        if previous is self:
             return
-        # For an FP32 parameter this keeps the original storage alive (no copy): the cast
-        # replaces ``param.data`` and this tensor becomes the master.
-        self._pending[param] = param.data if param.dtype == torch.float32 else param.data.float()
+        if previous is not None:
+            previous.detach()
+        _STORES[module] = self
+        self._names = {p: n for n, p in reversed(list(module.named_parameters(remove_duplicate=False)))}
+        # Plain functions, not bound methods: torch tags hooks with attributes. A deepcopy of the
+        # module shares them, and they leave the copy's parameters (not in this store) alone.
+        def state_dict_hook(*args: Any) -> None:
+            self._state_dict_hook(*args)
 
-    def take_captured(self, param: Tensor) -> Optional[Tensor]:
-        """The FP32 value ``param`` had before the cast (once), for storage policies without a master."""
-        return self._pending.pop(param, None)
+        def load_pre_hook(*args: Any) -> None:
+            self._load_pre_hook(*args)
 
-    def discard_pending(self) -> None:
-        """Forget captured values that no optimizer claimed (frozen or unused parameters)."""
-        self._pending.clear()
+        def load_post_hook(*args: Any) -> None:
+            self._load_post_hook(*args)
 
-    def master_for(self, param: Tensor) -> Tensor:
-        if param in self.master_of:
-            return self.master_of[param]
-        if param.dtype not in _HALF:
-            master = param
-        else:
-            value = self._pending.pop(param, None)
-            if value is None:  # created 16-bit: the exact upcast is all there is
-                value = param.detach().float()
-            master = nn.Parameter(value.to(param.device), requires_grad=param.requires_grad)
-            self.param_of[master] = param
-        self.master_of[param] = master
-        return master
+        for sub in module.modules():
+            if any(p is not None and p.is_floating_point() for p in sub._parameters.values()):
+                self._hooks += [
+                    sub.register_state_dict_post_hook(state_dict_hook),
+                    sub.register_load_state_dict_pre_hook(load_pre_hook),
+                    sub.register_load_state_dict_post_hook(load_post_hook),
+                ]
 
-    def attach(self, optimizer: Optimizer) -> None:
-        """Swap ``optimizer``'s parameters for their masters in place.
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        for module, store in list(_STORES.items()):
+            if store is self:
+                del _STORES[module]
 
-        Groups and their options stay as they are; existing per-parameter state (Adagrad
-        builds it in its constructor, a resumed optimizer has it) is re-keyed to the master
-        and its 16-bit tensors upcast, so the inner optimizer sees FP32 everywhere.
-        """
-        for group in optimizer.param_groups:
-            masters = []
-            for param in group["params"]:
-                master = self.master_for(param)
-                if master is not param and param in optimizer.state:
-                    state = optimizer.state.pop(param)
-                    optimizer.state[master] = {
-                        k: v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v for k, v in state.items()
-                    }
-                masters.append(master)
-            group["params"] = masters
+    def name(self, p: Tensor) -> str:
+        return self._names.get(p, f"<a {tuple(p.shape)} parameter>")
 
-    def pairs(self, optimizer: Optimizer | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """(16-bit param, FP32 master) for every separate master, or only ``optimizer``'s."""
-        if optimizer is None:
-            yield from ((p, m) for m, p in self.param_of.items())
+    # -- tracking parameters ------------------------------------------------------------------
+
+    def capture(self, param: Tensor) -> None:
+        """Remember ``param``'s FP32 value before it is cast to 16 bits (a parameter the store
+        already keeps has a more precise value than its weight: it is left as it is)."""
+        if param in self._entries or param in self._captured:
             return
-        for group in optimizer.param_groups:
-            for master in group["params"]:
-                param = self.param_of.get(master)
-                if param is not None:
-                    yield param, master
+        # An FP32 parameter keeps its own storage alive here (no copy): the cast replaces `.data`.
+        self._captured[param] = param.data if param.dtype == torch.float32 else param.data.float()
 
     @torch.no_grad()
-    def grads_to_masters(self) -> None:
-        """Add each 16-bit ``.grad`` into its master's FP32 ``.grad`` and free the 16-bit one.
+    def track(self, module: nn.Module, stepped: Iterable[Tensor]) -> None:
+        """Give every 16-bit parameter of ``module`` its storage: the policy's for the ``stepped``
+        ones, the cheapest exact storage for the others. Consumes the captured FP32 values."""
+        stepped = set(stepped)
+        for p in dict.fromkeys(p for p in module.parameters() if p.dtype in HALF):  # module order: ranks agree
+            kind = self.policy if p in stepped else self._exact_kind(p)
+            value = self._captured.pop(p, None)
+            if p not in self._entries:
+                self._new(p, kind, p.detach().float() if value is None else value)
+            elif self._entries[p].kind != kind and p in stepped:
+                self.ensure([p], kind)
+        self._captured.clear()
 
-        Called after every backward: with gradient accumulation the micro-batch gradients
-        are summed in FP32 (a 16-bit running sum would round every addition).
-        """
-        for param, master in self.pairs():
-            grad = param.grad
-            if grad is None:
+    def _exact_kind(self, p: Tensor) -> str:
+        return "remainder" if p.dtype == torch.bfloat16 else "fp32"
+
+    def _new(self, p: Tensor, kind: str, value: Tensor) -> None:
+        policy = POLICY[kind]
+        entry = _Entry(kind, policy.new_storage(p), 0)
+        self._entries[p] = entry
+        self._write([p], [value.detach().to(device=p.device, dtype=torch.float32).clone()])
+
+    @torch.no_grad()
+    def ensure(self, params: Iterable[Tensor], kind: Optional[str] = None) -> None:
+        """Make ``kind`` (default: the policy) the storage of each 16-bit parameter in ``params``:
+        one joining an optimizer late keeps its exact value in its new storage."""
+        kind = kind or self.policy
+        for p in params:
+            if p.dtype not in HALF:
                 continue
-            if master.grad is None:
-                master.grad = grad.float()  # exact upcast
-            else:
-                master.grad.add_(grad)  # accumulates in FP32
-            param.grad = None
+            entry = self._entries.get(p)
+            if entry is None:
+                self._new(p, kind, p.detach().float())  # created 16-bit: its upcast is all there is
+            elif entry.kind != kind:
+                value = self.values([p])[0].clone()
+                self._entries[p] = _Entry(kind, POLICY[kind].new_storage(p), 0)
+                self._write([p], [value])
+
+    def kind(self, p: Tensor) -> Optional[str]:
+        entry = self._entries.get(p)
+        return None if entry is None else entry.kind
+
+    def storage(self, p: Tensor) -> Optional[Tensor]:
+        """The tensor beside ``p``'s weight: its FP32 master, remainder or compensation (or None)."""
+        entry = self._entries.get(p)
+        return None if entry is None else entry.storage
+
+    def params_of(self, tensors: Iterable[Tensor]) -> list[Tensor]:
+        """For each tensor, the parameter whose FP32 master it is (an optimizer holds the masters
+        during a ``master="fp32"`` step), else the tensor itself."""
+        owner = {id(e.storage): p for p, e in self._entries.items() if e.kind == "fp32"}
+        return [owner.get(id(t), t) for t in tensors]
+
+    def params(self) -> list[Tensor]:
+        return list(self._entries)
+
+    def tensors(self) -> Iterator[Tensor]:
+        """Every storage tensor (for the memory audit)."""
+        return (e.storage for e in self._entries.values() if e.storage is not None)
+
+    # -- FP32 values in and out ------------------------------------------------------------------
+
+    def value(self, p: Tensor) -> Tensor:
+        """``p``'s FP32 value. For an ``"fp32"`` master this is the master itself: do not modify it."""
+        return self.values([p])[0]
 
     @torch.no_grad()
-    def masters_to_params(self, optimizer: Optimizer | None = None) -> None:
-        """Round the masters into the 16-bit weights (round to nearest even)."""
-        pairs = list(self.pairs(optimizer))
-        if pairs:
-            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
+    def values(self, params: Sequence[Tensor], verify: bool = False) -> list[Tensor]:
+        """The FP32 values of ``params`` (parameters the store does not keep: their exact upcast).
 
-    def release_grads(self, optimizer: Optimizer) -> None:
-        """Drop the FP32 master grads of separate masters: they must not outlive the step."""
-        for _, master in self.pairs(optimizer):
-            master.grad = None
+        ``verify`` also notices weights written through ``.data`` (which version counters miss)
+        under ``"fp32"`` storage, by comparing each weight with its rounded master: a read for a
+        checkpoint does this, a step does not.
+        """
+        self.sync(params)
+        if verify:
+            self._adopt_data_writes(params)
+        out: list[Optional[Tensor]] = [None] * len(params)
+        by_kind: dict[str, list[int]] = {}
+        for i, p in enumerate(params):
+            entry = self._entries.get(p)
+            if entry is None:
+                out[i] = p.detach() if p.dtype == torch.float32 else p.detach().float()
+            else:
+                by_kind.setdefault(entry.kind, []).append(i)
+        for kind, index in by_kind.items():
+            weights = [params[i].detach() for i in index]
+            storage = [self._entries[params[i]].storage for i in index]
+            for i, value in zip(index, POLICY[kind].decode(weights, storage)):  # type: ignore[arg-type]
+                out[i] = value
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def set_value(self, p: Tensor, value: Tensor) -> None:
+        """Make ``value`` ``p``'s FP32 value: its storage, and its weight rounded to nearest."""
+        value = value.detach().to(device=p.device, dtype=torch.float32)
+        if p.dtype not in HALF:
+            p.copy_(value)
+            return
+        self.ensure([p], self.kind(p) or self._exact_kind(p))
+        self._write([p], [value if self._entries[p].kind in ("fp32", "stochastic") else value.clone()])
+
+    def _write(self, params: list[Tensor], values: list[Tensor]) -> None:
+        """Encode FP32 ``values`` into ``params`` (one kind per call) and record their versions."""
+        kind = self._entries[params[0]].kind
+        weights = [p.data for p in params]
+        storage = [self._entries[p].storage for p in params]
+        if kind == "stochastic":  # only an optimizer's update rounds stochastically; a set value rounds to nearest
+            torch._foreach_copy_(weights, values)
+        else:
+            POLICY[kind].encode(values, weights, storage, None)  # type: ignore[arg-type]
+        for p in params:
+            self._entries[p].version = p._version
+
+    def write(self, params: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+        """:meth:`set_value` for many parameters of one kind at once (a stepping optimizer's output)."""
+        with torch.no_grad():
+            self._write(list(params), list(values))
+
+    def record(self, params: Iterable[Tensor]) -> None:
+        """Note that ``params``' weights and storage were just written together (by an optimizer)."""
+        for p in params:
+            if p in self._entries:
+                self._entries[p].version = p._version
+
+    # -- weights written behind the store's back ------------------------------------------------
+
+    @torch.no_grad()
+    def sync(self, params: Iterable[Tensor]) -> None:
+        """Re-derive the storage of weights written outside the store (their version moved):
+        the new weight becomes the exact value."""
+        stale = [p for p in params if p in self._entries and p._version != self._entries[p].version]
+        for p in stale:
+            self._rederive(p)
+        if stale:
+            kinds = sorted({self._entries[p].kind for p in stale})
+            warnings.warn(
+                f"{len(stale)} {self.dtype_name} weight(s) were written outside the optimizer (load_state_dict, an "
+                f"EMA swap, copy_...); their {'/'.join(kinds)} storage is re-derived from the new weights, which are "
+                f"now the exact values ({', '.join(self.name(p) for p in stale[:3])}{', ...' if len(stale) > 3 else ''}).",
+                stacklevel=3,
+            )
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def _rederive(self, p: Tensor) -> None:
+        entry = self._entries[p]
+        if entry.kind == "fp32":
+            entry.storage.copy_(p.detach())  # type: ignore[union-attr]
+        elif entry.storage is not None:
+            entry.storage.zero_()
+        entry.version = p._version
+
+    def _adopt_data_writes(self, params: Iterable[Tensor]) -> None:
+        for p in params:
+            entry = self._entries.get(p)
+            if entry is None or entry.kind != "fp32":
+                continue
+            if not torch.equal(entry.storage.to(p.dtype), p.detach()):  # type: ignore[union-attr]
+                self._rederive(p)
+
+    # -- stochastic rounding ------------------------------------------------------------------
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[device]
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stochastic-rounding generators (the FP32 values are in the model's state dict)."""
+        return {"generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for device, rng in state.get("generators", {}).items():
+            self.generator(torch.device(device)).set_state(rng)
+
+    def exact_state(self, p: Tensor) -> dict[str, Tensor]:
+        """What an FP32 value cannot carry: a Kahan pair's compensation *and* weight (``w + c``
+        rounds in FP32, so the value alone does not give the pair back)."""
+        entry = self._entries.get(p)
+        if entry is None or entry.kind != "kahan":
+            return {}
+        return {"compensation": entry.storage, "weight": p.detach().clone()}  # type: ignore[dict-item]
+
+    @torch.no_grad()
+    def load_exact_state(self, p: Tensor, saved: dict[str, Tensor]) -> None:
+        """Restore storage saved by :meth:`exact_state` (or an optimizer's ``remainder``), when
+        ``p``'s storage is of the same kind."""
+        entry = self._entries.get(p)
+        if entry is None or entry.storage is None:
+            return
+        key = POLICY[entry.kind].state_key
+        if key is None or key not in saved:
+            return
+        if "weight" in saved:
+            p.copy_(saved["weight"])
+        entry.storage.copy_(saved[key])
+        entry.version = p._version
+
+    # -- module hooks: every state_dict and load_state_dict goes through the store ---------------
+
+    def _state_dict_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, meta: Any) -> None:
+        own = [(prefix + n, p) for n, p in module._parameters.items() if p is not None and p in self._entries]
+        own = [(key, p) for key, p in own if key in state_dict and state_dict[key] is not p]  # not keep_vars
+        if not own:
+            return
+        values = self.values([p for _, p in own], verify=True)
+        for (key, p), value in zip(own, values):
+            cached = self._cache.get(id(p))  # tied weights: one tensor under both names
+            if cached is not None and torch.equal(cached, value):
+                value = cached
+            else:
+                self._cache[id(p)] = value
+            state_dict[key] = value
+
+    def _load_pre_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name, p in module._parameters.items():
+            value = state_dict.get(prefix + name)
+            if p is None or not isinstance(value, Tensor) or not value.is_floating_point():
+                continue
+            check_finite(prefix + name, value)
+            if p in self._entries:
+                self._loading[p] = value
+
+    def _load_post_hook(self, module: nn.Module, incompatible: Any) -> None:
+        for p in [p for p in module._parameters.values() if p in self._loading]:
+            self.set_value(p, self._loading.pop(p))
 
 
-# -- 16-bit storage of FP32 values without a separate master (policies "remainder", "stochastic",
-# "kahan"). Each function works on lists of tensors with torch._foreach_* ops: a few kernels for
-# a whole parameter group, whatever its number of tensors.
-#
-# Bit layout of the split: an FP32 bit pattern x (read as int32) is hi * 2**16 + lo, where hi
-# is a bfloat16 bit pattern and lo a signed 16-bit integer. Taking lo as the low 16 bits read as
-# signed makes hi the FP32 value rounded to the nearest bfloat16, ties away from zero (low bits
-# >= 0x8000 carry into hi), and lo always fits int16, as in Apex's remainder storage. Round to
-# nearest *even* would not: at a tie with hi even, lo would be +2**15.
-
-
-def _ints(values: list[Tensor]) -> list[Tensor]:
-    return [v.view(torch.int32) for v in values]
-
-
-@torch.no_grad()
-def join_(out: list[Tensor], weights: list[Tensor], remainders: list[Tensor]) -> None:
-    """``out`` (FP32) = the exact FP32 values stored as bfloat16 ``weights`` plus int16 ``remainders``."""
-    torch._foreach_copy_(out, weights)  # exact: a bf16 value is the high 16 bits of its FP32 pattern
-    torch._foreach_add_(_ints(out), remainders)  # + the signed low part (int32 arithmetic wraps like the split)
-
-
-@torch.no_grad()
-def split_(values: list[Tensor], weights: list[Tensor], remainders: list[Tensor]) -> None:
-    """Store FP32 ``values`` as bfloat16 ``weights`` (nearest, ties away) and exact int16 ``remainders``.
-
-    Overwrites ``values`` with the rounded weights (as FP32).
-    """
-    ints = _ints(values)
-    torch._foreach_copy_(remainders, ints)  # int32 -> int16 keeps the low 16 bits, read as signed
-    torch._foreach_sub_(ints, remainders)  # a multiple of 2**16: the rounded value, low bits zero
-    torch._foreach_copy_(weights, values)  # exact, nothing left to round
-
-
-@torch.no_grad()
-def stochastic_round_(values: list[Tensor], out: list[Tensor], generator: torch.Generator) -> None:
-    """Round FP32 ``values`` into bfloat16 ``out`` up or down with probability given by the distance.
-
-    Adds uniform integer noise in [-2**15, 2**15) to the FP32 bit patterns, then rounds to
-    nearest: an element whose low 16 bits are ``L`` moves up one bfloat16 step with probability
-    exactly ``L / 2**16``, so the rounding is unbiased and an update far below half a step still
-    moves the weight in expectation. Magnitudes round, so negative values behave as positive
-    ones; values near zero round to a signed zero. Overwrites ``values``.
-    """
-    noise = [_int16_noise(v, generator) for v in values]
-    torch._foreach_add_(_ints(values), noise)
-    split_(values, out, noise)  # the noise buffers take the (discarded) remainders
-
-
-def _int16_noise(like: Tensor, generator: torch.Generator) -> Tensor:
-    """Uniform int16 noise shaped like ``like``: four lanes of each random 64-bit draw (2.4x fewer
-    generator calls than drawing int16 values one by one)."""
-    n = like.numel()
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
-    draws.random_(-(2**63), 2**63 - 1, generator=generator)  # the whole int64 range but one value
-    return draws.view(torch.int16)[:n].view(like.shape)
-
-
-@torch.no_grad()
-def compensate_(values: list[Tensor], weights: list[Tensor], compensations: list[Tensor]) -> None:
-    """Kahan storage: ``weights`` = FP32 ``values`` rounded to nearest, ``compensations`` = what that lost.
-
-    The compensation is itself rounded to the 16-bit dtype: weight plus compensation keep about
-    twice the 16-bit significand. Overwrites ``values``.
-    """
-    torch._foreach_copy_(weights, values)
-    torch._foreach_sub_(values, weights)  # exact (Sterbenz): the rounding error of the weight
-    torch._foreach_copy_(compensations, values)
-
-
-@torch.no_grad()
-def uncompensate_(out: list[Tensor], weights: list[Tensor], compensations: list[Tensor]) -> None:
-    """``out`` (FP32) = 16-bit ``weights`` plus their Kahan ``compensations``."""
-    torch._foreach_copy_(out, weights)
-    torch._foreach_add_(out, compensations)
+def check_finite(name: str, value: Tensor) -> None:
+    """Refuse a weight that holds NaN or inf: every step after it would be skipped."""
+    if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(
+            f"the checkpoint's weight {name!r} holds {bad} NaN/inf value(s) of {value.numel()}: it cannot be "
+            "trained from (every step would be skipped); load an earlier checkpoint"
+        )

@@ -24,7 +24,6 @@ State keys match torch's (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buff
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Optional, Union
 
@@ -32,10 +31,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_mp.masters import compensate_, join_, split_, stochastic_round_, uncompensate_
+from lightning_mp.masters import MASTER_POLICIES, POLICY, STATE_KEYS, MasterStore, _upcast
+from lightning_mp.rounding import stochastic_round_
 
-MASTER_POLICIES: tuple[str, ...] = ("fp32", "remainder", "stochastic", "kahan")
-_STORAGE_KEY = {"remainder": "remainder", "kahan": "compensation"}  # per-parameter state each policy adds
 # Elements stepped at once (see _blocks): on a CPU 2 MiB of FP32 per temporary, which stays in
 # cache across a step's ops; elsewhere 64 MiB, which bounds the step's temporaries.
 _BLOCK_NUMEL = {"cpu": 1 << 19, "cuda": 1 << 24}
@@ -44,7 +42,7 @@ Params = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
 
 
 class _StoredMasterOptimizer(Optimizer):
-    """Shared machinery: reconstruct FP32 values, let the subclass update them, store them back."""
+    """Shared machinery: FP32 values out of the store, the subclass's update, values back into it."""
 
     _state_keys: tuple[str, ...] = ()  # moment tensors, kept in ``moment_dtype``
 
@@ -68,11 +66,19 @@ class _StoredMasterOptimizer(Optimizer):
         self.master = master
         self.moment_dtype = moment_dtype
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._versions: dict[Tensor, int] = {}  # 16-bit weight -> its version when we last wrote it
-        # A factor (0-dim tensor) for the next step's gradients, applied to their FP32 copies:
-        # MasterWeightPrecision's gradient clipping sets it, since scaling the bf16 grads would round.
+        # Where the bf16 weights' FP32 values live: this optimizer's own store, or the one
+        # MasterWeightPrecision hands it (use_store), which also keeps the model's other parameters.
+        self.store = MasterStore(torch.bfloat16, master or "fp32", seed)
+        # Transforms of the next step's gradients, applied to their FP32 copies (scaling a bf16 grad
+        # would round): MasterWeightPrecision's unscaling and clipping set them.
         self.grad_factor: Optional[Tensor] = None
+        self.grad_clamp: Optional[float] = None
+
+    def use_store(self, store: MasterStore) -> None:
+        """Step the bf16 weights through ``store`` (its policy must be a storage policy)."""
+        if self.master not in (None, store.policy):
+            raise ValueError(f"the optimizer was built with master={self.master!r} but the plugin has master={store.policy!r}")
+        self.master, self.store = store.policy, store
 
     # -- the policy of one tensor ------------------------------------------------------------
 
@@ -81,96 +87,43 @@ class _StoredMasterOptimizer(Optimizer):
             return "fp32"
         if p.dtype != torch.bfloat16:
             raise TypeError(f"{type(self).__name__} steps float32 or bfloat16 parameters, got {p.dtype}")
-        if self.master in (None, "fp32"):
+        if self.store.policy == "fp32":
             raise ValueError(
                 f"{type(self).__name__} got bfloat16 parameters but no storage policy for their FP32 "
                 "value: pass master='remainder', 'stochastic' or 'kahan', or train under "
                 "lightning_mp.MasterWeightPrecision, which keeps FP32 masters."
             )
-        return self.master
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
-        return self._generators[device]
-
-    # -- FP32 values in and out --------------------------------------------------------------
-
-    def _storage(self, p: Tensor) -> Optional[Tensor]:
-        """``p``'s remainder or compensation, created (zero: the weight is the value) if missing."""
-        key = _STORAGE_KEY.get(self._policy(p))
-        if key is None:
-            return None
-        state = self.state[p]
-        if key not in state:
-            state[key] = torch.zeros_like(p, dtype=torch.int16 if key == "remainder" else p.dtype)
-            self._versions[p] = p._version
-        return state[key]
+        return self.store.policy
 
     def _sync_storage(self, params: list[Tensor]) -> None:
-        """Create missing storage for bf16 ``params`` and re-derive the storage of those written
-        outside the optimizer (their version moved). Nothing to do under ``"stochastic"``."""
-        if self._policy(params[0]) not in _STORAGE_KEY:
-            return
+        """Give bf16 ``params`` the policy's storage (re-derived where a weight was written outside
+        the optimizer), and show it in their state under torch-style keys."""
+        policy = self._policy(params[0])
+        self.store.sync(params)
+        self.store.ensure(params, policy)
+        key = POLICY[policy].state_key
         for p in params:
-            self._storage(p)
-        stale = [p for p in params if p in self._versions and p._version != self._versions[p]]
-        for p in stale:
-            self._storage(p).zero_()  # the new weight is the whole value
-            self._versions[p] = p._version
-        if stale:
-            warnings.warn(
-                f"{type(self).__name__}: {len(stale)} bfloat16 weight(s) were written outside the "
-                f"optimizer (load_state_dict, an EMA swap, copy_...); their {self.master} storage is "
-                "re-derived from the new weights, which are now the exact values.",
-                stacklevel=3,
-            )
-
-    def _to_fp32(self, policy: str, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
-        """The FP32 values of 16-bit ``weights`` (and their ``storage``) under ``policy``, in new tensors."""
-        if policy == "stochastic":
-            return _upcast(weights)
-        out = [torch.empty_like(w, dtype=torch.float32) for w in weights]
-        if policy == "remainder":
-            join_(out, weights, storage)
-        else:
-            uncompensate_(out, weights, storage)
-        return out
-
-    def _from_fp32(self, policy: str, values: list[Tensor], weights: list[Tensor], storage: list[Tensor]) -> None:
-        """Write FP32 ``values`` into 16-bit ``weights`` and their ``storage`` (consumes ``values``)."""
-        if policy == "remainder":
-            split_(values, weights, storage)
-        elif policy == "kahan":
-            compensate_(values, weights, storage)
-        else:
-            stochastic_round_(values, weights, self._generator(weights[0].device))
-
-    def _storage_of(self, params: list[Tensor], policy: str) -> list[Tensor]:
-        return [self._storage(p) for p in params] if policy in _STORAGE_KEY else []
+            state = self.state[p]
+            for other in STATE_KEYS:
+                if other != key:
+                    state.pop(other, None)
+            if key is not None:
+                state[key] = self.store.storage(p)
 
     @torch.no_grad()
     def master_value(self, p: Tensor) -> Tensor:
         """The FP32 value the optimizer holds for parameter ``p`` (for checkpoints and diagnostics)."""
         if p.dtype == torch.float32:
             return p.detach()
-        policy = self._policy(p)
         self._sync_storage([p])
-        return self._to_fp32(policy, [p], self._storage_of([p], policy))[0]
+        return self.store.value(p)
 
     @torch.no_grad()
     def set_master(self, p: Tensor, value: Tensor) -> None:
         """Make ``value`` (FP32) the value of parameter ``p``: its weight and, by the policy, its storage."""
-        value = value.detach().to(device=p.device, dtype=torch.float32)
-        if p.dtype == torch.float32:
-            p.copy_(value)
-            return
-        policy = self._policy(p)
-        if policy != "stochastic":
-            self._from_fp32(policy, [value.clone()], [p], self._storage_of([p], policy))
-        else:
-            p.copy_(value)  # nothing beside the weight: round to nearest
-        self._versions[p] = p._version
+        if p.dtype != torch.float32:
+            self._sync_storage([p])
+        self.store.set_value(p, value)
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -180,7 +133,8 @@ class _StoredMasterOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        factor, self.grad_factor = self.grad_factor, None
+        transform = (self.grad_factor, self.grad_clamp)
+        self.grad_factor, self.grad_clamp = None, None
         for group in self.param_groups:
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             for p in group["params"]:
@@ -193,36 +147,42 @@ class _StoredMasterOptimizer(Optimizer):
                     self._sync_storage(params)
                 scalars = self._prepare(group, params)
                 for block in _blocks(params, _BLOCK_NUMEL.get(device.type, _BLOCK_NUMEL["cuda"])):
-                    self._step_block(group, block, scalars, factor)
-                if dtype != torch.float32:
-                    for p in params:
-                        self._versions[p] = p._version
+                    self._step_block(group, block, scalars, transform)
+                self.store.record(params)
         return loss
 
     def _step_block(
-        self, group: dict[str, Any], block: list[_Segment], scalars: dict[Tensor, Any], factor: Optional[Tensor]
+        self,
+        group: dict[str, Any],
+        block: list[_Segment],
+        scalars: dict[Tensor, Any],
+        transform: tuple[Optional[Tensor], Optional[float]],
     ) -> None:
         """One block of segments: FP32 values in, the subclass's update, values and moments out."""
         weights = [seg.of(seg.param) for seg in block]
         half = weights[0].dtype != torch.float32
-        policy = self._policy(block[0].param)
-        key = _STORAGE_KEY.get(policy)
-        storage = [seg.of(self.state[seg.param][key]) for seg in block] if key else []
-        values = self._to_fp32(policy, weights, storage) if half else weights  # FP32 parameters step in place
+        policy = POLICY[self._policy(block[0].param)]
+        storage = [seg.of(self.store.storage(seg.param)) for seg in block] if policy.state_key else []
+        values = policy.decode(weights, storage) if half else weights  # FP32 parameters step in place
         grads = [seg.of(seg.param.grad) for seg in block]
         if grads[0].dtype != torch.float32:
             grads = _upcast(grads)
+        factor, clamp = transform
         if factor is not None:
-            # in place on FP32 parameters' own grads, as clipping scales them
+            # in place on FP32 parameters' own grads, as unscaling and clipping scale them
             torch._foreach_mul_(grads, factor.to(grads[0].device))
+        if clamp is not None:
+            torch._foreach_clamp_min_(grads, -clamp)
+            torch._foreach_clamp_max_(grads, clamp)
         stored = {key: [seg.of(self.state[seg.param][key]) for seg in block] for key in self._moment_keys(group)}
         moments = {key: t if self.moment_dtype == torch.float32 else _upcast(t) for key, t in stored.items()}
         self._update(group, values, grads, moments, [scalars[seg.param] for seg in block])
         if self.moment_dtype != torch.float32:  # a bf16 `v * 0.999` never changes: round stochastically
             for key, tensors in moments.items():
-                stochastic_round_(tensors, stored[key], self._generator(weights[0].device))
+                stochastic_round_(tensors, stored[key], self.store.generator(weights[0].device))
         if half:
-            self._from_fp32(policy, values, weights, storage)
+            generator = self.store.generator(weights[0].device) if policy.name == "stochastic" else None
+            policy.encode(values, weights, storage, generator)
 
     def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> dict[Tensor, Any]:
         """Create missing state for ``params``; return what each needs this step (step sizes...)."""
@@ -243,8 +203,13 @@ class _StoredMasterOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in enumerate(params):
+            exact = self.store.exact_state(p)  # a Kahan pair's weight, which its FP32 value cannot give back
+            if exact:
+                state["state"][index] = {**state["state"].get(index, {}), **exact}
         state["master"] = self.master
-        state["generators"] = {str(d): g.get_state() for d, g in self._generators.items()}
+        state["generators"] = self.store.state_dict()["generators"]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -252,13 +217,12 @@ class _StoredMasterOptimizer(Optimizer):
 
         torch casts every floating state tensor to its parameter's dtype; here moments keep
         ``moment_dtype`` and storage keeps its own. Storage saved under another policy is
-        dropped; a weight then keeps the storage it has now (set by the precision plugin from
-        the checkpoint's FP32 values) or starts exact.
+        dropped: a weight then keeps the storage it has (set from the checkpoint's FP32 values by
+        the precision plugin) or starts exact.
         """
         state_dict = dict(state_dict)
         generators = state_dict.pop("generators", {})
         state_dict.pop("master", None)
-        current = {p: {k: s[k] for k in _STORAGE_KEY.values() if k in s} for p, s in self.state.items()}
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -266,23 +230,15 @@ class _StoredMasterOptimizer(Optimizer):
             saved = state_dict["state"].get(index, {})
             state = self.state[p]
             for key, value in saved.items():
-                if isinstance(value, Tensor) and key != "step":
-                    state[key] = value.to(device=p.device, dtype=self._saved_dtype(key, value))
-            wanted = _STORAGE_KEY.get(self._policy(p)) if p.dtype != torch.float32 else None
-            for key in _STORAGE_KEY.values():
-                if key != wanted:
-                    state.pop(key, None)
-                elif key not in state and key in current.get(p, {}):
-                    state[key] = current[p][key]
-            if p in self._versions or wanted is not None:
-                self._versions[p] = p._version
-        for device, rng in generators.items():
-            self._generator(torch.device(device)).set_state(rng)
-
-    def _saved_dtype(self, key: str, value: Tensor) -> torch.dtype:
-        if key in self._state_keys:
-            return self.moment_dtype
-        return value.dtype  # remainder (int16), compensation (bf16)
+                if isinstance(value, Tensor) and key != "step" and key in self._state_keys:
+                    state[key] = value.to(device=p.device, dtype=self.moment_dtype)
+            state.pop("weight", None)
+            for key in STATE_KEYS:
+                state.pop(key, None)
+            if p.dtype == torch.bfloat16 and self.store.policy != "fp32":
+                self._sync_storage([p])
+                self.store.load_exact_state(p, {k: v.to(p.device) for k, v in saved.items() if isinstance(v, Tensor)})
+        self.store.load_state_dict({"generators": generators})
 
 
 class _Segment(NamedTuple):
@@ -319,12 +275,6 @@ def _blocks(params: list[Tensor], block_numel: int) -> Iterable[list[_Segment]]:
             numel += size
     if block:
         yield block
-
-
-def _upcast(tensors: list[Tensor]) -> list[Tensor]:
-    out = [torch.empty_like(t, dtype=torch.float32) for t in tensors]
-    torch._foreach_copy_(out, tensors)  # exact
-    return out
 
 
 class AdamW(_StoredMasterOptimizer):

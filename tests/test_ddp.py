@@ -22,11 +22,9 @@ SCRIPT = textwrap.dedent('''
 
     class Save(L.Callback):
         def on_train_end(self, trainer, pl_module):
-            opt = trainer.optimizers[0]
-            if hasattr(opt, "master_value"):
-                values = [opt.master_value(p).clone() for p in pl_module.parameters()]
-            else:
-                values = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+            params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+            store = getattr(trainer.precision_plugin, "store", None)  # the FP32 values of bf16 weights
+            values = [v.float().clone() for v in (store.values(params) if store else params)]
             torch.save({{"masters": values, "skipped": getattr(trainer.precision_plugin, "skipped_steps", 0)}},
                        f"{{args['out']}}/rank{{trainer.global_rank}}.pt")
 

@@ -16,13 +16,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import Dot, TinyRegressor, regression_data, trainer
-from lightning_mp import LossScaleError, MasterWeightPrecision, precision_plugin
+from lightning_mp import LossScaleError, MasterWeightPrecision, memory_audit, precision_plugin
 
 BF16 = torch.bfloat16
 
 
 def masters(t: L.Trainer) -> list[torch.Tensor]:
-    return [p for opt in t.optimizers for g in opt.param_groups for p in g["params"]]
+    """The FP32 values of the optimizers' parameters, in their order (the model's own parameters)."""
+    params = [p for opt in t.optimizers for g in opt.param_groups for p in g["params"]]
+    store = getattr(t.precision_plugin, "store", None)
+    return store.values(params) if store is not None else [p.detach() for p in params]
 
 
 # -- names and the factory -----------------------------------------------------------------------
@@ -116,11 +119,14 @@ def test_any_optimizer_steps_fp32_masters(optimizer):
     assert model.inp.weight.dtype == model.out.weight.dtype == BF16 and model.norm.weight.dtype == torch.float32
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"] / 2
-    assert set(opt.state) <= set(masters(t)) and len(opt.state) == 6
+    params = list(model.parameters())
+    in_groups = [p for g in opt.param_groups for p in g["params"]]
+    assert len(in_groups) == 6 and all(any(p is q for q in params) for p in in_groups)  # the model's own parameters
+    assert all(any(p is q for q in params) for p in opt.state) and len(opt.state) == 6
     for state in opt.state.values():
         assert all(v.dtype == torch.float32 for v in state.values() if torch.is_tensor(v) and v.numel() > 1)
     if optimizer == "adagrad":  # state built in the constructor, keyed by the (then 16-bit) parameter
-        assert opt.state[masters(t)[0]]["sum"].dtype == torch.float32
+        assert opt.state[model.inp.weight]["sum"].dtype == torch.float32
     for master, p in zip(masters(t)[:2], [model.inp.weight, model.out.weight]):
         assert torch.equal(master.to(BF16), p)  # the weights are the rounded masters
     assert all(not torch.equal(b, p.float()) for b, p in zip(before, model.parameters()))  # and they trained
@@ -190,14 +196,16 @@ class GradProbe(Callback):
         self.after_batch, self.before_step = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        master = masters(trainer)[0]
-        self.after_batch.append((pl_module.w.weight.grad, None if master.grad is None else master.grad.clone()))
+        grad = pl_module.w.weight.grad
+        audit = memory_audit(pl_module, trainer.optimizers, trainer.precision_plugin)
+        self.after_batch.append((None if grad is None else grad.clone(), audit["gradients"]))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.before_step.append(masters(trainer)[0].grad.clone())
+        (master,) = trainer.precision_plugin.main_params(optimizer)  # during the step: the FP32 master
+        self.before_step.append((master.dtype, master.grad.clone()))
 
 
-def test_accumulated_gradients_are_summed_in_fp32_and_16bit_grads_freed():
+def test_accumulated_gradients_are_summed_in_fp32_and_freed_with_the_step():
     # Micro-batch gradients 1 and 2**-9: a bf16 running sum rounds 1 + 2**-9 to 1.
     x = torch.tensor([[1.0] * 4, [2.0**-9] * 4])
     assert (torch.tensor(1.0, dtype=BF16) + torch.tensor(2.0**-9, dtype=BF16)).item() == 1.0
@@ -205,11 +213,13 @@ def test_accumulated_gradients_are_summed_in_fp32_and_16bit_grads_freed():
     trainer("bf16-master", max_steps=1, accumulate_grad_batches=2, callbacks=[probe]).fit(
         Dot(), DataLoader(TensorDataset(x), batch_size=1)
     )
-    # Lightning divides each micro-batch loss by 2
-    assert probe.after_batch[0][0] is None  # the 16-bit grad was freed once added
-    assert torch.equal(probe.after_batch[0][1], torch.full((1, 4), 0.5))
-    assert torch.equal(probe.before_step[0], torch.full((1, 4), 0.5 + 2.0**-10))
-    assert probe.after_batch[1] == (None, None)  # FP32 grads do not outlive the step
+    # Lightning divides each micro-batch loss by 2; between micro-batches the gradient is the 16-bit one
+    grad, grad_bytes = probe.after_batch[0]
+    assert grad.dtype == BF16 and torch.equal(grad.float(), torch.full((1, 4), 0.5)) and grad_bytes == 4 * 2
+    # at the step the sum is FP32: 0.5 + 2**-10, which bf16 would round to 0.5
+    assert probe.before_step[0][0] == torch.float32
+    assert torch.equal(probe.before_step[0][1], torch.full((1, 4), 0.5 + 2.0**-10))
+    assert probe.after_batch[1] == (None, 0)  # gradients do not outlive the step (Lightning zeroes them anyway)
 
 
 # -- 5. unscale -> check -> clip on FP32 grads -> step -> copy back --------------------------------
@@ -335,13 +345,16 @@ def test_sync_free_steps_equal_synced_steps_bit_for_bit():
 
 
 def test_sync_free_is_for_cuda_and_fused_optimizers_by_default():
-    plugin = MasterWeightPrecision("bf16-master", device="cpu")
+    runner = MasterWeightPrecision("bf16-master", device="cpu").step_runner
     fused = torch.optim.AdamW([nn.Parameter(torch.ones(2))], fused=True)
     plain = torch.optim.AdamW([nn.Parameter(torch.ones(2))])
-    assert not plugin._is_sync_free(fused) and not plugin._is_sync_free(plain)
-    plugin.device = "cuda"
-    assert plugin._is_sync_free(fused) and not plugin._is_sync_free(plain)  # a plain step must be skipped on the host
-    assert not MasterWeightPrecision("bf16-master", device="cuda", sync_free=False)._is_sync_free(fused)
+    runner.device = "cpu"
+    assert not runner._is_sync_free(fused) and not runner._is_sync_free(plain)
+    runner.device = "cuda"
+    assert runner._is_sync_free(fused) and not runner._is_sync_free(plain)  # a plain step must be skipped on the host
+    never = MasterWeightPrecision("bf16-master", device="cuda", sync_free=False).step_runner
+    never.device = "cuda"
+    assert not never._is_sync_free(fused)
 
 
 class Scaled(Dot):
@@ -515,12 +528,9 @@ def _policy_fit(master, steps, optimizer="mp-adamw", ckpt_in=None, ckpt_out=None
 
 
 def _values(t):
-    """Each parameter's FP32 value as its optimizer holds it, by name."""
-    module, plugin = t.lightning_module, t.precision_plugin
-    if getattr(plugin, "master", "fp32") == "fp32":  # separate FP32 masters, or 32-true
-        master_of = plugin.masters.master_of if isinstance(plugin, MasterWeightPrecision) else {}
-        return {n: master_of.get(p, p).detach().float() for n, p in module.named_parameters()}
-    return {n: t.optimizers[0].master_value(p).clone() for n, p in module.named_parameters()}
+    """Each parameter's FP32 value as the run holds it, by name."""
+    module, store = t.lightning_module, getattr(t.precision_plugin, "store", None)
+    return {n: (store.value(p) if store else p.detach()).float().clone() for n, p in module.named_parameters()}
 
 
 @pytest.mark.parametrize("optimizer", ["mp-adamw", "mp-sgd"])

@@ -1,0 +1,66 @@
+"""``precision_plugin()``: the precision plugin for any name, lightning-mp's or Lightning's."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.plugins.precision import DoublePrecision, FSDPPrecision, HalfPrecision, MixedPrecision, Precision
+
+from lightning_mp.precision.fsdp import FSDPMasterWeightPrecision
+from lightning_mp.precision.master import MASTER_DTYPES, MasterWeightPrecision
+
+_LIGHTNING_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+PRECISION_NAMES: tuple[str, ...] = (
+    "32-true",
+    "64-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "bf16-master",
+    "16-master",
+)
+
+
+def precision_plugin(
+    name: str, *, device: Optional[str] = None, strategy: Optional[str] = None, **kwargs: Any
+) -> Precision:
+    """The precision plugin for any name, lightning-mp's or Lightning's.
+
+    ``"bf16-master"`` and ``"16-master"`` give :class:`MasterWeightPrecision` (``kwargs`` go to
+    it); Lightning's names (``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"bf16-true"``,
+    ``"16-true"``, ``"64-true"`` and the aliases ``"32"``, ``"16"``, ``"bf16"``, ``"64"``) give
+    the plugin that ``Trainer(precision=name)`` builds. ``device`` is the autocast device type
+    (default: ``"cuda"`` when available, else ``"cpu"``). ``strategy="fsdp"`` gives the plugins
+    Lightning's ``FSDPStrategy`` accepts: :class:`FSDPMasterWeightPrecision` for ours (``kwargs``:
+    ``keep_fp32`` classes), Lightning's ``FSDPPrecision`` for the others.
+    """
+    name = _LIGHTNING_ALIASES.get(str(name), str(name))
+    if strategy == "fsdp":
+        if name in MASTER_DTYPES:
+            return FSDPMasterWeightPrecision(name, device=device, **kwargs)  # type: ignore[arg-type]
+        if kwargs:
+            raise TypeError(f"precision {name!r} takes no options, got {sorted(kwargs)}")
+        return FSDPPrecision(name)  # type: ignore[arg-type]
+    if strategy not in (None, "ddp", "auto", "single_device"):
+        raise ValueError(f"strategy must be None, 'ddp' or 'fsdp' (the plugin differs only for FSDP), got {strategy!r}")
+    if name in MASTER_DTYPES:
+        return MasterWeightPrecision(name, device=device, **kwargs)  # type: ignore[arg-type]
+    if name not in PRECISION_NAMES:
+        raise ValueError(f"Unknown precision {name!r}; choose one of {', '.join(PRECISION_NAMES)}.")
+    if kwargs:
+        raise TypeError(f"precision {name!r} takes no options, got {sorted(kwargs)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "32-true":
+        return Precision()
+    if name == "64-true":
+        return DoublePrecision()
+    if name in ("bf16-true", "16-true"):
+        return HalfPrecision(name)  # type: ignore[arg-type]
+    if name == "16-mixed" and device == "cpu":
+        # What Trainer(precision="16-mixed") does on CPU.
+        warnings.warn("16-mixed is not supported by autocast on CPU; using bf16-mixed instead.", stacklevel=2)
+        name = "bf16-mixed"
+    return MixedPrecision(name, device)  # type: ignore[arg-type]

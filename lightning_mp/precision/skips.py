@@ -1,0 +1,97 @@
+"""Skipped steps: counted, LR schedulers held, the loss scale advanced; endless skipping stops the run.
+
+An optimizer step whose gradients hold inf/NaN is skipped whole. With a dynamic fp16 loss scale
+that is routine while the scale backs off; anything else is a run going wrong. A streak of
+``max_consecutive_skips`` skipped steps without a back-off warns at half way and then raises
+:class:`SkippedStepsError`, naming what went non-finite.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_mp.precision.schedulers import hold, make_skip_aware
+from lightning_mp.scaler import LossScaleError, LossScaler
+
+
+class SkippedStepsError(RuntimeError):
+    """Raised when too many optimizer steps in a row had inf/NaN gradients: training has broken down."""
+
+
+class SkipTracker:
+    """The host bookkeeping of skipped steps for one plugin."""
+
+    def __init__(self, scaler: Optional[LossScaler], max_consecutive: Optional[int]) -> None:
+        self.scaler = scaler
+        self.max_consecutive = max_consecutive
+        self.skipped_steps = 0
+        self.streak = 0  # skipped steps in a row, since the last clean step or loss-scale back-off
+        self._schedulers: dict[int, list[Any]] = {}  # id(optimizer) -> its skip-aware schedulers
+        self._pending: list[tuple[Optimizer, Tensor, Any]] = []  # sync-free steps whose flags are in flight
+
+    def watch(self, scheduler: Any) -> None:
+        """Hold ``scheduler`` after each skipped step of its optimizer."""
+        make_skip_aware(scheduler)
+        self._schedulers.setdefault(id(scheduler.optimizer), []).append(scheduler)
+
+    def record(self, optimizer: Optimizer, overflowed: bool, describe: Callable[[], str]) -> None:
+        """A step's outcome, once its overflow flag is on the host. ``describe`` says what went
+        non-finite; it is called only for a warning or an error (it may sync with the device)."""
+        if not overflowed:
+            self.streak = 0
+            if self.scaler is not None:
+                self.scaler.update(False)
+            return
+        self.skipped_steps += 1
+        for scheduler in self._schedulers.get(id(optimizer), []):
+            hold(scheduler)
+        backed_off = False
+        if self.scaler is not None:
+            before = self.scaler.scale
+            try:
+                self.scaler.update(True)
+            except LossScaleError as err:
+                raise LossScaleError(f"{err} What went non-finite: {describe()}.") from None
+            backed_off = self.scaler.scale != before
+        self.streak = 0 if backed_off else self.streak + 1
+        limit = self.max_consecutive
+        if limit is None:
+            return
+        if self.streak >= limit:
+            raise SkippedStepsError(
+                f"{self.streak} optimizer steps in a row were skipped for inf/NaN gradients "
+                f"({self.skipped_steps} in all): {describe()}. Training is not progressing; lower the "
+                "learning rate, clip gradients, or find where the model produces inf/NaN."
+            )
+        if self.streak == math.ceil(limit / 2):
+            warnings.warn(
+                f"{self.streak} optimizer steps in a row were skipped for inf/NaN gradients: {describe()}. "
+                f"Training stops with an error at {limit} (max_consecutive_skips).",
+                stacklevel=4,
+            )
+
+    def defer(self, optimizer: Optimizer, found_inf: Tensor) -> None:
+        """A sync-free step: copy its flag to the host without waiting; :meth:`settle` reads it."""
+        if found_inf.is_cuda:
+            flag = torch.empty((), pin_memory=True)
+            flag.copy_(found_inf, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            flag, event = found_inf, None
+        self._pending.append((optimizer, flag, event))
+
+    def settle(self) -> None:
+        """Record the sync-free steps whose flags are now on the host."""
+        pending, self._pending = self._pending, []
+        for optimizer, flag, event in pending:
+            if event is not None:
+                event.synchronize()  # waits for the flag's copy, queued a whole step ago
+            self.record(optimizer, bool(flag.item()), lambda: "gradients or the loss (a fused step skips on the device)")
