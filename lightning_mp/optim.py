@@ -208,6 +208,9 @@ class _StoredMasterOptimizer(Optimizer):
             exact = self.store.exact_state(p)  # a Kahan pair's weight, which its FP32 value cannot give back
             if exact:
                 state["state"][index] = {**state["state"].get(index, {}), **exact}
+        if self.store.policy == "stochastic" or self.moment_dtype != torch.float32:
+            for device in {p.device for p in params}:  # the rounding's generators, even before their first use
+                self.store.generator(device)
         state["master"] = self.master
         state["generators"] = self.store.state_dict()["generators"]
         return state

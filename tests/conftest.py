@@ -128,3 +128,48 @@ class SignSGD(torch.optim.Optimizer):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# -- the five (precision, master) modes, for tests that hold under each --------------------------
+
+MODES = [
+    ("bf16-master", "fp32"),
+    ("bf16-master", "remainder"),
+    ("bf16-master", "kahan"),
+    ("bf16-master", "stochastic"),
+    ("16-master", "fp32"),
+]
+MODE_IDS = [f"{p}-{m}" for p, m in MODES]
+
+
+def mode_plugin(mode, **kwargs):
+    """``MasterWeightPrecision`` for ``mode``; fp16 starts at a scale these tiny models never overflow."""
+    from lightning_mp import MasterWeightPrecision
+
+    precision, master = mode
+    if precision == "16-master":
+        kwargs.setdefault("init_scale", 2.0**8)
+    return MasterWeightPrecision(precision, master=master, **kwargs)
+
+
+def mode_sgd(mode, params, **kwargs):
+    """SGD that steps ``mode``'s weights: torch's for FP32 masters, lightning_mp's for the storage policies."""
+    cls = torch.optim.SGD if mode[1] == "fp32" else lightning_mp.optim.SGD
+    return cls(params, **kwargs)
+
+
+def mode_adamw(mode, params, **kwargs):
+    cls = torch.optim.AdamW if mode[1] == "fp32" else lightning_mp.optim.AdamW
+    return cls(params, **kwargs)
+
+
+def fp32_values(t, module=None):
+    """Each parameter's FP32 value as the run holds it, by name (through the plugin's store)."""
+    module = module or t.lightning_module
+    store = getattr(t.precision_plugin, "store", None)
+    return {n: (store.value(p) if store else p.detach()).float().clone() for n, p in module.named_parameters()}
+
+
+def exact(mode) -> bool:
+    """Whether ``mode`` keeps FP32 values exactly (stochastic rounding keeps only the 16-bit weight)."""
+    return mode[1] != "stochastic"

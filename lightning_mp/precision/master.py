@@ -27,6 +27,7 @@ from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, cast_module_
 from lightning_mp.masters import HALF, MASTER_POLICIES, MasterStore, check_finite
 from lightning_mp.optim import _StoredMasterOptimizer
 from lightning_mp.precision import ddp
+from lightning_mp.precision.averaging import average_fp32
 from lightning_mp.precision.grads import FP32Grads
 from lightning_mp.precision.skips import SkipTracker
 from lightning_mp.precision.step import MasterStep, _unwrap
@@ -161,6 +162,7 @@ class MasterWeightPrecision(Precision):
             for optimizer in raw:
                 _upcast_state(optimizer)
                 self._hooks += _keep_fp32_state_on_load(optimizer)
+            self.grads.attach(p for p in self.store.params() if p.requires_grad)  # also for a raw loss.backward()
         if self.device is None:
             param = next(model.parameters(), None)
             self.device = param.device.type if param is not None else "cpu"
@@ -171,6 +173,8 @@ class MasterWeightPrecision(Precision):
                 self.skips.watch(config.scheduler)
         if isinstance(model, DistributedDataParallel):
             self._setup_ddp(model, trainer)
+        for callback in getattr(trainer, "callbacks", []):
+            average_fp32(callback, self.store)  # SWA and EMA average the FP32 values
         return model, optimizers, lr_schedulers
 
     def _attach_stored(self, optimizer: Optimizer) -> None:

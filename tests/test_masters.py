@@ -1,0 +1,253 @@
+"""Where the FP32 values live: the MasterStore, seen through checkpoints, state dicts and loads, in every mode."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from conftest import MODE_IDS, MODES, TinyRegressor, fp32_values, mode_adamw, mode_plugin, regression_data, trainer
+from lightning_mp import MasterStore
+
+modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+HALF = {"bf16-master": torch.bfloat16, "16-master": torch.float16}
+
+
+class WithFrozen(TinyRegressor):
+    """A frozen embedding-like layer beside the trained ones, initialised to values 16 bits cannot hold."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.frozen = nn.Linear(8, 8, bias=False)
+        with torch.no_grad():
+            self.frozen.weight.copy_(torch.randn(8, 8) * 1.7 + 2.0**-12)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return super().forward(self.frozen(x))
+
+    def configure_optimizers(self):
+        return mode_adamw(self.mode, [p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+# -- 3 and 5. every checkpoint path holds FP32 values; frozen parameters keep theirs exactly ------------
+
+
+@modes
+def test_every_checkpoint_path_holds_the_fp32_values(mode, tmp_path):
+    torch.manual_seed(0)
+    model = WithFrozen(mode)
+    frozen = model.frozen.weight.detach().clone()
+    weights_only = ModelCheckpoint(dirpath=tmp_path / "w", save_weights_only=True, every_n_train_steps=4)
+    full = ModelCheckpoint(dirpath=tmp_path / "f", every_n_train_steps=2, save_top_k=1, monitor="train_loss",
+                           filename="last-step{step}")
+    t = trainer(mode_plugin(mode), max_steps=4, callbacks=[weights_only, full], enable_checkpointing=True,
+                log_every_n_steps=1)
+    t.fit(model, regression_data())
+    t.save_checkpoint(tmp_path / "trainer.ckpt")
+    values = fp32_values(t)
+    assert model.inp.weight.dtype == model.frozen.weight.dtype == HALF[mode[0]]
+    states = {
+        "save_weights_only": torch.load(next((tmp_path / "w").glob("*.ckpt")), weights_only=True)["state_dict"],
+        "ModelCheckpoint": torch.load(tmp_path / "f" / "last-stepstep=4.ckpt", weights_only=True)["state_dict"],
+        "trainer.save_checkpoint": torch.load(tmp_path / "trainer.ckpt", weights_only=True)["state_dict"],
+        "model.state_dict()": model.state_dict(),
+    }
+    for path, state in states.items():
+        assert all(v.dtype == torch.float32 for v in state.values()), path
+        assert all(torch.equal(state[n], values[n]) for n in values), path
+        assert torch.equal(state["frozen.weight"], frozen), path  # nothing trained it: its FP32 init, exactly
+    assert not torch.equal(frozen.to(HALF[mode[0]]).float(), frozen)  # (16 bits would have lost it)
+
+
+@modes
+def test_load_state_dict_sets_the_fp32_values(mode):
+    torch.manual_seed(0)
+    model = WithFrozen(mode)
+    t = trainer(mode_plugin(mode), max_steps=2)
+    t.fit(model, regression_data())
+    target = {n: torch.randn_like(v) for n, v in model.state_dict().items()}
+    model.load_state_dict(target)  # after fit too: the store still keeps the model's values
+    got = model.state_dict()
+    for name, value in got.items():
+        trained = name != "frozen.weight" and "norm" not in name
+        if mode[1] in ("fp32", "remainder") or not trained:  # exact FP32 values (frozen: an exact remainder)
+            assert torch.equal(value, target[name]), name
+        elif mode[1] == "kahan":  # weight and compensation: about 16 significant bits
+            assert torch.allclose(value, target[name], rtol=2.0**-15, atol=1e-30), name
+        else:  # stochastic rounding keeps the bf16 weight, rounded to nearest
+            assert torch.equal(value, target[name].to(torch.bfloat16).float()), name
+
+
+@modes
+def test_a_non_finite_weight_in_a_checkpoint_is_refused_naming_it(mode, tmp_path):
+    torch.manual_seed(0)
+    model = WithFrozen(mode)
+    t = trainer(mode_plugin(mode), max_steps=2)
+    t.fit(model, regression_data())
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    ckpt = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    ckpt["state_dict"]["out.weight"][0, 3] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match=r"'out.weight' holds 1 NaN/inf"):
+        trainer(mode_plugin(mode), max_steps=4).fit(WithFrozen(mode), regression_data(), ckpt_path=tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match=r"'out.weight' holds 1 NaN/inf"):
+        trainer(mode_plugin(mode)).validate(WithFrozen(mode), regression_data(), ckpt_path=tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match="out.weight"):
+        model.load_state_dict(ckpt["state_dict"])
+
+
+# -- 6. resume is bit-exact in every mode, Kahan's ties included ---------------------------------------------
+
+
+class Wide(L.LightningModule):
+    """65k parameters: enough that some Kahan pairs sit at a rounding tie of weight + compensation."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Linear(256, 256)
+        self.b = nn.Linear(256, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.b(torch.tanh(self.a(x))).float(), y)
+
+    def configure_optimizers(self):
+        return mode_adamw(self.mode, self.parameters(), lr=1e-3)
+
+
+def _wide_fit(mode, steps, ckpt_in=None, ckpt_out=None):
+    torch.manual_seed(0)
+    model = Wide(mode)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 256, generator=g)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1] * 0.3), batch_size=16)
+    t = trainer(mode_plugin(mode), max_steps=steps)
+    t.fit(model, data, ckpt_path=ckpt_in)
+    if ckpt_out:
+        t.save_checkpoint(ckpt_out)
+    return t, model
+
+
+@modes
+def test_resume_is_bit_exact_weights_and_storage(mode, tmp_path):
+    straight, model_a = _wide_fit(mode, 8)
+    _wide_fit(mode, 4, ckpt_out=tmp_path / "half.ckpt")
+    resumed, model_b = _wide_fit(mode, 8, ckpt_in=tmp_path / "half.ckpt")
+    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16)), name  # the 16-bit weights, bit for bit
+    store_a, store_b = straight.precision_plugin.store, resumed.precision_plugin.store
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        sa, sb = store_a.storage(p), store_b.storage(q)
+        assert (sa is None) == (sb is None) and (sa is None or torch.equal(sa, sb))  # masters, remainders, compensations
+
+
+# -- 11. buffers keep their dtype ------------------------------------------------------------------------------
+
+
+class WithRotaryBuffer(TinyRegressor):
+    def __init__(self, mode=None):
+        super().__init__(optimizer="mp-adamw" if mode and mode[1] != "fp32" else "adamw")
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+
+    def training_step(self, batch, batch_idx):
+        self.angles = torch.outer(torch.arange(4096.0), self.inv_freq)
+        return super().training_step(batch, batch_idx)
+
+
+@modes
+def test_buffers_keep_fp32_so_rotary_angles_equal_bf16_mixed(mode):
+    angles = {}
+    for name, plugin, model in [("bf16-mixed", "bf16-mixed", WithRotaryBuffer()), ("ours", mode_plugin(mode),
+                                                                                    WithRotaryBuffer(mode))]:
+        trainer(plugin, max_steps=1).fit(model, regression_data())
+        assert model.inv_freq.dtype == torch.float32
+        angles[name] = model.angles
+    assert torch.equal(angles["ours"], angles["bf16-mixed"])
+
+
+# -- weights written outside the store ----------------------------------------------------------------------
+
+
+@modes
+def test_a_weight_written_in_place_becomes_the_value(mode):
+    torch.manual_seed(0)
+    model = TinyRegressor(optimizer="adamw" if mode[1] == "fp32" else "mp-adamw")
+    t = trainer(mode_plugin(mode), max_steps=2)
+    t.fit(model, regression_data())
+    new = torch.full_like(model.inp.weight, 0.375)
+    with torch.no_grad():
+        model.inp.weight.copy_(new)  # e.g. an EMA swap or a hand-made reset
+    with pytest.warns(UserWarning, match="written outside the optimizer"):
+        assert torch.equal(model.state_dict()["inp.weight"], new.float())
+
+
+def test_a_weight_written_through_data_reaches_the_checkpoint_under_fp32_masters():
+    # `.data.copy_` bypasses version counters (Lightning's WeightAveraging writes so); a read for a
+    # checkpoint compares each FP32 master with its weight and takes the weight when they disagree.
+    torch.manual_seed(0)
+    model = TinyRegressor()
+    t = trainer(mode_plugin(("bf16-master", "fp32")), max_steps=2)
+    t.fit(model, regression_data())
+    model.inp.weight.data.copy_(torch.full_like(model.inp.weight, 0.375))
+    assert torch.equal(model.state_dict()["inp.weight"], torch.full((16, 8), 0.375))
+
+
+# -- tied weights -----------------------------------------------------------------------------------------------
+
+
+class Tied(L.LightningModule):
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.embed = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch[0]
+        return nn.functional.cross_entropy(self.head(self.embed(tokens)).float(), tokens)
+
+    def configure_optimizers(self):
+        return mode_adamw(self.mode, self.parameters(), lr=1e-2)
+
+
+@modes
+def test_tied_weights_stay_tied_with_one_optimizer_entry_and_load_into_fp32(mode, tmp_path):
+    model = Tied(mode)
+    tokens = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(16).repeat(4)), batch_size=16)
+    t = trainer(mode_plugin(mode), max_steps=3)
+    t.fit(model, tokens)
+    assert model.head.weight is model.embed.weight
+    assert sum(p is model.embed.weight for g in t.optimizers[0].param_groups for p in g["params"]) == 1
+    state = model.state_dict()
+    assert state["head.weight"] is state["embed.weight"]  # one tensor under both names, as for FP32 weights
+    plain = Tied(mode)
+    plain.load_state_dict(state)
+    assert plain.embed.weight.dtype == torch.float32 and torch.equal(plain.embed.weight, fp32_values(t)["embed.weight"])
+
+
+# -- several optimizers, parameters added late, a second fit --------------------------------------------------
+
+
+class StoreProbe(Callback):
+    def on_train_start(self, trainer, pl_module):
+        store = trainer.precision_plugin.store
+        self.kinds = {n: store.kind(p) for n, p in pl_module.named_parameters()}
+
+
+@pytest.mark.parametrize("master", ["fp32", "remainder", "kahan", "stochastic"])
+def test_stepped_parameters_take_the_policy_frozen_ones_an_exact_remainder(master):
+    probe = StoreProbe()
+    trainer(mode_plugin(("bf16-master", master)), max_steps=1, callbacks=[probe]).fit(
+        WithFrozen(("bf16-master", master)), regression_data())
+    assert probe.kinds["inp.weight"] == master and probe.kinds["frozen.weight"] == "remainder"
+    assert probe.kinds["norm.weight"] is None  # FP32 parameters are their own values
+    fp16 = StoreProbe()
+    trainer(mode_plugin(("16-master", "fp32")), max_steps=1, callbacks=[fp16]).fit(
+        WithFrozen(("16-master", "fp32")), regression_data())
+    assert fp16.kinds["frozen.weight"] == "fp32"  # no exact int16 split of an fp16 weight: an FP32 copy
