@@ -46,10 +46,10 @@ class MLP(L.LightningModule):
 
 class Audit(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.at_step = memory_audit(pl_module, trainer.optimizers)
+        self.at_step = memory_audit(pl_module, trainer.optimizers, trainer.precision_plugin)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.after_step = memory_audit(pl_module, trainer.optimizers)
+        self.after_step = memory_audit(pl_module, trainer.optimizers, trainer.precision_plugin)
 
 
 def audited_fit(model: L.LightningModule, plugin: Precision, width: int) -> tuple[dict, dict]:
@@ -85,6 +85,8 @@ def time_steps(layers: int, width: int, repeats: int) -> tuple[list[float], list
     def set_grads(params, grads):
         for p, g in zip(params, grads):
             p.grad = g.clone()
+            if plugin.grads is not None and p.dtype != torch.float32:
+                plugin.grads.record(p)  # as a backward pass leaves it
 
     fp32_times, master_times = [], []
     for i in range(repeats + 2):  # 2 warm-up rounds, then alternate the two modes

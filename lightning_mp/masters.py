@@ -1,14 +1,9 @@
 """Where the FP32 values live: one :class:`MasterStore` per model, a storage policy per parameter.
 
 The model keeps 16-bit weights, and every optimizer holds those very parameters. The store
-keeps each 16-bit parameter's FP32 value beside its weight, in one of four kinds of storage
-(:data:`MASTER_POLICIES`):
-
-- ``"fp32"``: a separate FP32 tensor, the master (4 bytes per parameter);
-- ``"remainder"``: an int16 tensor with the low 16 bits of the FP32 value; weight and remainder
-  are the FP32 value bit for bit (2 bytes);
-- ``"kahan"``: a bf16 compensation, what rounding the weight lost (2 bytes, ~16 significant bits);
-- ``"stochastic"``: nothing; the weight is the value, rounded stochastically by its optimizer.
+keeps each 16-bit parameter's FP32 value beside its weight, in one of the four kinds of storage
+of :mod:`lightning_mp.storage` (a separate FP32 master, an int16 remainder, a Kahan compensation,
+or nothing under stochastic rounding).
 
 Parameters that an optimizer steps get the run's policy; the others (frozen, unused) keep their
 exact FP32 value in the cheapest exact form (an int16 remainder beside a bf16 weight, an FP32
@@ -33,97 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_mp.rounding import compensate_, join_, split_, stochastic_round_, uncompensate_
-
-MASTER_POLICIES: tuple[str, ...] = ("fp32", "remainder", "stochastic", "kahan")
-HALF = (torch.float16, torch.bfloat16)
-
-
-# -- the four kinds of storage ------------------------------------------------------------------
-
-
-class _Policy:
-    """How one kind of storage keeps FP32 values beside 16-bit weights (lists of tensors, foreach ops)."""
-
-    name = ""
-    #: the optimizer state key the storage tensor goes under (torch's keys plus these two)
-    state_key: Optional[str] = None
-
-    def new_storage(self, weight: Tensor) -> Optional[Tensor]:
-        return None
-
-    def decode(self, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
-        """FP32 values of ``weights`` with their ``storage``, in new tensors."""
-        return _upcast(weights)
-
-    def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
-        """Write FP32 ``values`` into ``weights`` and their ``storage`` (may overwrite ``values``)."""
-        torch._foreach_copy_(weights, values)  # round to nearest even
-
-
-class _FP32(_Policy):
-    name = "fp32"
-
-    def new_storage(self, weight: Tensor) -> Tensor:
-        return torch.empty_like(weight, dtype=torch.float32)
-
-    def decode(self, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
-        return storage  # the masters themselves: no copy
-
-    def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
-        changed = [(s, v) for s, v in zip(storage, values) if s is not v]
-        if changed:
-            torch._foreach_copy_([s for s, _ in changed], [v for _, v in changed])
-        torch._foreach_copy_(weights, storage)
-
-
-class _Remainder(_Policy):
-    name, state_key = "remainder", "remainder"
-
-    def new_storage(self, weight: Tensor) -> Tensor:
-        return torch.zeros_like(weight, dtype=torch.int16)
-
-    def decode(self, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
-        out = [torch.empty_like(w, dtype=torch.float32) for w in weights]
-        join_(out, weights, storage)
-        return out
-
-    def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
-        split_(values, weights, storage)
-
-
-class _Kahan(_Policy):
-    name, state_key = "kahan", "compensation"
-
-    def new_storage(self, weight: Tensor) -> Tensor:
-        return torch.zeros_like(weight)
-
-    def decode(self, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
-        out = [torch.empty_like(w, dtype=torch.float32) for w in weights]
-        uncompensate_(out, weights, storage)
-        return out
-
-    def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
-        compensate_(values, weights, storage)
-
-
-class _Stochastic(_Policy):
-    name = "stochastic"
-
-    def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
-        stochastic_round_(values, weights, generator)
-
-
-POLICY: dict[str, _Policy] = {p.name: p for p in (_FP32(), _Remainder(), _Kahan(), _Stochastic())}
-STATE_KEYS: tuple[str, ...] = tuple(p.state_key for p in POLICY.values() if p.state_key)
-
-
-def _upcast(tensors: Sequence[Tensor]) -> list[Tensor]:
-    out = [torch.empty_like(t, dtype=torch.float32) for t in tensors]
-    if out:
-        torch._foreach_copy_(out, list(tensors))  # exact
-    return out
-
+from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY
 
 # -- the store ---------------------------------------------------------------------------------
 
@@ -237,10 +142,19 @@ class MasterStore:
         return "remainder" if p.dtype == torch.bfloat16 else "fp32"
 
     def _new(self, p: Tensor, kind: str, value: Tensor) -> None:
-        policy = POLICY[kind]
-        entry = _Entry(kind, policy.new_storage(p), 0)
-        self._entries[p] = entry
-        self._write([p], [value.detach().to(device=p.device, dtype=torch.float32).clone()])
+        value = value.detach().to(device=p.device, dtype=torch.float32)
+        if kind == "fp32" and value.is_contiguous() and value.data_ptr() != p.data_ptr():
+            self._entries[p] = _Entry(kind, value, 0)  # the captured FP32 tensor becomes the master: no copy
+            self._write([p], [value])
+            return
+        self._entries[p] = _Entry(kind, POLICY[kind].new_storage(p), 0)
+        self._write([p], [value.clone()])
+
+    def take_over(self, previous: "MasterStore") -> None:
+        """Keep the values of a store that another plugin kept for the same module (a new Trainer)."""
+        for p in previous.params():
+            self._captured.setdefault(p, previous.value(p).clone())
+        previous.detach()
 
     @torch.no_grad()
     def ensure(self, params: Iterable[Tensor], kind: Optional[str] = None) -> None:
@@ -433,7 +347,7 @@ class MasterStore:
         values = self.values([p for _, p in own], verify=True)
         for (key, p), value in zip(own, values):
             cached = self._cache.get(id(p))  # tied weights: one tensor under both names
-            if cached is not None and torch.equal(cached, value):
+            if cached is value or (cached is not None and torch.equal(cached, value)):
                 value = cached
             else:
                 self._cache[id(p)] = value

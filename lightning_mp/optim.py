@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_mp.masters import MASTER_POLICIES, POLICY, STATE_KEYS, MasterStore, _upcast
-from lightning_mp.rounding import stochastic_round_
+from lightning_mp.masters import MasterStore
+from lightning_mp.storage import MASTER_POLICIES, POLICY, STATE_KEYS, _upcast, stochastic_round_
 
 # Elements stepped at once (see _blocks): on a CPU 2 MiB of FP32 per temporary, which stays in
 # cache across a step's ops; elsewhere 64 MiB, which bounds the step's temporaries.

@@ -9,7 +9,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from conftest import MODE_IDS, MODES, TinyRegressor, fp32_values, mode_adamw, mode_plugin, regression_data, trainer
-from lightning_mp import MasterStore
 
 modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 HALF = {"bf16-master": torch.bfloat16, "16-master": torch.float16}
@@ -251,3 +250,22 @@ def test_stepped_parameters_take_the_policy_frozen_ones_an_exact_remainder(maste
     trainer(mode_plugin(("16-master", "fp32")), max_steps=1, callbacks=[fp16]).fit(
         WithFrozen(("16-master", "fp32")), regression_data())
     assert fp16.kinds["frozen.weight"] == "fp32"  # no exact int16 split of an fp16 weight: an FP32 copy
+
+
+@modes
+def test_a_second_trainer_continues_from_the_first_ones_fp32_values(mode):
+    # fit, then fit again with a new Trainer and plugin: the new run starts from the exact FP32
+    # values the first one ended with, not from its 16-bit weights
+    torch.manual_seed(0)
+    model = WithFrozen(mode)
+    first = trainer(mode_plugin(mode), max_steps=3)
+    first.fit(model, regression_data())
+    ended = fp32_values(first)
+
+    class Start(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.values = fp32_values(trainer)
+
+    start = Start()
+    trainer(mode_plugin(mode), max_steps=1, callbacks=[start]).fit(model, regression_data())
+    assert all(torch.equal(start.values[n], ended[n]) for n in ended)

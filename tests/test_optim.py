@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lightning_mp.optim
-from lightning_mp.rounding import split_
+from lightning_mp.storage import split_
 from lightning_mp.optim import SGD, AdamW
 
 BF16 = torch.bfloat16

@@ -38,8 +38,9 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         master: ``"fp32"`` only: the shards are FP32 masters (the storage policies need the
             16-bit weights the optimizer steps, which FSDP does not have).
         loss_scale, init_scale, growth_factor, backoff_factor, growth_interval: ``16-master``'s
-            dynamic scale, as torch's ``ShardedGradScaler`` takes them; it has no hysteresis and no
-            minimum, so ``hysteresis`` and ``min_scale`` must keep their defaults.
+            dynamic scale, as torch's ``ShardedGradScaler`` takes them; it has no hysteresis, no
+            minimum and no limit on skipped steps, so ``hysteresis``, ``min_scale`` and
+            ``max_consecutive_skips`` must keep their defaults.
         grad_reduce_dtype: ``None`` or ``"fp32"``: both mean FP32, FSDP's reduction here.
 
     Gradient clipping by norm goes through ``FullyShardedDataParallel.clip_grad_norm_``, the
@@ -61,13 +62,14 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         hysteresis: int = 2,
         min_scale: float = 1.0,
         grad_reduce_dtype: Optional[Literal["fp32"]] = None,
+        max_consecutive_skips: Optional[int] = 10,
     ) -> None:
         if grad_reduce_dtype not in (None, "fp32"):
             raise ValueError(f"under FSDP gradients are reduce-scattered in FP32; grad_reduce_dtype={grad_reduce_dtype!r}")
         if master != "fp32":
             raise ValueError(f"under FSDP the sharded FP32 parameters are the masters: master={master!r} is not supported")
-        if loss_scale != "dynamic" or hysteresis != 2 or min_scale != 1.0:
-            raise ValueError("under FSDP the loss scale is torch's ShardedGradScaler: dynamic, no hysteresis, no minimum")
+        if loss_scale != "dynamic" or hysteresis != 2 or min_scale != 1.0 or max_consecutive_skips != 10:
+            raise ValueError("under FSDP the loss scale is torch's ShardedGradScaler: dynamic, no hysteresis, no minimum, no skip limit")
         if precision not in MASTER_DTYPES:
             raise ValueError(f"FSDPMasterWeightPrecision accepts {sorted(MASTER_DTYPES)}, got {precision!r}")
         if not all(isinstance(c, type) and issubclass(c, nn.Module) for c in keep_fp32):

@@ -24,7 +24,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.plugins.precision import Precision
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, cast_module_
-from lightning_mp.masters import HALF, MASTER_POLICIES, MasterStore, check_finite
+from lightning_mp.masters import MasterStore, check_finite
+from lightning_mp.storage import HALF, MASTER_POLICIES
 from lightning_mp.optim import _StoredMasterOptimizer
 from lightning_mp.precision import ddp
 from lightning_mp.precision.averaging import average_fp32
@@ -138,9 +139,7 @@ class MasterWeightPrecision(Precision):
         """Cast to the 16-bit dtype, all but the ``keep_fp32`` modules; the store keeps the FP32 values."""
         previous = MasterStore.of(module)
         if previous is not None and previous is not self.store:  # converted by another plugin before
-            for p in previous.params():
-                self.store._captured[p] = previous.value(p).clone()
-            previous.detach()
+            self.store.take_over(previous)
         cast_module_(module, self.dtype, self.keep_fp32, before_cast=self.store.capture)
         self.store.attach(module)
         return module

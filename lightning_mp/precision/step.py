@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_mp.masters import HALF, MasterStore
+from lightning_mp.masters import MasterStore
+from lightning_mp.storage import HALF
 from lightning_mp.precision.ddp import GradReducer
 from lightning_mp.precision.grads import FP32Grads
 from lightning_mp.precision.skips import SkipTracker

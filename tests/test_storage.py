@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_mp.rounding import compensate_, join_, split_, stochastic_round_, uncompensate_
+from lightning_mp.storage import compensate_, join_, split_, stochastic_round_, uncompensate_
 
 BF16 = torch.bfloat16
 
