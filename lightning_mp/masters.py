@@ -41,6 +41,7 @@ class _Entry:
 
 
 _STORES: "weakref.WeakKeyDictionary[nn.Module, MasterStore]" = weakref.WeakKeyDictionary()
+_UNKNOWN = -1  # the version of an entry copied along with its module
 
 
 class MasterStore:
@@ -84,23 +85,12 @@ class MasterStore:
             previous.detach()
         _STORES[module] = self
         self._names = {p: n for n, p in reversed(list(module.named_parameters(remove_duplicate=False)))}
-        # Plain functions, not bound methods: torch tags hooks with attributes. A deepcopy of the
-        # module shares them, and they leave the copy's parameters (not in this store) alone.
-        def state_dict_hook(*args: Any) -> None:
-            self._state_dict_hook(*args)
-
-        def load_pre_hook(*args: Any) -> None:
-            self._load_pre_hook(*args)
-
-        def load_post_hook(*args: Any) -> None:
-            self._load_post_hook(*args)
-
         for sub in module.modules():
             if any(p is not None and p.is_floating_point() for p in sub._parameters.values()):
                 self._hooks += [
-                    sub.register_state_dict_post_hook(state_dict_hook),
-                    sub.register_load_state_dict_pre_hook(load_pre_hook),
-                    sub.register_load_state_dict_post_hook(load_post_hook),
+                    sub.register_state_dict_post_hook(_Hook(self, "_state_dict_hook")),
+                    sub.register_load_state_dict_pre_hook(_Hook(self, "_load_pre_hook")),
+                    sub.register_load_state_dict_post_hook(_Hook(self, "_load_post_hook")),
                 ]
 
     def detach(self) -> None:
@@ -110,6 +100,32 @@ class MasterStore:
         for module, store in list(_STORES.items()):
             if store is self:
                 del _STORES[module]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling or deep-copying the module carries its store (and its FP32 values) along,
+        # without what only lives in this process: hook handles, caches, generators.
+        state = dict(self.__dict__)
+        state.update(_hooks=[], _cache=None, _loading={}, _captured={}, _generators={})
+        # a copied parameter's version counter starts again: the copy adopts it (see sync)
+        state["_entries"] = {p: _Entry(e.kind, e.storage, _UNKNOWN) for p, e in self._entries.items()}
+        state["_generator_states"] = self.state_dict()["generators"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rng = state.pop("_generator_states", {})
+        self.__dict__.update(state)
+        self._cache = weakref.WeakValueDictionary()
+        self.load_state_dict({"generators": rng})
+
+    @torch.no_grad()
+    def restore_fp32(self) -> None:
+        """Turn every 16-bit parameter back into an FP32 one holding its exact value (the model
+        leaves 16 bits, e.g. for FP32 inference or export), and stop keeping them."""
+        params = self.params()
+        for p, value in zip(params, self.values(params)):
+            p.data = value.clone()
+        self._entries.clear()
+        self.detach()
 
     def name(self, p: Tensor) -> str:
         return self._names.get(p, f"<a {tuple(p.shape)} parameter>")
@@ -263,8 +279,19 @@ class MasterStore:
 
     @torch.no_grad()
     def sync(self, params: Iterable[Tensor]) -> None:
-        """Re-derive the storage of weights written outside the store (their version moved):
-        the new weight becomes the exact value."""
+        """Follow what happened to the weights outside the store: a weight that left the store's
+        dtype (``model.float()``) is no longer kept; storage follows a weight to another device;
+        a weight written in place (its version moved) becomes the exact value."""
+        params = [p for p in params if p in self._entries]
+        for p in params:
+            entry = self._entries[p]
+            if p.dtype != self.dtype:
+                del self._entries[p]
+            elif entry.storage is not None and entry.storage.device != p.device:
+                entry.storage = entry.storage.to(p.device)
+        for p in params:
+            if p in self._entries and self._entries[p].version == _UNKNOWN:
+                self._entries[p].version = p._version
         stale = [p for p in params if p in self._entries and p._version != self._entries[p].version]
         for p in stale:
             self._rederive(p)
@@ -365,6 +392,17 @@ class MasterStore:
     def _load_post_hook(self, module: nn.Module, incompatible: Any) -> None:
         for p in [p for p in module._parameters.values() if p in self._loading]:
             self.set_value(p, self._loading.pop(p))
+
+
+class _Hook:
+    """A module hook that calls a store method: picklable (a module with its store can be saved
+    whole) and, when the module is deep-copied, copied with the store, keyed by the copy's parameters."""
+
+    def __init__(self, store: MasterStore, method: str) -> None:
+        self.store, self.method = store, method
+
+    def __call__(self, *args: Any) -> Any:
+        return getattr(self.store, self.method)(*args)
 
 
 def check_finite(name: str, value: Tensor) -> None:

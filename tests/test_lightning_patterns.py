@@ -466,29 +466,27 @@ class CompiledNet(L.LightningModule):
         return mode_adamw(self.mode, self.parameters(), lr=1e-2)
 
 
+def _compiled_vs_eager(mode, backend):
+    runs = []
+    for b in (None, backend):
+        torch.manual_seed(0)
+        t = trainer(mode_plugin(mode), max_steps=3)
+        t.fit(CompiledNet(mode, b), regression_data())
+        runs.append(list(fp32_values(t).values()))
+    return runs
+
+
 @modes
 def test_torch_compile_trains_as_eager(mode):
     # aot_eager: dynamo and AOTAutograd, which see the parameters and their gradient hooks
-    runs = []
-    for backend in (None, "aot_eager"):
-        torch.manual_seed(0)
-        t = trainer(mode_plugin(mode), max_steps=3)
-        t.fit(CompiledNet(mode, backend), regression_data())
-        runs.append(list(fp32_values(t).values()))
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    eager, compiled = _compiled_vs_eager(mode, "aot_eager")
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
 
 
 @pytest.mark.slow
 def test_torch_compile_with_inductor_trains_as_eager():
-    mode = ("bf16-master", "fp32")
-    runs = []
-    for backend in (None, "inductor"):
-        torch.manual_seed(0)
-        t = trainer(mode_plugin(mode), max_steps=3)
-        t.fit(CompiledNet(mode, backend), regression_data())
-        runs.append(list(fp32_values(t).values()))
-    assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-3) for a, b in zip(*runs))  # fused bf16 kernels round apart
-
+    eager, compiled = _compiled_vs_eager(("bf16-master", "fp32"), "inductor")
+    assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-3) for a, b in zip(eager, compiled))  # fused bf16 kernels round apart
 
 KILLED_RUN = """
 import os, signal, sys

@@ -32,6 +32,15 @@ class WithFrozen(TinyRegressor):
         return mode_adamw(self.mode, [p for p in self.parameters() if p.requires_grad], lr=1e-2)
 
 
+def trained(mode, steps=3):
+    """A WithFrozen model trained ``steps`` steps under ``mode``, and its trainer."""
+    torch.manual_seed(0)
+    model = WithFrozen(mode)
+    t = trainer(mode_plugin(mode), max_steps=steps)
+    t.fit(model, regression_data())
+    return model, t
+
+
 # -- 3 and 5. every checkpoint path holds FP32 values; frozen parameters keep theirs exactly ------------
 
 
@@ -64,16 +73,13 @@ def test_every_checkpoint_path_holds_the_fp32_values(mode, tmp_path):
 
 @modes
 def test_load_state_dict_sets_the_fp32_values(mode):
-    torch.manual_seed(0)
-    model = WithFrozen(mode)
-    t = trainer(mode_plugin(mode), max_steps=2)
-    t.fit(model, regression_data())
+    model, t = trained(mode, 2)
     target = {n: torch.randn_like(v) for n, v in model.state_dict().items()}
     model.load_state_dict(target)  # after fit too: the store still keeps the model's values
     got = model.state_dict()
     for name, value in got.items():
-        trained = name != "frozen.weight" and "norm" not in name
-        if mode[1] in ("fp32", "remainder") or not trained:  # exact FP32 values (frozen: an exact remainder)
+        stepped = name != "frozen.weight" and "norm" not in name
+        if mode[1] in ("fp32", "remainder") or not stepped:  # exact FP32 values (frozen: an exact remainder)
             assert torch.equal(value, target[name]), name
         elif mode[1] == "kahan":  # weight and compensation: about 16 significant bits
             assert torch.allclose(value, target[name], rtol=2.0**-15, atol=1e-30), name
@@ -83,10 +89,7 @@ def test_load_state_dict_sets_the_fp32_values(mode):
 
 @modes
 def test_a_non_finite_weight_in_a_checkpoint_is_refused_naming_it(mode, tmp_path):
-    torch.manual_seed(0)
-    model = WithFrozen(mode)
-    t = trainer(mode_plugin(mode), max_steps=2)
-    t.fit(model, regression_data())
+    model, t = trained(mode, 2)
     t.save_checkpoint(tmp_path / "a.ckpt")
     ckpt = torch.load(tmp_path / "a.ckpt", weights_only=False)
     ckpt["state_dict"]["out.weight"][0, 3] = float("nan")
@@ -256,10 +259,7 @@ def test_stepped_parameters_take_the_policy_frozen_ones_an_exact_remainder(maste
 def test_a_second_trainer_continues_from_the_first_ones_fp32_values(mode):
     # fit, then fit again with a new Trainer and plugin: the new run starts from the exact FP32
     # values the first one ended with, not from its 16-bit weights
-    torch.manual_seed(0)
-    model = WithFrozen(mode)
-    first = trainer(mode_plugin(mode), max_steps=3)
-    first.fit(model, regression_data())
+    model, first = trained(mode)
     ended = fp32_values(first)
 
     class Start(Callback):
@@ -269,3 +269,35 @@ def test_a_second_trainer_continues_from_the_first_ones_fp32_values(mode):
     start = Start()
     trainer(mode_plugin(mode), max_steps=1, callbacks=[start]).fit(model, regression_data())
     assert all(torch.equal(start.values[n], ended[n]) for n in ended)
+
+
+@modes
+def test_the_model_pickles_and_deep_copies_with_its_fp32_values(mode, tmp_path):
+    import copy
+
+    model, t = trained(mode, 3)
+    values = model.state_dict()
+    torch.save(model, tmp_path / "model.pt")  # the whole module, as torch.save allows under 32-true
+    for copied in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+        assert copied.inp.weight.dtype == model.inp.weight.dtype
+        assert all(torch.equal(v, values[n]) for n, v in copied.state_dict().items())
+
+
+@modes
+def test_restore_fp32_turns_the_trained_model_back_into_exact_fp32(mode):
+    from lightning_mp import MasterStore
+
+    model, t = trained(mode, 3)
+    values = fp32_values(t)
+    MasterStore.of(model).restore_fp32()
+    assert all(p.dtype == torch.float32 and torch.equal(p, values[n]) for n, p in model.named_parameters())
+    assert MasterStore.of(model) is None
+
+
+def test_a_model_cast_by_the_user_is_no_longer_decoded_as_16_bit():
+    # model.float() upcasts the bf16 weights; the store must not read those as bf16 + remainder
+    model, _ = trained(("bf16-master", "remainder"))
+    model.float()
+    with torch.no_grad():
+        model.inp.weight.add_(2.0**-20)  # FP32 training after the cast
+    assert torch.equal(model.state_dict()["inp.weight"], model.inp.weight)
