@@ -1,5 +1,13 @@
 """lightning-mp: 16-bit training in PyTorch Lightning with FP32 master weights."""
 
+import torch as _torch
+
+# torch's CPU sqrt (MKL's vector math) has returned wrong values (3e-4 relative, half the
+# elements) on its first call in a process when that call ran on several threads, in about one
+# process in eight on an Intel Xeon (torch 2.13). A first call too small to use threads sets it
+# up safely; every AdamW step, torch's and lightning_mp's eager one, calls it.
+_torch.sqrt(_torch.ones(8))
+
 from lightning_mp.convert import DEFAULT_KEEP_FP32, is_norm_layer
 from lightning_mp.diagnostics import SwallowedUpdateMonitor, bytes_per_param, estimate_memory, memory_audit
 from lightning_mp.masters import MasterStore

@@ -35,7 +35,7 @@ def _pair(opt_cls, ref_cls, master="remainder", ref_kwargs=None, groups=None, ou
     else:
         ref_params, our_params = ref, ours
     ref_opt = ref_cls(ref_params, **kwargs, **(ref_kwargs or {}))
-    opt = opt_cls(our_params, master=master, **kwargs, **(our_kwargs or {}))
+    opt = opt_cls(our_params, master=master, **kwargs, **{"compile": False, **(our_kwargs or {})})  # eager unless asked
     for p, v in zip(ours, values):
         opt.set_master(p, v)
     return ours, opt, ref, ref_opt
@@ -87,8 +87,10 @@ def test_adamw_remainder_is_bit_exact_with_torch_adamw_on_fp32_masters(foreach, 
     [dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2), dict(lr=1e-2, momentum=0.9, dampening=0.5),
      dict(lr=1e-1, maximize=True)],
 )
-def test_sgd_remainder_is_bit_exact_with_torch_sgd_on_fp32_masters(kwargs, blocks):
-    ours, opt, ref, ref_opt = _pair(SGD, torch.optim.SGD, ref_kwargs={"foreach": True}, **kwargs)
+@pytest.mark.parametrize("compile", [False, None], ids=["eager", "fused"])
+def test_sgd_remainder_is_bit_exact_with_torch_sgd_on_fp32_masters(kwargs, blocks, compile):
+    ours, opt, ref, ref_opt = _pair(SGD, torch.optim.SGD, ref_kwargs={"foreach": True}, our_kwargs={"compile": compile},
+                                    **kwargs)
     _steps(ours, opt, ref, ref_opt)
     for p, r in zip(ours, ref):
         assert torch.equal(_bits(opt.master_value(p)), _bits(r))
@@ -97,7 +99,7 @@ def test_sgd_remainder_is_bit_exact_with_torch_sgd_on_fp32_masters(kwargs, block
 def test_fp32_parameters_are_stepped_as_by_torch():
     a = [torch.randn(s, requires_grad=True) for s in SHAPES]
     b = [t.detach().clone().requires_grad_() for t in a]
-    opt, ref = AdamW(a, lr=1e-2, master="remainder"), torch.optim.AdamW(b, lr=1e-2)
+    opt, ref = AdamW(a, lr=1e-2, master="remainder", compile=False), torch.optim.AdamW(b, lr=1e-2)
     for _ in range(3):
         for x, y in zip(a, b):
             x.grad = torch.randn_like(x)
@@ -178,9 +180,10 @@ def test_weights_written_outside_the_optimizer_reset_their_remainder():
     assert all(torch.equal(_bits(opt.master_value(p)), _bits(r)) for p, r in zip(ours, ref))
 
 
+@pytest.mark.parametrize("compile", [False, None], ids=["eager", "fused"])
 @pytest.mark.parametrize("master", ["remainder", "stochastic", "kahan"])
-def test_state_dict_round_trip_continues_bit_exactly(master, blocks):
-    kwargs = dict(moment_dtype=BF16) if master == "stochastic" else {}
+def test_state_dict_round_trip_continues_bit_exactly(master, blocks, compile):
+    kwargs = dict(moment_dtype=BF16, compile=compile) if master == "stochastic" else dict(compile=compile)
     ours, opt, ref, ref_opt = _pair(AdamW, torch.optim.AdamW, master=master, lr=1e-2, our_kwargs=kwargs)
     _steps(ours, opt, ref, ref_opt, n=3)
     saved_weights = [p.detach().clone() for p in ours]
@@ -206,7 +209,7 @@ def test_loads_a_torch_adamw_state_and_continues_as_torch_would():
             r.grad = torch.randn(r.shape, generator=g).to(BF16).float()
         ref_opt.step()
     ours = [torch.empty_like(v, dtype=BF16, requires_grad=True) for v in values]
-    opt = AdamW(ours, lr=1e-2, master="remainder")
+    opt = AdamW(ours, lr=1e-2, master="remainder", compile=False)
     for p, r in zip(ours, ref):
         opt.set_master(p, r.detach())
     opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # as from a file: no shared tensors

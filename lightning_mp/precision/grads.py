@@ -23,6 +23,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_mp import fused
+
 
 class FP32Grads:
     """The FP32 gradient sums of some 16-bit parameters (see the module docstring)."""
@@ -90,16 +92,33 @@ class FP32Grads:
         self._sums[p] = grad.float() if total is None else total.add_(grad)
         p.grad = None
 
-    def take(self, params: Sequence[Tensor]) -> dict[Tensor, Tensor]:
+    def take(self, params: Sequence[Tensor], upcast: bool = True,
+             inv_scale: Optional[float] = None) -> tuple[dict[Tensor, Tensor], set[Tensor], bool]:
         """The FP32 gradient of each parameter in ``params`` that has one; the step owns them until
-        :meth:`release` (or :meth:`give_back`, when another backward comes first)."""
-        out = {}
+        :meth:`release` (or :meth:`give_back`, when another backward comes first).
+
+        ``upcast=False`` takes only the FP32 sums of accumulated micro-batches and leaves a single
+        backward's 16-bit ``.grad`` where it is (an optimizer that reads 16-bit gradients). With
+        ``upcast`` and ``inv_scale``, a 16-bit gradient is upcast, unscaled and checked in one pass
+        (:mod:`lightning_mp.fused`). Returns the gradients, those already unscaled, and whether
+        any of those held inf/NaN.
+        """
+        out: dict[Tensor, Tensor] = {}
+        unscaled: set[Tensor] = set()
+        found = False
         for p in params:
-            self._fold(p)
+            if p not in self._taken and p not in self._sums and p.grad is not None and upcast and inv_scale is not None \
+                    and fused.applies(p.grad) and fused.available():
+                self._sums[p], bad = fused.upcast_check(p.grad, inv_scale)
+                p.grad = None
+                found |= bad
+                unscaled.add(p)
+            elif p not in self._taken and (upcast or p in self._sums):
+                self._fold(p)
             if p in self._sums:
                 out[p] = self._sums[p]
                 self._taken.add(p)
-        return out
+        return out, unscaled, found
 
     def give_back(self, scale: Optional[float] = None) -> None:
         """Another backward before the step: the taken sums accumulate again (re-scaled if unscaled)."""

@@ -153,14 +153,10 @@ class MasterWeightPrecision(Precision):
         self._module = module
         trainer = getattr(module, "_trainer", None)
         raw = [_unwrap(o) for o in optimizers]
-        if self.master != "fp32":
-            for optimizer in raw:
-                self._attach_stored(optimizer)
+        for optimizer in raw:
+            self._attach(optimizer)
         self.store.track(module, (p for o in raw for g in o.param_groups for p in g["params"]))
         if self.master == "fp32":
-            for optimizer in raw:
-                _upcast_state(optimizer)
-                self._hooks += _keep_fp32_state_on_load(optimizer)
             self.grads.attach(p for p in self.store.params() if p.requires_grad)  # also for a raw loss.backward()
         if self.device is None:
             param = next(model.parameters(), None)
@@ -176,14 +172,20 @@ class MasterWeightPrecision(Precision):
             average_fp32(callback, self.store)  # SWA and EMA average the FP32 values
         return model, optimizers, lr_schedulers
 
-    def _attach_stored(self, optimizer: Optimizer) -> None:
-        if not isinstance(optimizer, _StoredMasterOptimizer):
+    def _attach(self, optimizer: Optimizer) -> None:
+        """A lightning_mp.optim optimizer steps the 16-bit weights through the store (every policy);
+        a torch optimizer steps FP32 masters (``master="fp32"`` only), its state kept FP32."""
+        if isinstance(optimizer, _StoredMasterOptimizer):
+            optimizer.use_store(self.store)
+            return
+        if self.master != "fp32":
             raise TypeError(
                 f"master={self.master!r} needs an optimizer that steps the bf16 weights with their "
                 f"{self.master} storage: lightning_mp.optim.AdamW or lightning_mp.optim.SGD, not "
                 f"{type(optimizer).__module__}.{type(optimizer).__qualname__}. Any optimizer works with master='fp32'."
             )
-        optimizer.use_store(self.store)
+        _upcast_state(optimizer)
+        self._hooks += _keep_fp32_state_on_load(optimizer)
 
     def _setup_ddp(self, model: DistributedDataParallel, trainer: Any) -> None:
         """Rank 0's FP32 values on every rank (DDP broadcast only the 16-bit weights); who reduces."""

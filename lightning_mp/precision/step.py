@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_mp import fused
 from lightning_mp.masters import MasterStore
+from lightning_mp.optim import _StoredMasterOptimizer
 from lightning_mp.storage import HALF
 from lightning_mp.precision.ddp import GradReducer
 from lightning_mp.precision.grads import FP32Grads
@@ -40,10 +42,12 @@ class Prepared:
     """One optimizer's gradients, ready for its step."""
 
     params: list[Tensor]  # the optimizer's parameters, each once
-    fp32: dict[Tensor, Tensor]  # master="fp32": the FP32 gradient of each 16-bit parameter
+    fp32: dict[Tensor, Tensor]  # FP32 gradients taken from the parameters (micro-batch sums, upcasts)
     found_inf: Tensor  # 0-dim, 1.0 when any gradient holds inf/NaN
-    factor: Optional[Tensor] = None  # storage policies: what the optimizer multiplies its FP32 grads by
-    clamp: Optional[float] = None  # storage policies: clip by value, on the FP32 grads
+    stored: bool  # a lightning_mp.optim optimizer: it unscales and clips its FP32 copies of the grads
+    unscaled: bool = False  # the fp32 gradients were unscaled in place (they must be re-scaled to accumulate again)
+    factor: Optional[Tensor] = None  # stored: what the optimizer multiplies its FP32 grads by
+    clamp: Optional[float] = None  # stored: clip by value, on the FP32 grads
     loss: Any = field(default=None)
 
     def grads(self) -> list[Tensor]:
@@ -76,33 +80,48 @@ class MasterStep:
     # -- 1. prepare ----------------------------------------------------------------------------
 
     def prepare(self, optimizer: Any) -> Prepared:
-        """FP32 gradients, all-reduced and unscaled, and the inf/NaN flag (once per step)."""
+        """FP32 gradients, all-reduced and unscaled, and the inf/NaN flag (once per step).
+
+        A :mod:`lightning_mp.optim` optimizer reads 16-bit gradients itself (and the FP32 sums of
+        accumulated micro-batches), unscaling and clipping its FP32 copies. A ``torch.optim``
+        optimizer (``master="fp32"``) gets FP32 gradients for its FP32 masters: upcast, unscaled and
+        checked in one pass (:mod:`lightning_mp.fused`), or by torch's ops on devices the kernel
+        does not cover.
+        """
         optimizer = _unwrap(optimizer)
         if id(optimizer) in self._prepared:
             return self._prepared[id(optimizer)]
         params = list(dict.fromkeys(p for group in optimizer.param_groups for p in group["params"]))
         half = [p for p in params if p.dtype in HALF]
+        stored = isinstance(optimizer, _StoredMasterOptimizer)
         inv_scale = None if self.scaler is None else self.scaler.inv_scale
-        if self.grads is not None:  # master="fp32"
-            self.store.ensure(half, "fp32")  # a parameter joining late gets its master, from its exact value
-            fp32 = self.grads.take(half)
-            prepared = Prepared(params, fp32, torch.zeros(()))
-            grads = prepared.grads()
-            if self.reducer is not None:
-                self.reducer.all_reduce(grads)
-            prepared.found_inf = _check(grads, inv_scale, unscale=True)
-        else:  # storage policies: bf16 grads stay as they are; the optimizer unscales its FP32 copies
-            prepared = Prepared(params, {}, torch.zeros(()))
-            prepared.found_inf = _check(prepared.grads(), inv_scale, unscale=False)
-            if inv_scale is not None:
-                prepared.factor = inv_scale(prepared.found_inf.device)
+        fp32: dict[Tensor, Tensor] = {}
+        done: set[Tensor] = set()
+        found = False
+        if self.grads is not None:  # master="fp32": micro-batch sums, and FP32 gradients for a torch optimizer
+            if not stored:
+                self.store.ensure(half, "fp32")  # a parameter joining late gets its master, from its exact value
+            upcast = not stored or self.reducer is not None
+            scale = None if stored or self.reducer is not None else (1.0 if self.scaler is None else 1.0 / self.scaler.scale)
+            fp32, done, found = self.grads.take(half, upcast=upcast, inv_scale=scale)
+        prepared = Prepared(params, fp32, torch.zeros(()), stored=stored, unscaled=not stored)
+        grads = prepared.grads()
+        if self.reducer is not None:
+            self.reducer.all_reduce(grads)
+        rest = [g for p in params if p not in done and (g := fp32.get(p, p.grad)) is not None]
+        prepared.found_inf = _check(rest, inv_scale, unscale=not stored)
+        if found:
+            prepared.found_inf.fill_(1.0)
+        if stored and inv_scale is not None:
+            prepared.factor = inv_scale(prepared.found_inf.device)
         self._prepared[id(optimizer)] = prepared
         return prepared
 
     def before_backward(self) -> None:
         """Another backward before the step: prepared gradients go back to accumulating."""
         if self._prepared and self.grads is not None:
-            self.grads.give_back(None if self.scaler is None else self.scaler.scale)
+            unscaled = any(p.unscaled for p in self._prepared.values())
+            self.grads.give_back(self.scaler.scale if unscaled and self.scaler is not None else None)
         self._prepared.clear()
 
     # -- 3a. clipping -------------------------------------------------------------------------
@@ -118,14 +137,14 @@ class MasterStep:
         if prepared.factor is not None:  # bf16 grads not yet unscaled
             total = total * prepared.factor
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's formula; no host sync
-        if prepared.fp32 or self.grads is not None:
-            torch._foreach_mul_(grads, coef)
-        else:
+        if prepared.stored:  # scaling 16-bit gradients would round: the optimizer scales its FP32 copies
             prepared.factor = coef if prepared.factor is None else prepared.factor * coef
+        else:
+            torch._foreach_mul_(grads, coef)
 
     def clip_by_value(self, optimizer: Any, clip_value: float) -> None:
         prepared = self.prepare(optimizer)
-        if self.grads is not None:
+        if not prepared.stored:
             grads = prepared.grads()
             if grads:
                 torch._foreach_clamp_min_(grads, -clip_value)
@@ -171,11 +190,11 @@ class MasterStep:
 
     @contextmanager
     def _fp32(self, optimizer: Optimizer, prepared: Prepared) -> Iterator[None]:
-        """``master="fp32"``: for the step, the optimizer holds the FP32 masters (their FP32 gradients
-        attached) in place of the 16-bit parameters, its state keyed by them; afterwards the masters
-        are rounded into the weights. The parameters themselves never change dtype, which would
-        reset their gradient accumulators (and orphan DDP's hooks)."""
-        if self.grads is None:
+        """A ``torch.optim`` optimizer under ``master="fp32"``: for the step it holds the FP32 masters
+        (their FP32 gradients attached) in place of the 16-bit parameters, its state keyed by them;
+        afterwards the masters are rounded into the weights. The parameters themselves never
+        change dtype, which would reset their gradient accumulators (and orphan DDP's hooks)."""
+        if prepared.stored:
             yield
             return
         masters = {p: self.store.storage(p) for p in prepared.params if self.store.kind(p) == "fp32"}
@@ -192,8 +211,9 @@ class MasterStep:
                 self.store.write(list(masters), list(masters.values()))  # round to nearest into the weights
 
     def _hand_transforms(self, optimizer: Optimizer, prepared: Prepared) -> None:
-        if self.grads is None:  # lightning_mp.optim unscales and clips its FP32 copies of the grads
+        if prepared.stored:  # lightning_mp.optim unscales and clips its FP32 copies of the grads
             optimizer.grad_factor, optimizer.grad_clamp = prepared.factor, prepared.clamp
+            optimizer.step_grads = dict(prepared.fp32)
 
     def _is_sync_free(self, optimizer: Optimizer) -> bool:
         if not getattr(optimizer, "_step_supports_amp_scaling", False) or self.sync_free is False:
@@ -241,7 +261,10 @@ def _substitute(optimizer: Optimizer, mapping: dict[Tensor, Tensor]) -> None:
 
 
 def _check(grads: list[Tensor], inv_scale: Union[Callable[[torch.device], Tensor], None], unscale: bool) -> Tensor:
-    """One fused inf/NaN check per device (unscaling in place when ``unscale``); no host sync."""
+    """One fused inf/NaN check per device (unscaling in place when ``unscale``); no host sync.
+    Without unscaling, CPU gradients are only read (:func:`lightning_mp.fused.check`)."""
+    if not unscale and grads and fused.applies(*grads) and fused.available():
+        return torch.tensor(float(any(fused.check(g) for g in grads)))
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)

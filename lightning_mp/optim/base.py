@@ -1,0 +1,345 @@
+"""What AdamW and SGD share: FP32 values out of the store, the update, values back into it.
+
+Two ways to run a step, with the same arithmetic:
+
+- fused (``compile=None``, the default, where it applies): one pass per element through the
+  :mod:`lightning_mp.fused` kernel, built once for this CPU;
+- eager (``compile=False``, CUDA, no C++ compiler): torch's ``_foreach_*`` ops, the same ops in
+  the same order as ``torch.optim``'s foreach implementations, over blocks of elements that stay
+  in cache between ops. SGD and AdamW are then bit-exact with torch's.
+
+The fused SGD is bit-exact too. The fused AdamW takes IEEE square roots, where torch's CPU
+``sqrt`` (MKL) is 1 ulp off for about 0.7 % of values: its FP32 values differ from torch's
+AdamW by at most 1 ulp after a step (tests measure it); ``compile=False`` is the bit-exact path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_mp import fused
+from lightning_mp.masters import MasterStore
+from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, _upcast, stochastic_round_
+
+# Elements stepped at once by the eager path (see _blocks): on a CPU 2 MiB of FP32 per
+# temporary, which stays in cache across a step's ops; elsewhere 64 MiB, which bounds the step's
+# temporaries.
+_BLOCK_NUMEL = {"cpu": 1 << 19, "cuda": 1 << 24}
+
+Params = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
+
+
+class _StoredMasterOptimizer(Optimizer):
+    """Shared machinery of :class:`~lightning_mp.optim.AdamW` and :class:`~lightning_mp.optim.SGD`."""
+
+    _state_keys: tuple[str, ...] = ()  # moment tensors, kept in ``moment_dtype``
+    _kernel = ""  # the fused kernel: "adamw" or "sgd"
+
+    def _moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return self._state_keys
+
+    def __init__(
+        self,
+        params: Params,
+        defaults: dict[str, Any],
+        *,
+        master: Optional[str],
+        moment_dtype: torch.dtype,
+        seed: int,
+        compile: Optional[bool],
+    ) -> None:
+        if master is not None and master not in MASTER_POLICIES:
+            raise ValueError(f"master must be one of {', '.join(MASTER_POLICIES)}, got {master!r}")
+        if moment_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
+        super().__init__(params, defaults)
+        self.master = master
+        self.moment_dtype = moment_dtype
+        self.seed = seed
+        self.compile = compile
+        # Where the 16-bit weights' FP32 values live: this optimizer's own store, or the one
+        # MasterWeightPrecision hands it (use_store), which also keeps the model's other parameters.
+        half = next((p.dtype for g in self.param_groups for p in g["params"] if p.dtype in HALF), torch.bfloat16)
+        self.store = MasterStore(half if master in (None, "fp32") else torch.bfloat16, master or "fp32", seed)
+        # Transforms of the next step's gradients, applied to their FP32 copies (scaling a bf16 grad
+        # would round): MasterWeightPrecision's unscaling and clipping set them.
+        self.grad_factor: Optional[Tensor] = None
+        self.grad_clamp: Optional[float] = None
+        # FP32 gradients to step with instead of .grad (MasterWeightPrecision's micro-batch sums).
+        self.step_grads: dict[Tensor, Tensor] = {}
+        self._noise_step = 0  # counter of the fused kernel's stochastic-rounding noise
+
+    def use_store(self, store: MasterStore) -> None:
+        """Step the 16-bit weights through ``store``, with its policy."""
+        if self.master not in (None, store.policy):
+            raise ValueError(f"the optimizer was built with master={self.master!r} but the plugin has master={store.policy!r}")
+        self.master, self.store = store.policy, store
+
+    # -- the policy of one tensor ------------------------------------------------------------
+
+    def _policy(self, p: Tensor) -> Optional[str]:
+        """The storage kind of ``p``'s FP32 value; ``None`` for an FP32 parameter (stepped in place)."""
+        if p.dtype == torch.float32:
+            return None
+        if p.dtype not in HALF or (p.dtype == torch.float16 and self.store.policy != "fp32"):
+            raise TypeError(f"{type(self).__name__} steps float32 or bfloat16 parameters (float16 ones with "
+                            f"master='fp32'), got {p.dtype}")
+        if self.master is None:
+            raise ValueError(
+                f"{type(self).__name__} got {p.dtype} parameters but no storage for their FP32 value: pass "
+                "master='remainder', 'stochastic' or 'kahan' (or 'fp32'), or train under "
+                "lightning_mp.MasterWeightPrecision, which keeps it."
+            )
+        return self.store.policy
+
+    def _sync_storage(self, params: list[Tensor]) -> None:
+        """Give 16-bit ``params`` the policy's storage (re-derived where a weight was written outside
+        the optimizer), and show it in their state under torch-style keys."""
+        policy = self._policy(params[0])
+        self.store.sync(params)
+        self.store.ensure(params, policy)
+        key = POLICY[policy].state_key
+        for p in params:
+            state = self.state[p]
+            for other in STATE_KEYS:
+                if other != key:
+                    state.pop(other, None)
+            if key is not None:
+                state[key] = self.store.storage(p)
+
+    @torch.no_grad()
+    def master_value(self, p: Tensor) -> Tensor:
+        """The FP32 value the optimizer holds for parameter ``p`` (for checkpoints and diagnostics)."""
+        if p.dtype == torch.float32:
+            return p.detach()
+        self._sync_storage([p])
+        return self.store.value(p)
+
+    @torch.no_grad()
+    def set_master(self, p: Tensor, value: Tensor) -> None:
+        """Make ``value`` (FP32) the value of parameter ``p``: its weight and, by the policy, its storage."""
+        if p.dtype != torch.float32:
+            self._sync_storage([p])
+        self.store.set_value(p, value)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        transform = (self.grad_factor, self.grad_clamp)
+        self.grad_factor, self.grad_clamp = None, None
+        grads, self.step_grads = self.step_grads, {}
+        index = self._element_index()
+        self._noise_step += 1
+        for group in self.param_groups:
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for p in group["params"]:
+                grad = grads.get(p, p.grad)
+                if grad is not None:
+                    if grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            for (device, dtype), params in buckets.items():
+                if dtype != torch.float32:
+                    self._sync_storage(params)
+                scalars = self._prepare(group, params)
+                step_grads = [grads.get(p, p.grad) for p in params]
+                if self._fused(params, step_grads):
+                    self._fused_step(group, params, step_grads, scalars, transform, index)
+                else:
+                    for block in _blocks(params, _BLOCK_NUMEL.get(device.type, _BLOCK_NUMEL["cuda"]), grads):
+                        self._step_block(group, block, scalars, transform, grads)
+                self.store.record(params)
+        return loss
+
+    def _element_index(self) -> dict[Tensor, int]:
+        """Each parameter's first element in the optimizer's numbering (the fused noise's counter)."""
+        index, at = {}, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                index[p] = at
+                at += p.numel()
+        return index
+
+    # -- eager: torch's foreach ops, block by block ---------------------------------------------
+
+    def _step_block(
+        self,
+        group: dict[str, Any],
+        block: list[_Segment],
+        scalars: dict[Tensor, Any],
+        transform: tuple[Optional[Tensor], Optional[float]],
+        step_grads: dict[Tensor, Tensor],
+    ) -> None:
+        """One block of segments: FP32 values in, the subclass's update, values and moments out."""
+        weights = [seg.of(seg.param) for seg in block]
+        kind = self._policy(block[0].param)
+        policy = POLICY[kind] if kind is not None else None
+        storage = [seg.of(s) for seg in block if (s := self.store.storage(seg.param)) is not None]
+        values = policy.decode(weights, storage) if policy else weights  # FP32 parameters step in place
+        grads = [seg.of(step_grads.get(seg.param, seg.param.grad)) for seg in block]
+        grads = [g if g.dtype == torch.float32 else g.float() for g in grads]  # exact upcasts
+        factor, clamp = transform
+        if factor is not None:
+            # in place on FP32 parameters' own grads, as unscaling and clipping scale them
+            torch._foreach_mul_(grads, factor.to(grads[0].device))
+        if clamp is not None:
+            torch._foreach_clamp_min_(grads, -clamp)
+            torch._foreach_clamp_max_(grads, clamp)
+        stored = {key: [seg.of(self.state[seg.param][key]) for seg in block] for key in self._moment_keys(group)}
+        moments = {key: t if self.moment_dtype == torch.float32 else _upcast(t) for key, t in stored.items()}
+        self._update(group, values, grads, moments, [scalars[seg.param] for seg in block])
+        if self.moment_dtype != torch.float32:  # a bf16 `v * 0.999` never changes: round stochastically
+            for key, tensors in moments.items():
+                stochastic_round_(tensors, stored[key], self.store.generator(weights[0].device))
+        if policy:
+            generator = self.store.generator(weights[0].device) if kind == "stochastic" else None
+            policy.encode(values, weights, storage, generator)
+
+    def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> dict[Tensor, Any]:
+        """Create missing state for ``params``; return what each needs this step (step sizes...)."""
+        raise NotImplementedError
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        values: list[Tensor],
+        grads: list[Tensor],
+        moments: dict[str, list[Tensor]],
+        scalars: list[Any],
+    ) -> None:
+        """Update FP32 ``values`` and ``moments`` in place from FP32 ``grads``."""
+        raise NotImplementedError
+
+    # -- fused: one pass per element ----------------------------------------------------------
+
+    def _fused(self, params: list[Tensor], grads: list[Tensor]) -> bool:
+        if self.compile is False or not fused.applies(*params, *grads):
+            return False
+        if any(not fused.applies(*(self.state[p].get(k) for k in self._state_keys)) for p in params):
+            return False
+        return fused.available()
+
+    def _fused_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        scalars: dict[Tensor, Any],
+        transform: tuple[Optional[Tensor], Optional[float]],
+        index: dict[Tensor, int],
+    ) -> None:
+        factor, clamp = transform
+        h = fused.hyper(**self._hyper(group), factor=0.0 if factor is None else float(factor),
+                        has_factor=factor is not None, clamp=0.0 if clamp is None else float(clamp),
+                        has_clamp=clamp is not None, maximize=bool(group["maximize"]), seed=self.seed % 2**64,
+                        counter=self._noise_step)
+        calls: dict[tuple[int, torch.dtype, torch.dtype], list[fused.Segment]] = {}
+        for p, g in zip(params, grads):
+            kind = self._policy(p)
+            code = fused.F32_PARAM if kind is None else fused.KIND[kind]
+            moments = [self.state[p].get(k) for k in self._state_keys] + [None, None]
+            segment = fused.segment(p, self.store.storage(p), g, moments[0], moments[1], index[p], *self._segment(scalars[p]))
+            calls.setdefault((code, p.dtype, g.dtype), []).append(segment)
+        for (code, wdtype, gdtype), segments in calls.items():
+            fused.run(self._kernel, code, wdtype, gdtype, self.moment_dtype, segments, h)
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The fused kernel's hyper-parameters of ``group``."""
+        raise NotImplementedError
+
+    def _segment(self, scalars: Any) -> tuple[float, float]:
+        """The fused kernel's per-tensor scalars, from what :meth:`_prepare` returned."""
+        raise NotImplementedError
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in enumerate(params):
+            exact = self.store.exact_state(p)  # a Kahan pair's weight, which its FP32 value cannot give back
+            if exact:
+                state["state"][index] = {**state["state"].get(index, {}), **exact}
+        if self.store.policy == "stochastic" or self.moment_dtype != torch.float32:
+            for device in {p.device for p in params}:  # the rounding's generators, even before their first use
+                self.store.generator(device)
+        state["master"] = self.master
+        state["generators"] = self.store.state_dict()["generators"]
+        state["noise_step"] = self._noise_step
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by this optimizer (under any policy) or by torch's.
+
+        torch casts every floating state tensor to its parameter's dtype; here moments keep
+        ``moment_dtype`` and storage keeps its own. Storage saved under another policy is
+        dropped: a weight then keeps the storage it has (set from the checkpoint's FP32 values by
+        the precision plugin) or starts exact.
+        """
+        state_dict = dict(state_dict)
+        generators = state_dict.pop("generators", {})
+        self._noise_step = int(state_dict.pop("noise_step", 0))
+        state_dict.pop("master", None)
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(index, {})
+            state = self.state[p]
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and key != "step" and key in self._state_keys:
+                    state[key] = value.to(device=p.device, dtype=self.moment_dtype)
+            state.pop("weight", None)
+            for key in STATE_KEYS:
+                state.pop(key, None)
+            if p.dtype in HALF and self.master is not None:
+                self._sync_storage([p])
+                self.store.load_exact_state(p, {k: v.to(p.device) for k, v in saved.items() if isinstance(v, Tensor)})
+        self.store.load_state_dict({"generators": generators})
+
+
+class _Segment(NamedTuple):
+    """Elements ``start:stop`` of a parameter (and of its grad and state), or all of it (``start`` None)."""
+
+    param: Tensor
+    start: Optional[int] = None
+    stop: Optional[int] = None
+
+    def of(self, t: Tensor) -> Tensor:
+        return t if self.start is None else t.view(-1)[self.start : self.stop]
+
+
+def _blocks(params: list[Tensor], block_numel: int, grads: Optional[dict[Tensor, Tensor]] = None) -> Iterable[list[_Segment]]:
+    """Group ``params`` (or any tensors) into blocks of about ``block_numel`` elements, splitting
+    large contiguous ones (whose gradient, if any, is contiguous too).
+
+    A step runs all its ops on one block before the next: on a CPU a block's temporaries then
+    stay in cache between ops, which makes the dozen passes of a step cost about as much as
+    torch's eight over whole tensors. On CUDA blocks are large (kernel launches dominate).
+    """
+    block: list[_Segment] = []
+    numel = 0
+    for p in params:
+        n = p.numel()
+        grad = (grads or {}).get(p, p.grad)
+        whole = n <= block_numel or not (p.is_contiguous() and (grad is None or grad.is_contiguous()))
+        pieces = [_Segment(p)] if whole else [_Segment(p, s, min(s + block_numel, n)) for s in range(0, n, block_numel)]
+        for seg in pieces:
+            size = n if seg.start is None else seg.stop - seg.start
+            if block and numel + size > block_numel:
+                yield block
+                block, numel = [], 0
+            block.append(seg)
+            numel += size
+    if block:
+        yield block

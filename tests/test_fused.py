@@ -1,0 +1,197 @@
+"""The fused optimizer step (lightning_mp.fused): same arithmetic as the eager path, built once, a fallback."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from lightning_mp import fused
+from lightning_mp.optim import SGD, AdamW
+from lightning_mp.storage import join_
+
+BF16, FP16 = torch.bfloat16, torch.float16
+SHAPES = [(300, 70), (33,), (5, 4, 3)]
+needs_kernel = pytest.mark.skipif(not fused.available(), reason="no C++ compiler: the fused step falls back to eager")
+
+
+def _values(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    values = [torch.randn(s, generator=g) * 3 for s in SHAPES]
+    values[0].view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-40, 3e37])
+    return values
+
+
+def _optimizers(cls, master, dtype, **kwargs):
+    """The same parameters stepped by the eager and the fused path."""
+    runs = []
+    for compile in (False, None):
+        params = [torch.empty(v.shape, dtype=dtype, requires_grad=True) for v in _values()]
+        opt = cls(params, master=master if dtype != torch.float32 else None, compile=compile, **kwargs)
+        for p, v in zip(params, _values()):
+            opt.set_master(p, v)
+        runs.append((params, opt))
+    return runs
+
+
+def _one_step_from_the_same_state(cls, master, dtype, steps=4, **kwargs):
+    """Step both paths; before each step the fused optimizer takes the eager one's exact state, so
+    the comparison is of one step's arithmetic. Yields (before, eager values, fused values) per step."""
+    (ea, eager), (fu, fast) = _optimizers(cls, master, dtype, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+        for p, q, grad in zip(ea, fu, grads):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        fast.load_state_dict(copy.deepcopy(eager.state_dict()))  # no shared moment tensors
+        before = [eager.master_value(p).clone() for p in ea]
+        for p, q, b in zip(ea, fu, before):
+            fast.set_master(q, b)
+        eager.step()
+        fast.step()
+        yield before, [eager.master_value(p) for p in ea], [fast.master_value(q) for q in fu]
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """The FP32 step at |x| (the smallest subnormal at 0)."""
+    exponent = torch.frexp(x.abs())[1]
+    return torch.where(x != 0, torch.ldexp(torch.ones_like(x), exponent - 24), torch.full_like(x, 2.0**-149))
+
+
+@needs_kernel
+@pytest.mark.parametrize("master, dtype", [(None, torch.float32), ("fp32", BF16), ("fp32", FP16), ("remainder", BF16),
+                                           ("kahan", BF16)])
+@pytest.mark.parametrize("kwargs", [dict(lr=1e-2, weight_decay=0.1), dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6,
+                                                                          weight_decay=0.0, maximize=True)])
+def test_fused_adamw_step_is_within_one_ulp_of_torchs(master, dtype, kwargs):
+    # torch's CPU sqrt (MKL) is 1 ulp off IEEE's for ~0.7 % of values; nothing else differs. A
+    # denominator 1 ulp apart puts the two quotients (the updates) at most 2 ulps apart after their
+    # own roundings, and the sums at most 1 ulp more (measured: at most 0.9 of this bound).
+    differ = total = 0
+    for before, eager, fast in _one_step_from_the_same_state(AdamW, master, dtype, **kwargs):
+        for b, e, f in zip(before, eager, fast):
+            if master == "kahan":  # weight + compensation: about 16 significant bits
+                assert ((e - f).abs() <= e.abs() * 2.0**-15).all()
+            else:
+                assert ((e - f).abs() <= 2 * _ulp(e - b) + _ulp(e)).all()
+            differ += int((e != f).sum())
+            total += e.numel()
+    assert differ < 0.02 * total  # measured: about 0.2 % of values after a step
+
+
+@needs_kernel
+@pytest.mark.parametrize("master, dtype", [(None, torch.float32), ("fp32", BF16), ("fp32", FP16), ("remainder", BF16),
+                                           ("kahan", BF16)])
+@pytest.mark.parametrize("kwargs", [dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2),
+                                    dict(lr=1e-2, momentum=0.9, dampening=0.5), dict(lr=1e-1, maximize=True)])
+def test_fused_sgd_step_equals_the_eager_one_bit_for_bit(master, dtype, kwargs):
+    for _, eager, fast in _one_step_from_the_same_state(SGD, master, dtype, **kwargs):
+        assert all(torch.equal(e, f) for e, f in zip(eager, fast))
+
+
+@needs_kernel
+def test_fused_16_bit_weights_are_the_rounded_masters_and_remainders_exact():
+    (ea, eager), (fu, fast) = _optimizers(AdamW, "remainder", BF16, lr=1e-2)
+    for p in fu:
+        p.grad = torch.randn_like(p)
+    fast.step()
+    for p in fu:
+        out = torch.empty_like(p, dtype=torch.float32)
+        join_([out], [p.detach()], [fast.state[p]["remainder"]])
+        assert torch.equal(out, fast.master_value(p))  # weight + remainder = the value, as the eager split
+    (_, _), (fp, fopt) = _optimizers(AdamW, "fp32", FP16, lr=1e-2)
+    for p in fp:
+        p.grad = torch.randn_like(p)
+    fopt.step()
+    assert all(torch.equal(p, fopt.store.storage(p).to(FP16)) for p in fp)  # fp16 weights: round to nearest
+
+
+@needs_kernel
+@pytest.mark.parametrize("up, p_up", [(2.0**-9, 0.25), (3 * 2.0**-9, 0.75)])
+def test_fused_stochastic_rounding_goes_up_with_the_exact_probability(up, p_up):
+    # weights at 1.0 (bf16 step above 1: 2**-7); an SGD update of +up lands a quarter (three
+    # quarters) of the way to the next bf16 value: it must round up with that probability
+    n = 1 << 20
+    w = torch.ones(n, dtype=BF16, requires_grad=True)
+    opt = SGD([w], lr=1.0, master="stochastic", maximize=True)
+    w.grad = torch.full((n,), up, dtype=BF16)
+    opt.step()
+    frac = (w.float() == 1 + 2.0**-7).float().mean().item()
+    assert abs(frac - p_up) < 5 * (p_up * (1 - p_up) / n) ** 0.5
+    assert set(w.float().unique().tolist()) == {1.0, 1 + 2.0**-7}
+    before = w.detach().clone()
+    w.grad = torch.full((n,), up, dtype=BF16)
+    opt.step()
+    assert not torch.equal(w.detach().view(torch.int16) - before.view(torch.int16), torch.zeros(n, dtype=torch.int16))
+
+
+@needs_kernel
+def test_the_kernel_is_built_once_not_per_step_or_policy(monkeypatch):
+    import subprocess
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the fused step was compiled again")
+
+    monkeypatch.setattr(subprocess, "run", no_build)  # already built: no compiler may run from here on
+    for cls, master, dtype, moments in [(AdamW, "remainder", BF16, torch.float32), (AdamW, "stochastic", BF16, BF16),
+                                        (SGD, "kahan", BF16, torch.float32), (AdamW, "fp32", FP16, torch.float32)]:
+        params = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in SHAPES]
+        opt = cls(params, lr=1e-3, master=master, moment_dtype=moments)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+
+
+def test_without_a_compiler_the_step_falls_back_to_eager_and_says_so_once(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused, "_library", None)
+    monkeypatch.setattr(fused, "_tried", False)
+    monkeypatch.setenv("LIGHTNING_MP_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(fused.shutil, "which", lambda name: None)
+    runs = []
+    with pytest.warns(UserWarning, match="fused optimizer step is not available.*no C\\+\\+ compiler"):
+        for compile in (None, False):
+            params = [torch.zeros(s, dtype=BF16, requires_grad=True) for s in SHAPES]
+            opt = AdamW(params, lr=1e-2, master="remainder", compile=compile)
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.ones_like(p)
+                opt.step()
+            runs.append([opt.master_value(p) for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))  # the eager path, bit for bit
+    assert not fused.available()
+
+
+def test_a_fresh_build_is_reported_once_in_one_line(monkeypatch, tmp_path, caplog):
+    if fused._compiler is None:
+        pytest.skip("no compiler")
+    try:
+        fused._compiler()
+    except RuntimeError:
+        pytest.skip("no C++ compiler on this machine")
+    monkeypatch.setattr(fused, "_library", None)
+    monkeypatch.setattr(fused, "_tried", False)
+    monkeypatch.setenv("LIGHTNING_MP_CACHE", str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        assert fused.available()
+        assert fused.available()
+    lines = [r.getMessage() for r in caplog.records if "built the fused optimizer step" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and str(tmp_path) in lines[0]
+    assert len(list(tmp_path.glob("step-*.so"))) == 1
+
+
+@needs_kernel
+def test_non_contiguous_parameters_step_eagerly():
+    base = torch.zeros(8, 6)
+    p = torch.nn.Parameter(base.t())  # non-contiguous FP32 parameter
+    q = torch.nn.Parameter(base.t().clone())
+    a, b = AdamW([p], lr=1e-2), AdamW([q], lr=1e-2, compile=False)
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+        a.step()
+        b.step()
+    assert torch.equal(p, q)
