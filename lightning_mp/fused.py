@@ -127,6 +127,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmp_upcast_check.restype = ctypes.c_int
     lib.lmp_check.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     lib.lmp_check.restype = ctypes.c_int
+    lib.lmp_scale.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -162,6 +163,18 @@ def upcast_check(grad: Tensor, inv_scale: float) -> tuple[Tensor, bool]:
     bad = library().lmp_upcast_check(DTYPE[grad.dtype], grad.data_ptr(), out.data_ptr(),  # type: ignore[union-attr]
                                      grad.numel(), inv_scale, torch.get_num_threads())
     return out, bool(bad)
+
+
+def stream_bandwidth(numel: int = 1 << 26, repeats: int = 8) -> float:
+    """Bytes per second of an in-place update (read and write) of ``numel`` FP32 values, on torch's
+    thread count: what an optimizer step, which updates its tensors in place, can at best stream."""
+    a = torch.ones(numel)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        library().lmp_scale(a.data_ptr(), numel, 1.0, torch.get_num_threads())  # type: ignore[union-attr]
+        best = min(best, time.perf_counter() - start)
+    return 8 * numel / best
 
 
 def check(grad: Tensor) -> bool:

@@ -22,8 +22,8 @@ namespace {
 enum Kind { F32_PARAM = 0, F32_MASTER = 1, REMAINDER = 2, KAHAN = 3, STOCHASTIC = 4 };
 enum DType { F32 = 0, BF16 = 1, F16 = 2 };
 
-inline float from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float from_bits(uint32_t u) { return __builtin_bit_cast(float, u); }
+inline uint32_t to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 
 inline float bf16_to_f32(uint16_t h) { return from_bits(uint32_t(h) << 16); }
 // Round to nearest even, as c10::BFloat16 (NaN becomes 0x7FC0).
@@ -32,8 +32,8 @@ inline uint16_t f32_to_bf16(float f) {
   uint32_t u = to_bits(f);
   return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
-inline float f16_to_f32(uint16_t h) { _Float16 x; std::memcpy(&x, &h, 2); return float(x); }
-inline uint16_t f32_to_f16(float f) { _Float16 x = _Float16(f); uint16_t h; std::memcpy(&h, &x, 2); return h; }
+inline float f16_to_f32(uint16_t h) { return float(__builtin_bit_cast(_Float16, h)); }
+inline uint16_t f32_to_f16(float f) { return __builtin_bit_cast(uint16_t, _Float16(f)); }
 
 template <int D> inline float load(const void* p, int64_t i) {
   if (D == F32) return static_cast<const float*>(p)[i];
@@ -41,12 +41,21 @@ template <int D> inline float load(const void* p, int64_t i) {
   return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
-// Counter-based noise: 64 random bits per (seed, step counter, element), four 16-bit lanes.
-inline uint64_t mix(uint64_t x) {
+// Counter-based noise: uniform 16-bit lanes per (seed, step counter, element), from a 32-bit
+// multiply-xorshift hash (Wellons' lowbias32), which vectorizes at full width. Stochastic
+// rounding only needs each 16-bit lane uniform.
+inline uint64_t mix(uint64_t x) {  // splitmix64's finalizer, for the per-call key
   x += 0x9E3779B97F4A7C15ULL;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
   return x ^ (x >> 31);
+}
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352DU;
+  x ^= x >> 15;
+  x *= 0x846CA68BU;
+  return x ^ (x >> 16);
 }
 
 // Stochastic rounding to bf16: add uniform integer noise in [-2**15, 2**15) to the FP32 bits and
@@ -77,110 +86,152 @@ struct Hyper {
   int32_t threads;
 };
 
-template <int K, int W, int G>
-inline float decode(const Segment& s, int64_t i) {
-  if (K == F32_PARAM) return static_cast<float*>(s.w)[i];
-  if (K == F32_MASTER) return static_cast<float*>(s.s)[i];
-  uint16_t w = static_cast<uint16_t*>(s.w)[i];
-  if (K == REMAINDER) return from_bits((uint32_t(w) << 16) + uint32_t(int32_t(static_cast<int16_t*>(s.s)[i])));
-  if (K == KAHAN) return bf16_to_f32(w) + bf16_to_f32(static_cast<uint16_t*>(s.s)[i]);
-  return bf16_to_f32(w);
+// The arrays of one segment, as restrict pointers: the loops then read nothing but them (a store
+// through a float* could otherwise alias the hyper-parameters, and nothing would vectorize).
+struct Arrays {
+  float* __restrict__ f32;      // F32_PARAM: the parameter; F32_MASTER: the master
+  uint16_t* __restrict__ w;     // the 16-bit weight
+  uint16_t* __restrict__ c;     // KAHAN: the compensation
+  int16_t* __restrict__ r;      // REMAINDER: the remainder
+  const void* __restrict__ g;
+  void* __restrict__ m;
+  void* __restrict__ v;
+};
+
+template <int K>
+inline Arrays arrays(const Segment& s) {
+  Arrays a{nullptr, nullptr, nullptr, nullptr, s.g, s.m, s.v};
+  if (K == F32_PARAM) a.f32 = static_cast<float*>(s.w);
+  else a.w = static_cast<uint16_t*>(s.w);
+  if (K == F32_MASTER) a.f32 = static_cast<float*>(s.s);
+  if (K == KAHAN) a.c = static_cast<uint16_t*>(s.s);
+  if (K == REMAINDER) a.r = static_cast<int16_t*>(s.s);
+  return a;
+}
+
+template <int K>
+inline float decode(const Arrays& a, int64_t i) {
+  if constexpr (K == F32_PARAM || K == F32_MASTER) return a.f32[i];
+  else if constexpr (K == REMAINDER) return from_bits((uint32_t(a.w[i]) << 16) + uint32_t(int32_t(a.r[i])));
+  else if constexpr (K == KAHAN) return bf16_to_f32(a.w[i]) + bf16_to_f32(a.c[i]);
+  else return bf16_to_f32(a.w[i]);
 }
 
 template <int K, int W>
-inline void encode(const Segment& s, int64_t i, float p, uint16_t lane) {
-  if (K == F32_PARAM) { static_cast<float*>(s.w)[i] = p; return; }
-  if (K == F32_MASTER) {
-    static_cast<float*>(s.s)[i] = p;
-    static_cast<uint16_t*>(s.w)[i] = W == F16 ? f32_to_f16(p) : f32_to_bf16(p);
-    return;
-  }
-  if (K == REMAINDER) {  // low 16 bits as signed; the rest, exact, is the bf16 weight (ties away)
+inline void encode(const Arrays& a, int64_t i, float p, uint16_t lane) {
+  if constexpr (K == F32_PARAM) {
+    a.f32[i] = p;
+  } else if constexpr (K == F32_MASTER) {
+    a.f32[i] = p;
+    a.w[i] = W == F16 ? f32_to_f16(p) : f32_to_bf16(p);
+  } else if constexpr (K == REMAINDER) {  // low 16 bits as signed; the rest, exact, is the bf16 weight (ties away)
     int32_t b = int32_t(to_bits(p));
     int16_t lo = int16_t(b);
-    static_cast<int16_t*>(s.s)[i] = lo;
-    static_cast<uint16_t*>(s.w)[i] = uint16_t(uint32_t(b - int32_t(lo)) >> 16);
-    return;
-  }
-  if (K == KAHAN) {
+    a.r[i] = lo;
+    a.w[i] = uint16_t(uint32_t(b - int32_t(lo)) >> 16);
+  } else if constexpr (K == KAHAN) {
     uint16_t w = f32_to_bf16(p);
-    static_cast<uint16_t*>(s.w)[i] = w;
-    static_cast<uint16_t*>(s.s)[i] = f32_to_bf16(p - bf16_to_f32(w));
-    return;
+    a.w[i] = w;
+    a.c[i] = f32_to_bf16(p - bf16_to_f32(w));
+  } else {
+    a.w[i] = round_stochastic(p, lane);
   }
-  static_cast<uint16_t*>(s.w)[i] = round_stochastic(p, lane);
-}
-
-template <int G>
-inline float gradient(const Segment& s, const Hyper& h, int64_t i) {
-  float g = load<G>(s.g, i);
-  if (h.has_factor) g = g * h.factor;
-  if (h.has_clamp) {  // clamp_min then clamp_max; NaN stays NaN
-    g = g < -h.clamp ? -h.clamp : g;
-    g = g > h.clamp ? h.clamp : g;
-  }
-  if (h.maximize) g = -g;
-  return g;
 }
 
 template <int M>
-inline float load_moment(void* p, int64_t i) { return M == F32 ? static_cast<float*>(p)[i] : bf16_to_f32(static_cast<uint16_t*>(p)[i]); }
+inline float load_moment(const void* p, int64_t i) {
+  if constexpr (M == F32) return static_cast<const float*>(p)[i];
+  else return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
 template <int M>
 inline void store_moment(void* p, int64_t i, float x, uint16_t lane) {
-  if (M == F32) static_cast<float*>(p)[i] = x;
+  if constexpr (M == F32) static_cast<float*>(p)[i] = x;
   else static_cast<uint16_t*>(p)[i] = round_stochastic(x, lane);  // a bf16 v * 0.999 never changes otherwise
 }
 
-inline bool noisy(int K, int M) { return K == STOCHASTIC || M != F32; }
+// The gradient as torch's eager path prepares it: times the unscale/clip factor, clamped
+// (clamp_min then clamp_max; NaN stays NaN), negated under maximize. Branch-free, so the loops
+// vectorize: without a factor it multiplies by 1, without a clamp it clamps at infinity, and
+// maximize multiplies by -1, all exact.
+struct GradPrep {
+  float factor, clamp, sign;
+  GradPrep(const Hyper& h)
+      : factor(h.has_factor ? h.factor : 1.0f), clamp(h.has_clamp ? h.clamp : INFINITY), sign(h.maximize ? -1.0f : 1.0f) {}
+  inline float operator()(float g) const {
+    g = g * factor;
+    g = g < -clamp ? -clamp : g;
+    g = g > clamp ? clamp : g;
+    return g * sign;
+  }
+};
+
+// Two 32-bit words of noise for an element: the weight's lane, and the moments' lanes (the second
+// word only for bf16 moments). ``key`` mixes the seed and the step counter, once per call.
+struct Noise { uint32_t a, b; };
+template <int K, int M>
+inline Noise noise(uint64_t key, int64_t index) {
+  Noise n{0, 0};
+  const uint32_t i = uint32_t(index) * 0x9E3779B9U;
+  if constexpr (K == STOCHASTIC || M != F32) n.a = hash32(uint32_t(key) ^ i);
+  if constexpr (M != F32) n.b = hash32(uint32_t(key >> 32) ^ i);
+  return n;
+}
 
 template <int K, int W, int G, int M>
-void adamw_range(const Segment& s, const Hyper& h, int64_t begin, int64_t end) {
-  const float c1 = h.c1, lerp_c = std::fabs(c1) < 0.5f ? c1 : c1 - 1.0f;
+void adamw_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t end) {
+  const Arrays a = arrays<K>(seg);
+  const GradPrep prep(h);
+  const float c1 = h.c1, beta2 = h.beta2, c2 = h.c2, eps = h.eps, neg_step = seg.a, bc2 = seg.b;
+  const float decay = h.has_decay ? h.decay : 1.0f;  // p * 1 is p: no branch in the loop
   const bool small = std::fabs(c1) < 0.5f;
-  const bool rng = noisy(K, M);
-  #pragma GCC ivdep
+  const float lerp_c = small ? c1 : c1 - 1.0f;
+  const uint64_t key = mix(h.seed ^ mix(h.counter));
+  const int64_t index = seg.index;
   for (int64_t i = begin; i < end; ++i) {
-    uint64_t r = rng ? mix(h.seed ^ mix(h.counter ^ mix(uint64_t(s.index + i)))) : 0;
-    float g = gradient<G>(s, h, i);
-    float p = decode<K, W, G>(s, i);
-    if (h.has_decay) p = p * h.decay;
-    float m = load_moment<M>(s.m, i);
+    const Noise r = noise<K, M>(key, index + i);
+    const float g = prep(load<G>(a.g, i));
+    float p = decode<K>(a, i) * decay;
+    float m = load_moment<M>(a.m, i);
     m = std::fma(lerp_c, g - m, small ? m : g);  // lerp, as ATen's vectorized kernel
-    float v = load_moment<M>(s.v, i) * h.beta2;
-    v = v + h.c2 * g * g;                        // addcmul
+    float v = load_moment<M>(a.v, i) * beta2;
+    v = v + c2 * g * g;                           // addcmul
     float d = std::sqrt(v);
-    d = d / s.b;
-    d = d + h.eps;
-    p = p + s.a * m / d;                         // addcdiv (a = -step size)
-    store_moment<M>(s.m, i, m, uint16_t(r >> 16));
-    store_moment<M>(s.v, i, v, uint16_t(r >> 32));
-    encode<K, W>(s, i, p, uint16_t(r));
+    d = d / bc2;
+    d = d + eps;
+    p = p + neg_step * m / d;                     // addcdiv
+    store_moment<M>(a.m, i, m, uint16_t(r.b));
+    store_moment<M>(a.v, i, v, uint16_t(r.b >> 16));
+    encode<K, W>(a, i, p, uint16_t(r.a));
   }
 }
 
 template <int K, int W, int G, int M>
-void sgd_range(const Segment& s, const Hyper& h, int64_t begin, int64_t end) {
-  const bool rng = noisy(K, M), fresh = s.b != 0.0f;
-  const float keep = 1.0f - h.dampening;
-  #pragma GCC ivdep
-  for (int64_t i = begin; i < end; ++i) {
-    uint64_t r = rng ? mix(h.seed ^ mix(h.counter ^ mix(uint64_t(s.index + i)))) : 0;
-    float g = gradient<G>(s, h, i);
-    float p = decode<K, W, G>(s, i);
-    if (h.wd != 0.0f) g = std::fma(h.wd, p, g);  // add with alpha
-    if (h.has_momentum) {
-      float buf;
-      if (fresh) {
-        buf = g;
-      } else {
-        buf = load_moment<M>(s.m, i) * h.momentum;
-        buf = std::fma(keep, g, buf);
-      }
-      store_moment<M>(s.m, i, buf, uint16_t(r >> 16));  // the step uses the unrounded buffer, as the eager path
-      g = h.nesterov ? std::fma(h.momentum, buf, g) : buf;
+void sgd_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t end) {
+  const Arrays a = arrays<K>(seg);
+  const GradPrep prep(h);
+  const bool fresh = seg.b != 0.0f, nesterov = h.nesterov != 0, decays = h.wd != 0.0f;
+  const float keep = 1.0f - h.dampening, wd = h.wd, momentum = h.momentum, neg_lr = -h.lr;
+  const uint64_t key = mix(h.seed ^ mix(h.counter));
+  const int64_t index = seg.index;
+  if (!h.has_momentum) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Noise r = noise<K, M>(key, index + i);
+      const float p = decode<K>(a, i);
+      float g = prep(load<G>(a.g, i));
+      g = decays ? std::fma(wd, p, g) : g;  // add with alpha
+      encode<K, W>(a, i, std::fma(neg_lr, g, p), uint16_t(r.a));
     }
-    p = std::fma(-h.lr, g, p);
-    encode<K, W>(s, i, p, uint16_t(r));
+    return;
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    const Noise r = noise<K, M>(key, index + i);
+    const float p = decode<K>(a, i);
+    float g = prep(load<G>(a.g, i));
+    g = decays ? std::fma(wd, p, g) : g;
+    const float buf = fresh ? g : std::fma(keep, g, load_moment<M>(a.m, i) * momentum);
+    store_moment<M>(a.m, i, buf, uint16_t(r.b));  // the step uses the unrounded buffer, as the eager path
+    g = nesterov ? std::fma(momentum, buf, g) : buf;
+    encode<K, W>(a, i, std::fma(neg_lr, g, p), uint16_t(r.a));
   }
 }
 
@@ -271,6 +322,16 @@ int lmp_upcast_check(int gdtype, const void* g, float* out, int64_t n, float inv
     if (bad) __atomic_store_n(&found[0], 1, __ATOMIC_RELAXED);
   });
   return found[0];
+}
+
+// Multiplies a[0:n] by s in place, on `threads` threads: the machine's streaming rate for an
+// in-place update (benchmarks/optimizer_step.py's bandwidth floor).
+void lmp_scale(float* a, int64_t n, float s, int threads) {
+  Segment seg{a, nullptr, nullptr, nullptr, nullptr, n, 0, 0.0f, 0.0f};
+  parallel(&seg, 1, threads, [&](const Segment& g, int64_t b, int64_t e) {
+    float* __restrict__ x = static_cast<float*>(g.w);
+    for (int64_t i = b; i < e; ++i) x[i] = x[i] * s;
+  });
 }
 
 // Whether a gradient holds inf/NaN: one read-only pass (the step needs the answer before it writes).

@@ -1,0 +1,94 @@
+"""The optimizer step under every storage policy against torch's fused FP32 AdamW, and its bandwidth floor.
+
+    python benchmarks/optimizer_step.py [--layers 12] [--width 1024] [--repeats 30]
+
+13.6M parameters (12 x width^2, 24 x width, 4 x width/4 x width, as the issue's measurement),
+AdamW, one process. Each round steps every optimizer once, in turn; the table gives the median
+time and the median of the per-round ratios to ``torch.optim.AdamW(fused=True)`` on FP32
+parameters of the same shapes (with quartiles). Bytes moved per parameter count what a step must
+read and write (a bf16 weight and gradient are 2 bytes, FP32 moments and masters 4, a remainder or
+compensation 2); the floor is those bytes at the machine's in-place streaming rate, measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lightning_mp import fused
+from lightning_mp.machine import describe
+from lightning_mp.optim import AdamW
+
+BF16 = torch.bfloat16
+
+# (label, how to build, bytes read + written per parameter)
+ROWS = [
+    ("torch `AdamW(fused=True)`, FP32", "torch-fused", 16 + 12),
+    ("torch `AdamW(foreach=True)`, FP32", "torch-foreach", 16 + 12),
+    ("`lightning_mp.optim.AdamW`, `master=\"fp32\"` (bf16 weights, FP32 masters)", ("fp32", torch.float32, None), 14 + 14),
+    ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`", ("remainder", torch.float32, None), 14 + 12),
+    ("`lightning_mp.optim.AdamW`, `master=\"kahan\"`", ("kahan", torch.float32, None), 14 + 12),
+    ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`", ("stochastic", torch.float32, None), 12 + 10),
+    ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`, bf16 moments", ("stochastic", BF16, None), 8 + 6),
+    ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`, `compile=False` (torch's foreach ops)", ("remainder", torch.float32, False), 14 + 12),
+]
+
+
+def shapes(layers: int, width: int) -> list[tuple[int, ...]]:
+    return [(width, width)] * layers + [(width,)] * (2 * layers) + [(width // 4, width)] * 4
+
+
+def build(kind, dims: list[tuple[int, ...]]):
+    g = torch.Generator().manual_seed(0)
+    if isinstance(kind, str):  # torch's AdamW on FP32 parameters
+        params = [(torch.randn(s, generator=g) * 0.02).requires_grad_() for s in dims]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, **{kind.split("-")[1]: True})
+    master, moments, compile = kind
+    params = [torch.zeros(s, dtype=BF16, requires_grad=True) for s in dims]
+    opt = AdamW(params, lr=1e-4, weight_decay=0.1, master=master, moment_dtype=moments, compile=compile)
+    for p in params:
+        opt.set_master(p, torch.randn(p.shape, generator=g) * 0.02)
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(BF16)
+    return opt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    print(f"machine: {describe()}")
+    if not fused.available():
+        print("the fused step is not available here (no C++ compiler): lightning_mp.optim rows run eagerly")
+    dims = shapes(args.layers, args.width)
+    n = sum(torch.Size(s).numel() for s in dims)
+    bandwidth = fused.stream_bandwidth() if fused.available() else float("nan")
+    print(f"{n / 1e6:.1f}M parameters; in-place streaming rate {bandwidth / 1e9:.1f} GB/s (read + write)\n")
+    opts = {label: build(kind, dims) for label, kind, _ in ROWS}
+    times: dict[str, list[float]] = {label: [] for label in opts}
+    for i in range(args.repeats + 3):  # 3 warm-up rounds (the first builds the kernel if needed)
+        for label, opt in opts.items():
+            start = time.perf_counter()
+            opt.step()
+            if i >= 3:
+                times[label].append(time.perf_counter() - start)
+    anchor = times[ROWS[0][0]]
+    print("| step | median ms | vs `AdamW(fused=True)` FP32 (median, quartiles) | bytes/param | floor ms | time / floor |")
+    print("|---|---|---|---|---|---|")
+    for label, _, nbytes in ROWS:
+        ratios = [t / a for t, a in zip(times[label], anchor)]
+        q = statistics.quantiles(ratios, n=4)
+        median = statistics.median(times[label])
+        floor = nbytes * n / bandwidth
+        print(f"| {label} | {1e3 * median:.1f} | {statistics.median(ratios):.2f}x ({q[0]:.2f}-{q[2]:.2f}) | {nbytes} | "
+              f"{1e3 * floor:.1f} | {median / floor:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
