@@ -3,7 +3,8 @@
     python benchmarks/optimizer_step.py [--layers 12] [--width 1024] [--repeats 30]
 
 13.6M parameters (12 x width^2, 24 x width, 4 x width/4 x width, as the issue's measurement),
-AdamW, one process. Each round steps every optimizer once, in turn; the table gives the median
+AdamW, one process. Each round steps every optimizer once, in turn (each round starting one further
+down the list, so that no step always follows the same one); the table gives the median
 time and the median of the per-round ratios to ``torch.optim.AdamW(fused=True)`` on FP32
 parameters of the same shapes (with quartiles). Bytes moved per parameter count what a step must
 read and write (a bf16 weight and gradient are 2 bytes, FP32 moments and masters 4, a remainder or
@@ -72,8 +73,11 @@ def main() -> None:
     print(f"{n / 1e6:.1f}M parameters; in-place streaming rate {bandwidth / 1e9:.1f} GB/s (read + write)\n")
     opts = {label: build(kind, dims) for label, kind, _ in ROWS}
     times: dict[str, list[float]] = {label: [] for label in opts}
+    labels = list(opts)
     for i in range(args.repeats + 3):  # 3 warm-up rounds (the first builds the kernel if needed)
-        for label, opt in opts.items():
+        # each round starts one later in the list: every step follows every other equally often
+        for label in labels[i % len(labels):] + labels[: i % len(labels)]:
+            opt = opts[label]
             start = time.perf_counter()
             opt.step()
             if i >= 3:

@@ -35,7 +35,7 @@ from torch import Tensor
 F32_PARAM, F32_MASTER, REMAINDER, KAHAN, STOCHASTIC = range(5)
 KIND = {"fp32": F32_MASTER, "remainder": REMAINDER, "kahan": KAHAN, "stochastic": STOCHASTIC}
 DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 
 
 class Segment(ctypes.Structure):
@@ -103,8 +103,12 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src, out = Path(tmp) / "step.cpp", Path(tmp) / "step.so"
         src.write_bytes(source)
-        result = subprocess.run([cxx, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
+        # with OpenMP the step runs on torch's threads; a compiler without it gets std::thread
+        for flags in ([*FLAGS, "-fopenmp"], FLAGS):
+            result = subprocess.run([cxx, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
+            if result.returncode == 0:
+                break
+        else:
             first = (result.stderr.strip().splitlines() or ["unknown error"])[0]
             raise RuntimeError(f"{cxx} failed: {first}")
         os.replace(out, target)  # atomic: processes building at once (DDP ranks) all end with one file
@@ -131,10 +135,15 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+_KNOWN = frozenset(DTYPE) | {torch.int16}
+
+
 def applies(*tensors: Optional[Tensor]) -> bool:
     """Whether the kernels can step these tensors: on the CPU, contiguous, of dtypes they know."""
-    return all(t is None or (t.device.type == "cpu" and t.is_contiguous() and t.dtype in DTYPE | {torch.int16: 0})
-               for t in tensors)
+    for t in tensors:
+        if t is not None and not (t.is_cpu and t.dtype in _KNOWN and t.is_contiguous()):
+            return False
+    return True
 
 
 def hyper(**values: Any) -> Hyper:

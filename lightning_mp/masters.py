@@ -272,8 +272,9 @@ class MasterStore:
     def record(self, params: Iterable[Tensor]) -> None:
         """Note that ``params``' weights and storage were just written together (by an optimizer)."""
         for p in params:
-            if p in self._entries:
-                self._entries[p].version = p._version
+            entry = self._entries.get(p)
+            if entry is not None:
+                entry.version = p._version
 
     # -- weights written behind the store's back ------------------------------------------------
 
@@ -282,17 +283,20 @@ class MasterStore:
         """Follow what happened to the weights outside the store: a weight that left the store's
         dtype (``model.float()``) is no longer kept; storage follows a weight to another device;
         a weight written in place (its version moved) becomes the exact value."""
-        params = [p for p in params if p in self._entries]
+        stale = []
         for p in params:
-            entry = self._entries[p]
+            entry = self._entries.get(p)
+            if entry is None:
+                continue
             if p.dtype != self.dtype:
                 del self._entries[p]
-            elif entry.storage is not None and entry.storage.device != p.device:
+                continue
+            if entry.storage is not None and entry.storage.device != p.device:
                 entry.storage = entry.storage.to(p.device)
-        for p in params:
-            if p in self._entries and self._entries[p].version == _UNKNOWN:
-                self._entries[p].version = p._version
-        stale = [p for p in params if p in self._entries and p._version != self._entries[p].version]
+            if entry.version == _UNKNOWN:
+                entry.version = p._version
+            elif p._version != entry.version:
+                stale.append(p)
         for p in stale:
             self._rederive(p)
         if stale:

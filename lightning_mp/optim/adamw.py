@@ -48,20 +48,18 @@ class AdamW(_StoredMasterOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, master=master, moment_dtype=moment_dtype, seed=seed, compile=compile)
 
-    def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> dict[Tensor, Any]:
-        for p in params:
-            state = self.state[p]
+    def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> list[Any]:
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
             if "step" not in state:
                 state["step"] = torch.tensor(0.0)  # on the CPU, as torch keeps it: reading it never syncs
                 state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
-        steps = [self.state[p]["step"] for p in params]
+        steps = [state["step"] for state in states]
         torch._foreach_add_(steps, 1)
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        # torch's step size and bias correction, per tensor, in Python floats
-        return {
-            p: ((lr / (1 - beta1**t)) * -1, (1 - beta2**t) ** 0.5) for p, t in zip(params, (s.item() for s in steps))
-        }
+        # torch's step size and bias correction, per tensor, in Python floats (one read of the counts)
+        return [((lr / (1 - beta1**t)) * -1, (1 - beta2**t) ** 0.5) for t in torch.stack(steps).tolist()]
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         lr, wd = group["lr"], group["weight_decay"]

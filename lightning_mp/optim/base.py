@@ -138,37 +138,28 @@ class _StoredMasterOptimizer(Optimizer):
         transform = (self.grad_factor, self.grad_clamp)
         self.grad_factor, self.grad_clamp = None, None
         grads, self.step_grads = self.step_grads, {}
-        index = self._element_index()
         self._noise_step += 1
+        first = 0  # each parameter's first element in the optimizer's numbering (the fused noise's counter)
         for group in self.param_groups:
-            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            buckets: dict[tuple[torch.device, torch.dtype], list[_Item]] = {}
             for p in group["params"]:
-                grad = grads.get(p, p.grad)
+                grad = grads.get(p, p.grad) if grads else p.grad
                 if grad is not None:
                     if grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                    buckets.setdefault((p.device, p.dtype), []).append(p)
-            for (device, dtype), params in buckets.items():
+                    buckets.setdefault((p.device, p.dtype), []).append(_Item(p, grad, first))
+                first += p.numel()
+            for (device, dtype), items in buckets.items():
+                params = [item.param for item in items]
                 if dtype != torch.float32:
                     self._sync_storage(params)
                 scalars = self._prepare(group, params)
-                step_grads = [grads.get(p, p.grad) for p in params]
-                if self._fused(params, step_grads):
-                    self._fused_step(group, params, step_grads, scalars, transform, index)
-                else:
+                if not self._fused_step(group, items, scalars, transform):
+                    by_param = dict(zip(params, scalars))
                     for block in _blocks(params, _BLOCK_NUMEL.get(device.type, _BLOCK_NUMEL["cuda"]), grads):
-                        self._step_block(group, block, scalars, transform, grads)
+                        self._step_block(group, block, by_param, transform, grads)
                 self.store.record(params)
         return loss
-
-    def _element_index(self) -> dict[Tensor, int]:
-        """Each parameter's first element in the optimizer's numbering (the fused noise's counter)."""
-        index, at = {}, 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                index[p] = at
-                at += p.numel()
-        return index
 
     # -- eager: torch's foreach ops, block by block ---------------------------------------------
 
@@ -205,7 +196,7 @@ class _StoredMasterOptimizer(Optimizer):
             generator = self.store.generator(weights[0].device) if kind == "stochastic" else None
             policy.encode(values, weights, storage, generator)
 
-    def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> dict[Tensor, Any]:
+    def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> list[Any]:
         """Create missing state for ``params``; return what each needs this step (step sizes...)."""
         raise NotImplementedError
 
@@ -222,36 +213,36 @@ class _StoredMasterOptimizer(Optimizer):
 
     # -- fused: one pass per element ----------------------------------------------------------
 
-    def _fused(self, params: list[Tensor], grads: list[Tensor]) -> bool:
-        if self.compile is False or not fused.applies(*params, *grads):
-            return False
-        if any(not fused.applies(*(self.state[p].get(k) for k in self._state_keys)) for p in params):
-            return False
-        return fused.available()
-
     def _fused_step(
         self,
         group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        scalars: dict[Tensor, Any],
+        items: list[_Item],
+        scalars: list[Any],
         transform: tuple[Optional[Tensor], Optional[float]],
-        index: dict[Tensor, int],
-    ) -> None:
+    ) -> bool:
+        """Step ``items`` (one device and dtype) through the fused kernel; ``False`` where it does
+        not apply (``compile=False``, no compiler, CUDA or non-contiguous tensors): nothing was done."""
+        if self.compile is False or not fused.available():
+            return False
+        kind = self._policy(items[0].param)  # one per bucket: the parameters share a dtype
+        code = fused.F32_PARAM if kind is None else fused.KIND[kind]
+        calls: dict[torch.dtype, list[fused.Segment]] = {}
+        for item, scalar in zip(items, scalars):
+            p, g = item.param, item.grad
+            state = self.state[p]
+            m, v = (*(state.get(k) for k in self._state_keys), None)[:2]
+            s = None if kind is None else self.store.storage(p)
+            if not fused.applies(p, g, s, m, v):
+                return False
+            calls.setdefault(g.dtype, []).append(fused.segment(p, s, g, m, v, item.first, *self._segment(scalar)))
         factor, clamp = transform
         h = fused.hyper(**self._hyper(group), factor=0.0 if factor is None else float(factor),
                         has_factor=factor is not None, clamp=0.0 if clamp is None else float(clamp),
                         has_clamp=clamp is not None, maximize=bool(group["maximize"]), seed=self.seed % 2**64,
                         counter=self._noise_step)
-        calls: dict[tuple[int, torch.dtype, torch.dtype], list[fused.Segment]] = {}
-        for p, g in zip(params, grads):
-            kind = self._policy(p)
-            code = fused.F32_PARAM if kind is None else fused.KIND[kind]
-            moments = [self.state[p].get(k) for k in self._state_keys] + [None, None]
-            segment = fused.segment(p, self.store.storage(p), g, moments[0], moments[1], index[p], *self._segment(scalars[p]))
-            calls.setdefault((code, p.dtype, g.dtype), []).append(segment)
-        for (code, wdtype, gdtype), segments in calls.items():
-            fused.run(self._kernel, code, wdtype, gdtype, self.moment_dtype, segments, h)
+        for gdtype, segments in calls.items():
+            fused.run(self._kernel, code, items[0].param.dtype, gdtype, self.moment_dtype, segments, h)
+        return True
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         """The fused kernel's hyper-parameters of ``group``."""
@@ -306,6 +297,14 @@ class _StoredMasterOptimizer(Optimizer):
                 self._sync_storage([p])
                 self.store.load_exact_state(p, {k: v.to(p.device) for k, v in saved.items() if isinstance(v, Tensor)})
         self.store.load_state_dict({"generators": generators})
+
+
+class _Item(NamedTuple):
+    """A parameter to step, its gradient, and its first element in the optimizer's numbering."""
+
+    param: Tensor
+    grad: Tensor
+    first: int
 
 
 class _Segment(NamedTuple):

@@ -46,13 +46,13 @@ class SGD(_StoredMasterOptimizer):
     def _moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return self._state_keys if group["momentum"] != 0 else ()
 
-    def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> dict[Tensor, Any]:
+    def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> list[Any]:
         """Whether each parameter's momentum buffer is new: torch starts it at the gradient itself."""
-        fresh = {}
+        fresh = []
         for p in params:
             state = self.state[p]
-            fresh[p] = group["momentum"] != 0 and state.get("momentum_buffer") is None
-            if fresh[p]:
+            fresh.append(group["momentum"] != 0 and state.get("momentum_buffer") is None)
+            if fresh[-1]:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=self.moment_dtype)
         return fresh
 
