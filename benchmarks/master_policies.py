@@ -23,10 +23,10 @@ import statistics
 import time
 
 import torch
+from precision_memory_and_step import MLP, audited_fit
 
 from lightning_mp import precision_plugin
 from lightning_mp.optim import AdamW
-from precision_memory_and_step import MLP, audited_fit
 
 # (label, precision, master policy, moment dtype)
 ROWS = [

@@ -4,17 +4,20 @@
 
 Memory: a real Lightning run (2 AdamW steps) per mode on the same model; bytes are summed
 from the live tensors' storages (``lightning_mp.memory_audit``) after the last step and, for
-gradients, also at the optimizer step (where they peak). Step time: the optimizer step of
-``bf16-master`` (upcast grads, overflow check, AdamW on FP32 masters, round back to bf16)
-against ``32-true``'s AdamW on FP32 parameters, timed alternately in one process; the median
-of the per-round ratios is printed, with its quartiles. Timings on a CPU say nothing about bf16 compute speed: only the
-optimizer step, which is memory-bound FP32 work in both modes, is compared.
+gradients, also at the optimizer step (where they peak).
+
+Step time: the whole optimizer step of ``bf16-master`` (``MasterWeightPrecision.optimizer_step``
+after a backward: FP32 gradients, overflow check, AdamW on the FP32 values, rounding back into
+bf16) against ``32-true``'s ``torch.optim.AdamW(fused=True)`` on FP32 parameters of the same
+model, each step timed in turn in one process (each round starting one further down the list);
+the median of the per-round ratios is printed with its quartiles. Gradients are set as a backward
+leaves them (bf16 under ``bf16-master``). Only the optimizer step is timed: it is memory-bound
+FP32 work in every mode, so a CPU says nothing here about bf16 compute speed.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -26,6 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mp import MasterWeightPrecision, bytes_per_param, memory_audit, precision_plugin
+from lightning_mp.machine import describe
+from lightning_mp.optim import AdamW
 
 MODES = ("32-true", "bf16-mixed", "bf16-true", "bf16-master")
 
@@ -69,39 +74,58 @@ def measure_memory(mode: str, layers: int, width: int) -> tuple[dict, dict]:
     return audited_fit(MLP(layers, width), precision_plugin(mode), width)
 
 
-def time_steps(layers: int, width: int, repeats: int) -> tuple[list[float], list[float], int]:
+# (label, precision, optimizer): what a user would write in configure_optimizers
+STEPS = [
+    ("`32-true`, torch `AdamW(fused=True)`", "32-true", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+    ("`32-true`, torch `AdamW` (foreach, torch's default)", "32-true", lambda ps: torch.optim.AdamW(ps, lr=1e-4)),
+    ("`bf16-master`, torch `AdamW(fused=True)`", "bf16-master", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+    ("`bf16-master`, torch `AdamW` (foreach)", "bf16-master", lambda ps: torch.optim.AdamW(ps, lr=1e-4)),
+    ("`bf16-master`, `lightning_mp.optim.AdamW`", "bf16-master", lambda ps: AdamW(ps, lr=1e-4)),
+]
+
+
+class Stepper:
+    """One model and optimizer under one precision, stepped as Lightning steps it (no Trainer hooks)."""
+
+    def __init__(self, precision: str, make_optimizer, state: dict, layers: int, width: int) -> None:
+        self.model = MLP(layers, width)
+        self.model.load_state_dict(state)
+        self.plugin = MasterWeightPrecision("bf16-master") if precision == "bf16-master" else None
+        if self.plugin is not None:
+            self.plugin.convert_module(self.model)
+        self.optimizer = make_optimizer(list(self.model.parameters()))
+        if self.plugin is not None:
+            self.plugin.connect(self.model, [self.optimizer], [])
+        g = torch.Generator().manual_seed(1)
+        self.grads = [(torch.randn(p.shape, generator=g) * 1e-3).to(p.dtype) for p in self.model.parameters()]
+
+    def step(self) -> float:
+        for p, grad in zip(self.model.parameters(), self.grads):
+            p.grad = grad.clone()
+            if self.plugin is not None and self.plugin.grads is not None and p.dtype != torch.float32:
+                self.plugin.grads.record(p)  # as a backward pass leaves it
+        start = time.perf_counter()
+        if self.plugin is None:
+            self.optimizer.step()
+        else:  # the plugin's step as Lightning's automatic loop runs it: its gradients die with it
+            self.plugin.step_runner.run(self.optimizer, lambda: None, loss=None, keep_grads=False)
+        elapsed = time.perf_counter() - start
+        self.optimizer.zero_grad()  # as Lightning, outside the step
+        return elapsed
+
+
+def time_steps(layers: int, width: int, repeats: int) -> tuple[dict[str, list[float]], int]:
     torch.manual_seed(0)
-    fp32_model = MLP(layers, width)
-    master_model = MLP(layers, width)
-    master_model.load_state_dict(fp32_model.state_dict())
-    fp32_opt = torch.optim.AdamW(fp32_model.parameters(), lr=1e-4)
-    plugin = MasterWeightPrecision("bf16-master")
-    plugin.convert_module(master_model)
-    master_opt = torch.optim.AdamW(master_model.parameters(), lr=1e-4)
-    plugin.connect(master_model, [master_opt], [])
-    fp32_grads = [torch.randn_like(p) * 1e-3 for p in fp32_model.parameters()]
-    half_grads = [g.to(p.dtype) for g, p in zip(fp32_grads, master_model.parameters())]
-
-    def set_grads(params, grads):
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-            if plugin.grads is not None and p.dtype != torch.float32:
-                plugin.grads.record(p)  # as a backward pass leaves it
-
-    fp32_times, master_times = [], []
-    for i in range(repeats + 2):  # 2 warm-up rounds, then alternate the two modes
-        set_grads(fp32_model.parameters(), fp32_grads)
-        t0 = time.perf_counter()
-        fp32_opt.step()
-        t1 = time.perf_counter()
-        set_grads(master_model.parameters(), half_grads)
-        t2 = time.perf_counter()
-        plugin.optimizer_step(master_opt, master_model.net, closure=lambda: True)  # no Trainer: no hooks
-        t3 = time.perf_counter()
-        if i >= 2:
-            fp32_times.append(t1 - t0)
-            master_times.append(t3 - t2)
-    return fp32_times, master_times, sum(p.numel() for p in fp32_model.parameters())
+    state = MLP(layers, width).state_dict()
+    steppers = {label: Stepper(precision, make, state, layers, width) for label, precision, make in STEPS}
+    labels = list(steppers)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for i in range(repeats + 3):  # 3 warm-up rounds (the first builds the fused kernel if needed)
+        for label in labels[i % len(labels):] + labels[: i % len(labels)]:
+            elapsed = steppers[label].step()
+            if i >= 3:
+                times[label].append(elapsed)
+    return times, sum(p.numel() for p in steppers[labels[0]].model.parameters())
 
 
 def main() -> None:
@@ -111,7 +135,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40)
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"machine: {describe()}")
     rows = {mode: measure_memory(mode, args.layers, args.width) for mode in MODES}
     n = sum(p.numel() for p in MLP(args.layers, args.width).parameters())
     print(f"\nBytes per parameter with AdamW after a step ({n / 1e6:.1f}M parameters, measured from live tensors)\n")
@@ -123,15 +147,17 @@ def main() -> None:
             f"{after['optimizer_state']:.2f} | **{after['total']:.2f}** | {at_step['gradients']:.2f} |"
         )
 
-    fp32_times, master_times, n = time_steps(args.layers, args.width, args.repeats)
-    # Paired rounds: this machine's memory bandwidth drifts between runs, so compare within a round.
-    ratios = [m / f for f, m in zip(fp32_times, master_times)]
-    fp32_ms, master_ms = 1e3 * statistics.median(fp32_times), 1e3 * statistics.median(master_times)
-    print(f"\nOptimizer step, AdamW, {n / 1e6:.1f}M parameters, {args.repeats} alternating rounds")
-    print(f"median 32-true: {fp32_ms:.1f} ms   median bf16-master: {master_ms:.1f} ms")
-    print(f"ratio bf16-master / 32-true: median of per-round ratios {statistics.median(ratios):.2f}x, "
-          f"quartiles {statistics.quantiles(ratios, n=4)[0]:.2f}x-{statistics.quantiles(ratios, n=4)[2]:.2f}x, "
-          f"of minimum times {min(master_times) / min(fp32_times):.2f}x")
+    times, n = time_steps(args.layers, args.width, args.repeats)
+    anchor = times[STEPS[0][0]]
+    print(f"\nOptimizer step with AdamW, {n / 1e6:.1f}M parameters, {args.repeats} rounds\n")
+    print("| step | median ms | vs `32-true` `AdamW(fused=True)` (median of per-round ratios, quartiles) |")
+    print("|---|---|---|")
+    for label, _, _ in STEPS:
+        ratios = [t / a for t, a in zip(times[label], anchor)]
+        q = statistics.quantiles(ratios, n=4)
+        print(f"| {label} | {1e3 * statistics.median(times[label]):.1f} | "
+              f"{statistics.median(ratios):.2f}x ({q[0]:.2f}-{q[2]:.2f}) |")
+
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -126,11 +127,12 @@ def _load(path: Path) -> ctypes.CDLL:
     fn = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(Segment), ctypes.c_int64,
           ctypes.POINTER(Hyper)]
     lib.lmp_adamw.argtypes = lib.lmp_sgd.argtypes = fn
-    lib.lmp_upcast_check.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
-                                     ctypes.c_int]
+    segs = ctypes.POINTER(Segment)
+    lib.lmp_upcast_check.argtypes = [ctypes.c_int, segs, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     lib.lmp_upcast_check.restype = ctypes.c_int
-    lib.lmp_check.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.lmp_check.argtypes = [ctypes.c_int, segs, ctypes.c_int64, ctypes.c_int]
     lib.lmp_check.restype = ctypes.c_int
+    lib.lmp_round.argtypes = [ctypes.c_int, segs, ctypes.c_int64, ctypes.c_int]
     lib.lmp_scale.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     return lib
 
@@ -166,12 +168,36 @@ def run(op: str, kind: int, wdtype: torch.dtype, gdtype: torch.dtype, mdtype: to
     fn(kind, DTYPE[wdtype], DTYPE[gdtype], DTYPE[mdtype], array, len(segments), ctypes.byref(h))
 
 
-def upcast_check(grad: Tensor, inv_scale: float) -> tuple[Tensor, bool]:
-    """``grad`` in FP32 times ``inv_scale``, in one pass, and whether it held inf/NaN."""
-    out = torch.empty_like(grad, dtype=torch.float32)
-    bad = library().lmp_upcast_check(DTYPE[grad.dtype], grad.data_ptr(), out.data_ptr(),  # type: ignore[union-attr]
-                                     grad.numel(), inv_scale, torch.get_num_threads())
-    return out, bool(bad)
+def _by_dtype(pairs: Sequence[tuple[Optional[Tensor], Optional[Tensor], Tensor]]) -> dict[torch.dtype, Any]:
+    """``(w, s, g)`` triples as Segment arrays, one per dtype of the last tensor."""
+    groups: dict[torch.dtype, list[Segment]] = {}
+    for w, s, t in pairs:
+        groups.setdefault(t.dtype, []).append(
+            Segment(None if w is None else w.data_ptr(), None if s is None else s.data_ptr(), t.data_ptr(), None, None,
+                    t.numel(), 0, 0.0, 0.0))
+    return {dtype: (Segment * len(segs))(*segs) for dtype, segs in groups.items()}
+
+
+def upcast_check(grads: Sequence[Tensor], inv_scale: float) -> tuple[list[Tensor], bool]:
+    """Each 16-bit gradient in FP32 times ``inv_scale``, in one pass over all, and whether any held inf/NaN."""
+    out = [torch.empty_like(g, dtype=torch.float32) for g in grads]
+    found = False
+    for dtype, array in _by_dtype([(None, o, g) for o, g in zip(out, grads)]).items():
+        found |= bool(library().lmp_upcast_check(DTYPE[dtype], array, len(array), inv_scale,  # type: ignore[union-attr]
+                                                 torch.get_num_threads()))
+    return out, found
+
+
+def check(grads: Sequence[Tensor]) -> bool:
+    """Whether any of ``grads`` holds inf/NaN: one read-only pass over all."""
+    return any(bool(library().lmp_check(DTYPE[dtype], array, len(array), torch.get_num_threads()))  # type: ignore[union-attr]
+               for dtype, array in _by_dtype([(None, None, g) for g in grads]).items())
+
+
+def round_into(weights: Sequence[Tensor], masters: Sequence[Tensor]) -> None:
+    """``weights[i].copy_(masters[i])`` (FP32 into 16 bits, round to nearest even), in one pass over all."""
+    for dtype, array in _by_dtype(list(zip(weights, masters, weights))).items():
+        library().lmp_round(DTYPE[dtype], array, len(array), torch.get_num_threads())  # type: ignore[union-attr]
 
 
 def stream_bandwidth(numel: int = 1 << 26, repeats: int = 8) -> float:
@@ -184,9 +210,3 @@ def stream_bandwidth(numel: int = 1 << 26, repeats: int = 8) -> float:
         library().lmp_scale(a.data_ptr(), numel, 1.0, torch.get_num_threads())  # type: ignore[union-attr]
         best = min(best, time.perf_counter() - start)
     return 8 * numel / best
-
-
-def check(grad: Tensor) -> bool:
-    """Whether ``grad`` holds inf/NaN: one read-only pass."""
-    return bool(library().lmp_check(DTYPE[grad.dtype], grad.data_ptr(), grad.numel(),  # type: ignore[union-attr]
-                                    torch.get_num_threads()))

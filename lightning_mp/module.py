@@ -16,6 +16,7 @@ from lightning_mp.convert import is_norm_layer
 from lightning_mp.model import MoETransformer, TransformerConfig
 from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
 from lightning_mp.optim import AdamW
+from lightning_mp.precision.master import MasterWeightPrecision
 
 
 class MoEModule(L.LightningModule):
@@ -164,6 +165,10 @@ class MoEModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW without weight decay on norms, biases and embeddings; linear warm-up, then cosine.
 
+        Under :class:`~lightning_mp.MasterWeightPrecision` (or with bf16 moments) the AdamW is
+        :class:`lightning_mp.optim.AdamW`, one fused pass per element over the plugin's FP32 values;
+        otherwise torch's ``AdamW(fused=True)`` on CPU and CUDA tensors.
+
         The cosine reaches ``lr * min_lr_ratio`` at step ``decay_steps`` (default: the last
         step) and stays there, like nanoGPT's ``lr_decay_iters``.
         """
@@ -180,9 +185,10 @@ class MoEModule(L.LightningModule):
                 continue
             (no_decay if id(p) in no_decay_ids or name.endswith("bias") else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        master = getattr(self.trainer.precision_plugin, "master", "fp32")
-        if master != "fp32" or hp.moment_dtype != "float32":
-            # bf16 weights stepped with their storage policy, or bf16 Adam moments: lightning-mp's AdamW
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MasterWeightPrecision) or hp.moment_dtype != "float32":
+            # lightning-mp's AdamW: one fused pass per element through the plugin's FP32 values (every
+            # master policy), or bf16 Adam moments
             optimizer: torch.optim.Optimizer = AdamW(
                 groups,
                 lr=hp.lr,
@@ -190,8 +196,10 @@ class MoEModule(L.LightningModule):
                 moment_dtype=getattr(torch, hp.moment_dtype),
                 seed=torch.initial_seed() % 2**63,  # follows seed_everything: reproducible rounding
             )
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        else:  # FP32 parameters (32-true, *-mixed, FSDP's sharded masters) or bf16-true: torch's fastest AdamW
+            params = [p for g in groups for p in g["params"]]
+            fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total)
         decay_end = min(hp.decay_steps or total, total)

@@ -18,6 +18,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_mp import fused
+
 MASTER_POLICIES: tuple[str, ...] = ("fp32", "remainder", "stochastic", "kahan")
 HALF = (torch.float16, torch.bfloat16)
 
@@ -54,7 +56,10 @@ class _FP32(_Policy):
         changed = [(s, v) for s, v in zip(storage, values) if s is not v]
         if changed:
             torch._foreach_copy_([s for s, _ in changed], [v for _, v in changed])
-        torch._foreach_copy_(weights, storage)
+        if fused.applies(*weights, *storage) and fused.available():
+            fused.round_into(weights, storage)  # one call over all tensors
+        else:
+            torch._foreach_copy_(weights, storage)  # round to nearest even, as round_into
 
 
 class _Remainder(_Policy):

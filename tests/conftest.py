@@ -76,6 +76,8 @@ class TinyRegressor(L.LightningModule):
             opt = torch.optim.Adagrad(groups, lr=lr, initial_accumulator_value=0.1)
         elif name == "mp-adamw":  # steps bf16 weights under any master policy
             opt = lightning_mp.optim.AdamW(groups, lr=lr)
+        elif name == "mp-adamw-eager":  # torch's foreach ops: bit-exact with torch's AdamW
+            opt = lightning_mp.optim.AdamW(groups, lr=lr, compile=False)
         elif name == "mp-sgd":
             opt = lightning_mp.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
         elif name == "sign":

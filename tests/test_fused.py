@@ -195,3 +195,46 @@ def test_non_contiguous_parameters_step_eagerly():
         a.step()
         b.step()
     assert torch.equal(p, q)
+
+
+# -- under MasterWeightPrecision(master="fp32"): the one-pass step on the plugin's FP32 masters ---------
+
+
+@pytest.mark.parametrize("precision", ["bf16-master", "16-master"])
+def test_lightning_mp_adamw_on_fp32_masters_trains_as_torchs_adamw(precision):
+    """Accumulated micro-batches (summed in FP32), clipping by norm, fp16 loss scaling: lightning_mp's
+    AdamW stepping the plugin's FP32 masters in one pass gives torch's AdamW's training."""
+    from conftest import TinyRegressor, fp32_values, mode_plugin, regression_data, trainer
+
+    runs = {}
+    for name in ("adamw", "mp-adamw-eager", "mp-adamw"):
+        torch.manual_seed(0)
+        t = trainer(mode_plugin((precision, "fp32")), max_steps=6, accumulate_grad_batches=2, gradient_clip_val=0.05)
+        t.fit(TinyRegressor(optimizer=name), regression_data(n=96))
+        runs[name] = fp32_values(t)
+    torch.manual_seed(0)
+    initial = TinyRegressor().state_dict()
+    for name, values in runs["adamw"].items():
+        assert not torch.equal(values, initial[name].float()), name  # trained
+        if precision == "bf16-master":  # same FP32 gradients, same clip coefficient, same ops
+            assert torch.equal(runs["mp-adamw-eager"][name], values), name
+        torch.testing.assert_close(runs["mp-adamw-eager"][name], values, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(runs["mp-adamw"][name], values, rtol=1e-5, atol=1e-7)
+
+
+@needs_kernel
+def test_fused_helpers_round_upcast_and_check_as_torch():
+    x = torch.randn(70001) * 3
+    x[:6] = torch.tensor([0.0, -0.0, 1e-40, 3.4e38, float("inf"), 1 + 2.0**-8])  # subnormal, overflow, a tie
+    for dtype in (BF16, FP16):
+        got = torch.empty(x.shape, dtype=dtype)
+        fused.round_into([got], [x])
+        assert torch.equal(got.view(torch.int16), x.to(dtype).view(torch.int16)), dtype
+    g = (torch.randn(70001) * 100).to(BF16)
+    (up,), bad = fused.upcast_check([g], 0.125)
+    assert not bad and torch.equal(up, g.float() * 0.125)
+    assert not fused.check([g, g.float()])
+    for poison in (float("nan"), float("inf"), -float("inf")):
+        h = g.clone()
+        h[12345] = poison
+        assert fused.upcast_check([g, h], 1.0)[1] and fused.check([g, h]) and fused.check([h.float()])

@@ -6,13 +6,16 @@ is 1 - (the summed gradient), so the sum each mode computed can be read back exa
 
 from __future__ import annotations
 
+import functools
+
 import lightning.pytorch as L
 import pytest
 import torch
+from conftest import MODE_IDS, MODES, fp32_values, mode_plugin, mode_sgd, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import MODE_IDS, MODES, fp32_values, mode_plugin, mode_sgd, trainer
+import lightning_mp.optim
 
 modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 SMALL = 2.0**-9  # 1 + 2**-9 is not a bf16 value: a bf16 running sum of 1 and 2**-9 is 1
@@ -21,10 +24,10 @@ SMALL = 2.0**-9  # 1 + 2**-9 is not a bf16 value: a bf16 running sum of 1 and 2*
 class Accumulate(L.LightningModule):
     """One optimizer step over two backward passes (gradients 1 and 2**-9), with ``between`` run between them."""
 
-    def __init__(self, mode, between: str = "nothing", raw_backward: bool = False):
+    def __init__(self, mode, between: str = "nothing", raw_backward: bool = False, optimizer=None):
         super().__init__()
         self.automatic_optimization = False
-        self.mode, self.between, self.raw = mode, between, raw_backward
+        self.mode, self.between, self.raw, self.optimizer = mode, between, raw_backward, optimizer
         self.w = nn.Parameter(torch.ones(4096))
 
     def training_step(self, batch, batch_idx):
@@ -43,6 +46,8 @@ class Accumulate(L.LightningModule):
         opt.zero_grad()
 
     def configure_optimizers(self):
+        if self.optimizer is not None:
+            return self.optimizer([self.w], lr=1.0)
         return mode_sgd(self.mode, [self.w], lr=1.0)
 
 
@@ -67,6 +72,14 @@ def test_backward_passes_sum_in_fp32_under_fp32_masters(mode):
         assert used(got, 1 + SMALL, mode)  # summed in FP32
     else:  # the storage policies keep bf16 gradients, which sum in bf16 (documented; the plugin warns)
         assert used(got, 1.0, mode)
+
+
+@pytest.mark.parametrize("precision", ["bf16-master", "16-master"])
+@pytest.mark.parametrize("compile", [None, False])
+def test_lightning_mp_optimizers_on_fp32_masters_sum_in_fp32(precision, compile):
+    # lightning_mp.optim.SGD stepping the plugin's FP32 masters reads the FP32 sums, as torch's does
+    optimizer = functools.partial(lightning_mp.optim.SGD, compile=compile)
+    assert used(summed((precision, "fp32"), optimizer=optimizer), 1 + SMALL, (precision, "fp32"))
 
 
 @pytest.mark.parametrize("master", ["fp32", "remainder"])

@@ -360,22 +360,44 @@ void lmp_sgd(int kind, int wdtype, int gdtype, int mdtype, const Segment* segs, 
   pick<SGDFn>(kind, wdtype, gdtype, mdtype)(segs, nseg, h);
 }
 
-// FP32 gradients for a torch optimizer's step on FP32 masters, in one pass: upcast the 16-bit
-// gradient (or read the FP32 sum), check it for inf/NaN (before unscaling, as torch's GradScaler)
-// and multiply by inv_scale. Returns whether any element was inf/NaN.
-int lmp_upcast_check(int gdtype, const void* g, float* out, int64_t n, float inv_scale, int threads) {
-  Segment seg{nullptr, nullptr, g, nullptr, nullptr, n, 0, 0.0f, 0.0f};
-  std::vector<int> found(1, 0);
-  parallel(&seg, 1, threads, [&](const Segment& s, int64_t b, int64_t e) {
+// FP32 gradients for a torch optimizer's step on FP32 masters, in one pass over every tensor:
+// upcast each 16-bit gradient (g) into its FP32 copy (s), check it for inf/NaN (before unscaling,
+// as torch's GradScaler) and multiply by inv_scale. Returns whether any element was inf/NaN.
+int lmp_upcast_check(int gdtype, const Segment* segs, int64_t nseg, float inv_scale, int threads) {
+  int found = 0;
+  parallel(segs, nseg, threads, [&](const Segment& s, int64_t b, int64_t e) {
+    float* __restrict__ out = static_cast<float*>(s.s);
     int bad = 0;
-    for (int64_t i = b; i < e; ++i) {
-      float x = gdtype == F32 ? static_cast<const float*>(s.g)[i] : (gdtype == BF16 ? load<BF16>(s.g, i) : load<F16>(s.g, i));
-      bad |= !std::isfinite(x);
-      out[i] = x * inv_scale;
-    }
-    if (bad) __atomic_store_n(&found[0], 1, __ATOMIC_RELAXED);
+    if (gdtype == BF16)
+      for (int64_t i = b; i < e; ++i) { const float x = load<BF16>(s.g, i); bad |= !std::isfinite(x); out[i] = x * inv_scale; }
+    else
+      for (int64_t i = b; i < e; ++i) { const float x = load<F16>(s.g, i); bad |= !std::isfinite(x); out[i] = x * inv_scale; }
+    if (bad) __atomic_store_n(&found, 1, __ATOMIC_RELAXED);
   });
-  return found[0];
+  return found;
+}
+
+// Whether any gradient (g) holds inf/NaN: one read-only pass (the step needs the answer before it writes).
+int lmp_check(int gdtype, const Segment* segs, int64_t nseg, int threads) {
+  int found = 0;
+  parallel(segs, nseg, threads, [&](const Segment& s, int64_t b, int64_t e) {
+    int bad = 0;
+    if (gdtype == F32) for (int64_t i = b; i < e; ++i) bad |= !std::isfinite(load<F32>(s.g, i));
+    else if (gdtype == BF16) for (int64_t i = b; i < e; ++i) bad |= !std::isfinite(load<BF16>(s.g, i));
+    else for (int64_t i = b; i < e; ++i) bad |= !std::isfinite(load<F16>(s.g, i));
+    if (bad) __atomic_store_n(&found, 1, __ATOMIC_RELAXED);
+  });
+  return found;
+}
+
+// The 16-bit weights (w) from their FP32 masters (s), rounded to nearest even, as a copy_.
+void lmp_round(int wdtype, const Segment* segs, int64_t nseg, int threads) {
+  parallel(segs, nseg, threads, [&](const Segment& s, int64_t b, int64_t e) {
+    const float* __restrict__ x = static_cast<const float*>(s.s);
+    uint16_t* __restrict__ w = static_cast<uint16_t*>(s.w);
+    if (wdtype == BF16) for (int64_t i = b; i < e; ++i) w[i] = f32_to_bf16(x[i]);
+    else for (int64_t i = b; i < e; ++i) w[i] = f32_to_f16(x[i]);
+  });
 }
 
 // Multiplies a[0:n] by s in place, on `threads` threads: the machine's streaming rate for an
@@ -386,21 +408,6 @@ void lmp_scale(float* a, int64_t n, float s, int threads) {
     float* __restrict__ x = static_cast<float*>(g.w);
     for (int64_t i = b; i < e; ++i) x[i] = x[i] * s;
   });
-}
-
-// Whether a gradient holds inf/NaN: one read-only pass (the step needs the answer before it writes).
-int lmp_check(int gdtype, const void* g, int64_t n, int threads) {
-  Segment seg{nullptr, nullptr, g, nullptr, nullptr, n, 0, 0.0f, 0.0f};
-  int found = 0;
-  parallel(&seg, 1, threads, [&](const Segment& s, int64_t b, int64_t e) {
-    int bad = 0;
-    for (int64_t i = b; i < e; ++i) {
-      float x = gdtype == F32 ? static_cast<const float*>(s.g)[i] : (gdtype == BF16 ? load<BF16>(s.g, i) : load<F16>(s.g, i));
-      bad |= !std::isfinite(x);
-    }
-    if (bad) __atomic_store_n(&found, 1, __ATOMIC_RELAXED);
-  });
-  return found;
 }
 
 }  // extern "C"

@@ -104,21 +104,24 @@ class FP32Grads:
         any of those held inf/NaN.
         """
         out: dict[Tensor, Tensor] = {}
-        unscaled: set[Tensor] = set()
         found = False
-        for p in params:
-            if p not in self._taken and p not in self._sums and p.grad is not None and upcast and inv_scale is not None \
-                    and fused.applies(p.grad) and fused.available():
-                self._sums[p], bad = fused.upcast_check(p.grad, inv_scale)
+        single = []  # one backward's 16-bit gradient, nothing accumulated: upcast, unscale and check in one pass
+        if upcast and inv_scale is not None and fused.available():
+            single = [p for p in params if p not in self._taken and p not in self._sums and p.grad is not None
+                      and p.grad.dtype != torch.float32 and fused.applies(p.grad)]
+        if single:
+            sums, found = fused.upcast_check([p.grad for p in single], inv_scale)
+            for p, total in zip(single, sums):
+                self._sums[p] = total
                 p.grad = None
-                found |= bad
-                unscaled.add(p)
-            elif p not in self._taken and (upcast or p in self._sums):
+        done = set(single)
+        for p in params:
+            if p not in self._taken and p not in done and (upcast or p in self._sums):
                 self._fold(p)
             if p in self._sums:
                 out[p] = self._sums[p]
                 self._taken.add(p)
-        return out, unscaled, found
+        return out, done, found
 
     def give_back(self, scale: Optional[float] = None) -> None:
         """Another backward before the step: the taken sums accumulate again (re-scaled if unscaled)."""

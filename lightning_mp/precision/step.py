@@ -30,11 +30,11 @@ from torch.optim import Optimizer
 from lightning_mp import fused
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim import _StoredMasterOptimizer
-from lightning_mp.storage import HALF
 from lightning_mp.precision.ddp import GradReducer
 from lightning_mp.precision.grads import FP32Grads
 from lightning_mp.precision.skips import SkipTracker
 from lightning_mp.scaler import LossScaler
+from lightning_mp.storage import HALF
 
 
 @dataclass
@@ -264,7 +264,7 @@ def _check(grads: list[Tensor], inv_scale: Union[Callable[[torch.device], Tensor
     """One fused inf/NaN check per device (unscaling in place when ``unscale``); no host sync.
     Without unscaling, CPU gradients are only read (:func:`lightning_mp.fused.check`)."""
     if not unscale and grads and fused.applies(*grads) and fused.available():
-        return torch.tensor(float(any(fused.check(g) for g in grads)))
+        return torch.tensor(float(fused.check(grads)))
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
