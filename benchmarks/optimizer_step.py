@@ -34,6 +34,7 @@ ROWS = [
     ("`lightning_mp.optim.AdamW`, `master=\"kahan\"`", ("kahan", torch.float32, None), 14 + 12),
     ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`", ("stochastic", torch.float32, None), 12 + 10),
     ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`, bf16 moments", ("stochastic", BF16, None), 8 + 6),
+    ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`, `compile=True` (torch.compile, inductor's C++)", ("remainder", torch.float32, True), 14 + 12),
     ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`, `compile=False` (torch's foreach ops)", ("remainder", torch.float32, False), 14 + 12),
 ]
 

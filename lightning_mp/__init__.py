@@ -11,10 +11,10 @@ _torch.sqrt(_torch.ones(8))
 from lightning_mp.convert import DEFAULT_KEEP_FP32, is_norm_layer
 from lightning_mp.diagnostics import SwallowedUpdateMonitor, bytes_per_param, estimate_memory, memory_audit
 from lightning_mp.masters import MasterStore
-from lightning_mp.storage import MASTER_POLICIES
 from lightning_mp.module import MoEModule
 from lightning_mp.precision import PRECISION_NAMES, MasterWeightPrecision, SkippedStepsError, precision_plugin
 from lightning_mp.scaler import LossScaleError, LossScaler
+from lightning_mp.storage import MASTER_POLICIES
 
 __all__ = [
     "DEFAULT_KEEP_FP32",

@@ -16,9 +16,9 @@ import pickle
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Optional
 
 import hydra

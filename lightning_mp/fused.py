@@ -1,17 +1,18 @@
-"""The fused optimizer step: one pass per element, built at first use for this CPU.
+"""The fused optimizer step on CPU tensors: one pass per element, built at first use for this CPU.
 
 ``kernels/step.cpp`` holds AdamW and SGD for every storage kind (FP32 parameters, FP32 masters
 beside 16-bit weights, int16 remainders, Kahan compensations, stochastic rounding), with 16-bit or
-FP32 gradients and FP32 or bf16 moments. At the first step it is compiled with the machine's C++
-compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU (``-march=native``) into
-``$LIGHTNING_MP_CACHE`` (default ``~/.cache/lightning_mp``), once per source, compiler and CPU;
-the build time is reported once, in one line. Without a compiler, or where the kernel does not
-apply (CUDA tensors, non-contiguous ones), :mod:`lightning_mp.optim` steps with torch's foreach
-ops instead.
+FP32 gradients and FP32 or bf16 moments, plus the one-pass helpers of ``MasterWeightPrecision``'s
+step (upcast + unscale + inf/NaN check, check, rounding masters into weights). At the first step
+it is compiled with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``)
+for this CPU (``-march=native``, OpenMP on torch's own threads) into ``$LIGHTNING_MP_CACHE``
+(default ``~/.cache/lightning_mp``), once per source, compiler and CPU; the build time is reported
+once, in one line. Without a compiler :mod:`lightning_mp.optim` steps with torch's foreach ops.
 
-Why not ``torch.compile``: inductor's CPU code generator does not vectorize int16 (the
-remainders), so a compiled remainder step runs as a scalar loop, about 3x slower than torch's
-fused FP32 AdamW here; this kernel runs at memory speed.
+Why not ``torch.compile`` on a CPU (CUDA tensors do use it, :mod:`lightning_mp.optim.compiled`):
+inductor's CPU code generator does not vectorize int16 (the remainders), so a compiled remainder
+step runs as a scalar loop, several times slower than torch's fused FP32 AdamW here
+(``benchmarks/optimizer_step.py`` measures it); this kernel runs at memory speed.
 """
 
 from __future__ import annotations

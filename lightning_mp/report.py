@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+
 def load_run(run_dir: Path) -> dict[str, Any]:
     """A run's ``summary.json`` and its logged curves from ``metrics.csv``: {metric: [(step, value)]}."""
     summary = json.loads((run_dir / "summary.json").read_text())

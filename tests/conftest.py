@@ -78,6 +78,8 @@ class TinyRegressor(L.LightningModule):
             opt = lightning_mp.optim.AdamW(groups, lr=lr)
         elif name == "mp-adamw-eager":  # torch's foreach ops: bit-exact with torch's AdamW
             opt = lightning_mp.optim.AdamW(groups, lr=lr, compile=False)
+        elif name == "mp-adamw-compiled":  # the torch.compile'd step (CUDA's fused path)
+            opt = lightning_mp.optim.AdamW(groups, lr=lr, compile=True)
         elif name == "mp-sgd":
             opt = lightning_mp.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
         elif name == "sign":

@@ -1,11 +1,11 @@
 import lightning.pytorch as L
 import pytest
 import torch
+from conftest import Dot, regression_data, trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import lightning_mp.optim
-from conftest import Dot, regression_data, trainer
 from lightning_mp import SwallowedUpdateMonitor, bytes_per_param, estimate_memory, memory_audit
 
 

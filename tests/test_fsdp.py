@@ -7,12 +7,12 @@ from __future__ import annotations
 import lightning.pytorch as L
 import pytest
 import torch
+from conftest import TinyRegressor, regression_data
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from torch import nn
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from conftest import TinyRegressor, regression_data
 from lightning_mp import precision_plugin
 from lightning_mp.precision import FSDPMasterWeightPrecision
 

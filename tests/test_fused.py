@@ -24,10 +24,10 @@ def _values(seed=0):
     return values
 
 
-def _optimizers(cls, master, dtype, **kwargs):
-    """The same parameters stepped by the eager and the fused path."""
+def _optimizers(cls, master, dtype, compiles=(False, None), **kwargs):
+    """The same parameters stepped by the eager and the fused (or ``compiles[1]``'s) path."""
     runs = []
-    for compile in (False, None):
+    for compile in compiles:
         params = [torch.empty(v.shape, dtype=dtype, requires_grad=True) for v in _values()]
         opt = cls(params, master=master if dtype != torch.float32 else None, compile=compile, **kwargs)
         for p, v in zip(params, _values()):
@@ -36,10 +36,10 @@ def _optimizers(cls, master, dtype, **kwargs):
     return runs
 
 
-def _one_step_from_the_same_state(cls, master, dtype, steps=4, **kwargs):
+def _one_step_from_the_same_state(cls, master, dtype, steps=4, compiles=(False, None), **kwargs):
     """Step both paths; before each step the fused optimizer takes the eager one's exact state, so
     the comparison is of one step's arithmetic. Yields (before, eager values, fused values) per step."""
-    (ea, eager), (fu, fast) = _optimizers(cls, master, dtype, **kwargs)
+    (ea, eager), (fu, fast) = _optimizers(cls, master, dtype, compiles, **kwargs)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         grads = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]

@@ -6,9 +6,8 @@ from __future__ import annotations
 import lightning.pytorch as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-
 from conftest import MODE_IDS, MODES, fp32_values, mode_adamw, mode_plugin, trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,6 +11,18 @@ from __future__ import annotations
 import lightning.pytorch as L
 import pytest
 import torch
+from conftest import (
+    MODE_IDS,
+    MODES,
+    TinyRegressor,
+    exact,
+    fp32_values,
+    mode_adamw,
+    mode_plugin,
+    mode_sgd,
+    regression_data,
+    trainer,
+)
 from lightning.pytorch.callbacks import (
     BackboneFinetuning,
     BatchSizeFinder,
@@ -23,8 +35,6 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.tuner import Tuner
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from conftest import MODE_IDS, MODES, TinyRegressor, exact, fp32_values, mode_adamw, mode_plugin, mode_sgd, regression_data, trainer
 
 LR = 2.0**-10  # 1/2 of half a bf16 step at 1: each update alone rounds away in bf16
 modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import lightning.pytorch as L
 import pytest
 import torch
+from conftest import MODE_IDS, MODES, TinyRegressor, fp32_values, mode_adamw, mode_plugin, regression_data, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
-
-from conftest import MODE_IDS, MODES, TinyRegressor, fp32_values, mode_adamw, mode_plugin, regression_data, trainer
 
 modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 HALF = {"bf16-master": torch.bfloat16, "16-master": torch.float16}

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import lightning_mp.optim
-from conftest import trainer
 from lightning_mp import MoEModule, precision_plugin
 from lightning_mp.data import ByteTextDataModule
 from lightning_mp.model import MoETransformer, TransformerConfig

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lightning_mp.optim
-from lightning_mp.storage import split_
 from lightning_mp.optim import SGD, AdamW
+from lightning_mp.storage import split_
 
 BF16 = torch.bfloat16
 SHAPES = [(64, 32), (7,), (3, 5, 2)]

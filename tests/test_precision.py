@@ -9,13 +9,13 @@ import pickle
 import lightning.pytorch as L
 import pytest
 import torch
+from conftest import Dot, TinyRegressor, regression_data, trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import Dot, TinyRegressor, regression_data, trainer
 from lightning_mp import LossScaleError, MasterWeightPrecision, memory_audit, precision_plugin
 
 BF16 = torch.bfloat16

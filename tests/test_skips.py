@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MODE_IDS, MODES, TinyRegressor, mode_adamw, mode_plugin, regression_data, trainer
 from torch import nn
 
-from conftest import MODE_IDS, MODES, TinyRegressor, mode_adamw, mode_plugin, regression_data, trainer
 from lightning_mp import LossScaleError, SkippedStepsError
 
 modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)

@@ -20,10 +20,14 @@ class AdamW(_StoredMasterOptimizer):
         moment_dtype: ``torch.float32`` (default) or ``torch.bfloat16``, whose moments are then
             updated with stochastic rounding (4 bytes per parameter instead of 8).
         seed: seeds the stochastic rounding (per device), saved in ``state_dict``.
-        compile: ``None`` (default): one fused pass per element (:mod:`lightning_mp.fused`) where it
-            applies, torch's foreach ops elsewhere; ``False``: always torch's foreach ops, bit-exact
-            with ``torch.optim.AdamW`` (the fused step's IEEE square root differs from torch's CPU
-            one by 1 ulp in about 0.7 % of elements).
+        compile: ``None`` (default): one fused pass per element where it applies, the C++ kernel
+            of :mod:`lightning_mp.fused` on CPU tensors and a ``torch.compile``'d pass
+            (:mod:`lightning_mp.optim.compiled`, Triton) on CUDA ones, torch's foreach ops
+            elsewhere; ``True``: the ``torch.compile``'d pass on any device; ``False``: always
+            torch's foreach ops, bit-exact with ``torch.optim.AdamW``. The fused passes differ from
+            it by a few ulps: the C++ kernel takes IEEE square roots (torch's CPU sqrt is 1 ulp
+            off for about 0.7 % of elements), the compiled pass rounds the products that ATen
+            fuses into multiply-adds.
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
@@ -68,6 +72,13 @@ class AdamW(_StoredMasterOptimizer):
 
     def _segment(self, scalars: Any) -> tuple[float, float]:
         return scalars  # -step size, sqrt(bias correction 2)
+
+    def _compiled_row(self, group: dict[str, Any], scalar: Any) -> list[float]:
+        h = self._hyper(group)
+        return [h["decay"] if h["has_decay"] else 1.0, h["c1"], h["beta2"], h["c2"], h["eps"], *scalar]
+
+    def _compiled_args(self, kind, group, w, s, g, state, hf, hi):  # type: ignore[override]
+        return kind, bool(group["maximize"]), w, s, g, state["exp_avg"], state["exp_avg_sq"], hf, hi
 
     def _update(self, group, values, grads, moments, scalars):  # type: ignore[override]
         # torch's _multi_tensor_adam with decoupled weight decay, op for op.

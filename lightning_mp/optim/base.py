@@ -1,20 +1,25 @@
 """What AdamW and SGD share: FP32 values out of the store, the update, values back into it.
 
-Two ways to run a step, with the same arithmetic:
+Three ways to run a step, with the same arithmetic:
 
-- fused (``compile=None``, the default, where it applies): one pass per element through the
-  :mod:`lightning_mp.fused` kernel, built once for this CPU;
-- eager (``compile=False``, CUDA, no C++ compiler): torch's ``_foreach_*`` ops, the same ops in
-  the same order as ``torch.optim``'s foreach implementations, over blocks of elements that stay
+- fused (``compile=None``, the default): on CPU tensors one pass per element through the C++
+  kernel of :mod:`lightning_mp.fused`, built once for this CPU; on CUDA tensors one
+  ``torch.compile``'d pass per tensor (:mod:`lightning_mp.optim.compiled`, Triton);
+- compiled (``compile=True``): the ``torch.compile``'d pass on any device;
+- eager (``compile=False``, or where neither applies): torch's ``_foreach_*`` ops, the same ops
+  in the same order as ``torch.optim``'s foreach implementations, over blocks of elements that stay
   in cache between ops. SGD and AdamW are then bit-exact with torch's.
 
-The fused SGD is bit-exact too. The fused AdamW takes IEEE square roots, where torch's CPU
-``sqrt`` (MKL) is 1 ulp off for about 0.7 % of values: its FP32 values differ from torch's
-AdamW by at most 1 ulp after a step (tests measure it); ``compile=False`` is the bit-exact path.
+The C++ kernel's SGD is bit-exact too; its AdamW takes IEEE square roots, where torch's CPU
+``sqrt`` (MKL) is 1 ulp off for about 0.7 % of values: its FP32 values differ from torch's AdamW
+by at most 2 ulps of the update and 1 of the value after a step. The compiled pass rounds the
+products ATen fuses into multiply-adds: a few ulps of the update (tests measure both).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Optional, Union
 
@@ -24,6 +29,7 @@ from torch.optim import Optimizer
 
 from lightning_mp import fused
 from lightning_mp.masters import MasterStore
+from lightning_mp.optim import compiled
 from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, _upcast, stochastic_round_
 
 # Elements stepped at once by the eager path (see _blocks): on a CPU 2 MiB of FP32 per
@@ -154,7 +160,8 @@ class _StoredMasterOptimizer(Optimizer):
                 if dtype != torch.float32:
                     self._sync_storage(params)
                 scalars = self._prepare(group, params)
-                if not self._fused_step(group, items, scalars, transform):
+                if not (self._fused_step(group, items, scalars, transform)
+                        or self._compiled_step(group, items, scalars, transform)):
                     by_param = dict(zip(params, scalars))
                     for block in _blocks(params, _BLOCK_NUMEL.get(device.type, _BLOCK_NUMEL["cuda"]), grads):
                         self._step_block(group, block, by_param, transform, grads)
@@ -222,7 +229,7 @@ class _StoredMasterOptimizer(Optimizer):
     ) -> bool:
         """Step ``items`` (one device and dtype) through the fused kernel; ``False`` where it does
         not apply (``compile=False``, no compiler, CUDA or non-contiguous tensors): nothing was done."""
-        if self.compile is False or not fused.available():
+        if self.compile is not None or not fused.available():
             return False
         kind = self._policy(items[0].param)  # one per bucket: the parameters share a dtype
         code = fused.F32_PARAM if kind is None else fused.KIND[kind]
@@ -243,6 +250,50 @@ class _StoredMasterOptimizer(Optimizer):
         for gdtype, segments in calls.items():
             fused.run(self._kernel, code, items[0].param.dtype, gdtype, self.moment_dtype, segments, h)
         return True
+
+    # -- compiled: one torch.compile'd pass per tensor (CUDA, or compile=True) -------------------
+
+    def _compiled_step(
+        self,
+        group: dict[str, Any],
+        items: list[_Item],
+        scalars: list[Any],
+        transform: tuple[Optional[Tensor], Optional[float]],
+    ) -> bool:
+        """Step ``items`` with :mod:`lightning_mp.optim.compiled`; ``False`` where it does not apply."""
+        device = items[0].param.device
+        wanted = self.compile is True or (self.compile is None and device.type == "cuda")
+        if not wanted or not compiled.available(device):
+            return False
+        kind = self._policy(items[0].param)
+        factor, clamp = transform
+        rows = [[1.0, math.inf if clamp is None else clamp, *self._compiled_row(group, scalar)] for scalar in scalars]
+        hf = torch.tensor(rows, dtype=torch.float32).to(device)  # every step's numbers: one copy, no recompile
+        if factor is not None:
+            hf[:, 0] = factor.to(device)  # stays on the device: no host sync
+        hi = compiled.noise_keys(self.seed, self._noise_step, [item.first for item in items], device)
+        step = compiled.compiled(self._kernel)
+        signature = (type(self).__name__, kind, items[0].param.dtype, self.moment_dtype, device.type)
+        start = None if signature in compiled.REPORTED else time.perf_counter()
+        for item, f, i in zip(items, hf.unbind(0), hi):
+            p = item.param
+            s = None if kind is None else self.store.storage(p)
+            args = self._compiled_args(kind, group, p, s, item.grad, self.state[p], f, i)
+            if all(a.is_contiguous() for a in args if isinstance(a, Tensor)):  # flat: one graph for every shape
+                args = tuple(compiled.flat(a) if isinstance(a, Tensor) else a for a in args)
+            step(*args)
+        if start is not None:
+            compiled.report(signature, time.perf_counter() - start)
+        return True
+
+    def _compiled_row(self, group: dict[str, Any], scalar: Any) -> list[float]:
+        """The compiled step's per-tensor numbers after the clip factor and value."""
+        raise NotImplementedError
+
+    def _compiled_args(self, kind: Optional[str], group: dict[str, Any], w: Tensor, s: Optional[Tensor], g: Tensor,
+                       state: dict[str, Any], hf: Tensor, hi: Tensor) -> tuple[Any, ...]:
+        """The compiled step's arguments for one tensor."""
+        raise NotImplementedError
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         """The fused kernel's hyper-parameters of ``group``."""

@@ -13,7 +13,8 @@ from lightning_mp.optim.base import Params, _StoredMasterOptimizer
 class SGD(_StoredMasterOptimizer):
     """``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay; same defaults and arithmetic)
     on 16-bit weights with stored FP32 values. ``master``, ``moment_dtype``, ``seed`` and ``compile``
-    as :class:`~lightning_mp.optim.AdamW`; the fused SGD step is bit-exact with torch's too.
+    as :class:`~lightning_mp.optim.AdamW`; the C++ kernel's SGD step is bit-exact with torch's too
+    (the compiled one is a few ulps of the update apart, ``compile=False`` exact).
     """
 
     _state_keys = ("momentum_buffer",)
@@ -62,6 +63,13 @@ class SGD(_StoredMasterOptimizer):
 
     def _segment(self, scalars: Any) -> tuple[float, float]:
         return 0.0, 1.0 if scalars else 0.0  # b: the momentum buffer is new
+
+    def _compiled_row(self, group: dict[str, Any], scalar: Any) -> list[float]:
+        return [group["weight_decay"], group["momentum"], 1 - group["dampening"], -group["lr"], float(scalar)]
+
+    def _compiled_args(self, kind, group, w, s, g, state, hf, hi):  # type: ignore[override]
+        m = state["momentum_buffer"] if group["momentum"] != 0 else None
+        return kind, bool(group["maximize"]), group["weight_decay"] != 0, bool(group["nesterov"]), w, s, g, m, hf, hi
 
     def _update(self, group, values, grads, moments, scalars):  # type: ignore[override]
         # torch's _multi_tensor_sgd, op for op.

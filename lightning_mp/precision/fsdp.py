@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional, Union
 
 import torch
-from torch import nn
-from torch.optim import Optimizer
-
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.optim import Optimizer
 
 from lightning_mp.convert import _TORCH_NORMS
 from lightning_mp.model import RMSNorm

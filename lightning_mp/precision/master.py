@@ -15,17 +15,15 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional, Union
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-import lightning.pytorch as pl
-from lightning.pytorch.plugins.precision import Precision
-
 from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, cast_module_
 from lightning_mp.masters import MasterStore, check_finite
-from lightning_mp.storage import HALF, MASTER_POLICIES
 from lightning_mp.optim import _StoredMasterOptimizer
 from lightning_mp.precision import ddp
 from lightning_mp.precision.averaging import average_fp32
@@ -33,6 +31,7 @@ from lightning_mp.precision.grads import FP32Grads
 from lightning_mp.precision.skips import SkipTracker
 from lightning_mp.precision.step import MasterStep, _unwrap
 from lightning_mp.scaler import LossScaler
+from lightning_mp.storage import HALF, MASTER_POLICIES
 
 MASTER_DTYPES = {"bf16-master": torch.bfloat16, "16-master": torch.float16}
 

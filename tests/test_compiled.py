@@ -1,0 +1,91 @@
+"""The torch.compile'd step (lightning_mp.optim.compiled, CUDA's fused path; compile=True forces it
+here): the eager step's arithmetic, compiled once per storage kind and dtypes, never per step."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import TinyRegressor, fp32_values, mode_plugin, regression_data, trainer
+from test_fused import BF16, FP16, _one_step_from_the_same_state, _ulp
+from torch._dynamo.utils import counters
+
+from lightning_mp.optim import SGD, AdamW, compiled
+
+pytestmark = pytest.mark.skipif(not compiled.available(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+EAGER_COMPILED = (False, True)
+
+
+@pytest.mark.parametrize("master, dtype", [("remainder", BF16), ("fp32", FP16)])
+def test_compiled_adamw_step_is_within_a_few_ulps_of_torchs(master, dtype):
+    # inductor's lerp and addcmul round each product (ATen's CPU kernels fuse a multiply-add in
+    # lerp): moments 1 ulp apart, updates a few (measured: at most 3.5 ulps of the update, 0.2 % of values)
+    steps = _one_step_from_the_same_state(AdamW, master, dtype, compiles=EAGER_COMPILED, lr=1e-2, weight_decay=0.1)
+    for before, eager, fast in steps:
+        for b, e, f in zip(before, eager, fast):
+            assert ((e - f).abs() <= 4 * _ulp(e - b) + _ulp(e)).all()
+
+
+def test_compiled_sgd_kahan_step_matches_the_eager_one():
+    kwargs = dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    for before, eager, fast in _one_step_from_the_same_state(SGD, "kahan", BF16, compiles=EAGER_COMPILED, **kwargs):
+        for b, e, f in zip(before, eager, fast):
+            # weight + compensation: about 16 significant bits; the update itself a few ulps apart
+            # (unfused multiply-adds; measured at most 6 ulps of the update, with momentum and nesterov)
+            assert ((e - f).abs() <= e.abs() * 2.0**-15 + 8 * _ulp(e - b)).all()
+
+
+def test_compiled_stochastic_rounding_is_unbiased_for_weights_and_bf16_moments():
+    # Weights at 1.0 (bf16 step above 1: 2**-7), SGD (maximize) moves them up by g1, a quarter step
+    # and a bit: that fraction must round up. The bf16 momentum buffer then holds
+    # 0.5 * g1 + g2 = 2**-9 * (1.5 + 2**-8), half-way between two bf16 values: its mean is exact.
+    n = 1 << 20
+    g1, g2 = 2.0**-9 * (1 + 2.0**-7), 2.0**-9
+    w = torch.ones(n, dtype=BF16, requires_grad=True)
+    opt = SGD([w], lr=1.0, momentum=0.5, master="stochastic", moment_dtype=BF16, maximize=True, compile=True)
+    w.grad = torch.full((n,), g1, dtype=BF16)
+    opt.step()
+    p_up = g1 / 2.0**-7
+    assert abs((w.float() == 1 + 2.0**-7).float().mean().item() - p_up) < 5 * (p_up * (1 - p_up) / n) ** 0.5
+    w.grad = torch.full((n,), g2, dtype=BF16)
+    opt.step()
+    buf = -opt.state[w]["momentum_buffer"].float()
+    assert set(buf.unique().tolist()) == {2.0**-9 * 1.5, 2.0**-9 * (1.5 + 2.0**-7)}  # the two bf16 neighbours
+    assert abs(buf.mean().item() - 2.0**-9 * (1.5 + 2.0**-8)) < 5 * 2.0**-17 / n**0.5
+
+
+def test_the_step_compiles_once_per_kind_never_per_step_size_or_group(monkeypatch, caplog):
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(compiled, "REPORTED", set())
+    shapes = [(300, 70), (33,), (5, 4, 3), (2, 2)]  # ranks and sizes differ: the step runs on flat aliases
+    halves = [torch.zeros(s, dtype=BF16, requires_grad=True) for s in shapes]
+    norms = [torch.ones(7, requires_grad=True)]  # FP32 parameters: a second kind
+    groups = [{"params": halves[:3]}, {"params": halves[3:] + norms, "lr": 1e-3, "weight_decay": 0.0}]
+    opt = AdamW(groups, lr=1e-2, master="remainder", compile=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    caplog.set_level(logging.INFO)
+    for step in range(5):
+        for p in halves + norms:
+            p.grad = torch.randn(p.shape).to(p.dtype) if step != 2 or p is not halves[0] else None  # one skips a step
+        opt.grad_factor = torch.tensor(0.5) if step == 3 else None  # unscaling and clipping come as numbers
+        opt.grad_clamp = 0.1 if step == 4 else None
+        opt.step()
+        scheduler.step()
+    assert counters["stats"]["unique_graphs"] == 2  # bf16 weights with remainders, FP32 parameters
+    assert not counters["recompiles"]
+    reports = [r.getMessage() for r in caplog.records if "with torch.compile in" in r.getMessage()]
+    assert len(reports) == 2 and all("\n" not in line for line in reports)  # the first step's compile, once per kind
+
+
+def test_compiled_adamw_under_fp32_masters_trains_as_torchs():
+    # accumulated micro-batches (FP32 sums), clipping by norm: the compiled step on the plugin's masters
+    runs = {}
+    for name in ("adamw", "mp-adamw-compiled"):
+        torch.manual_seed(0)
+        t = trainer(mode_plugin(("bf16-master", "fp32")), max_steps=6, accumulate_grad_batches=2, gradient_clip_val=0.05)
+        t.fit(TinyRegressor(optimizer=name), regression_data(n=96))
+        runs[name] = fp32_values(t)
+    for name, values in runs["adamw"].items():
+        torch.testing.assert_close(runs["mp-adamw-compiled"][name], values, rtol=1e-5, atol=1e-7)
