@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import HalfPrecision, Precision
 from torch import Tensor, nn
 
 from lightning_mp.convert import is_norm_layer
@@ -53,6 +54,7 @@ class MoEModule(L.LightningModule):
         aux_loss_coef: float = 1e-2,
         z_loss_coef: float = 1e-3,
         bias_update_rate: float = 0.0,
+        token_buckets: Optional[int] = None,
         max_seq_len: int = 256,
         positions: Literal["rope", "learned"] = "rope",
         lr: float = 3e-3,
@@ -167,7 +169,8 @@ class MoEModule(L.LightningModule):
 
         Under :class:`~lightning_mp.MasterWeightPrecision` (or with bf16 moments) the AdamW is
         :class:`lightning_mp.optim.AdamW`, one fused pass per element over the plugin's FP32 values;
-        otherwise torch's ``AdamW(fused=True)`` on CPU and CUDA tensors.
+        under ``32-true`` and ``*-true`` torch's ``AdamW(fused=True)`` on CPU and CUDA tensors; else
+        torch's default ``AdamW`` (Lightning's AMP and FSDP plugins cannot clip for a fused one).
 
         The cosine reaches ``lr * min_lr_ratio`` at step ``decay_steps`` (default: the last
         step) and stays there, like nanoGPT's ``lr_decay_iters``.
@@ -196,9 +199,12 @@ class MoEModule(L.LightningModule):
                 moment_dtype=getattr(torch, hp.moment_dtype),
                 seed=torch.initial_seed() % 2**63,  # follows seed_everything: reproducible rounding
             )
-        else:  # FP32 parameters (32-true, *-mixed, FSDP's sharded masters) or bf16-true: torch's fastest AdamW
+        else:
+            # 32-true and *-true: torch's fused AdamW (its fastest). Lightning's AMP plugins (*-mixed)
+            # and FSDP's refuse to clip gradients for a fused optimizer: torch's default AdamW there.
             params = [p for g in groups for p in g["params"]]
-            fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+            fused = type(plugin) in (Precision, HalfPrecision) and all(
+                type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total)

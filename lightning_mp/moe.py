@@ -33,14 +33,35 @@ class MoEConfig:
     aux_loss_coef: float = 1e-2  # Switch/Mixtral load-balancing loss
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss
     bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 aux-loss-free balancing by a per-expert bias
+    # Pad each expert's token count (see bucket_size): None picks by device (CPU: 4 sizes per power
+    # of two; else multiples of 16); n > 0: n sizes per power of two; 0: no padding.
+    token_buckets: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
         if self.score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        if self.token_buckets is not None and self.token_buckets < 0:
+            raise ValueError(f"token_buckets must be None, 0 or > 0, got {self.token_buckets}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
+
+
+def bucket_size(count: int, per_octave: int) -> int:
+    """``count`` rounded up to a multiple of 16 rows and, with ``per_octave`` > 0, to one of
+    ``per_octave`` sizes per power of two (a multiple of 1/``per_octave`` of the next one).
+
+    Experts then see a few matmul shapes, not one per token count: on a CPU oneDNN compiles and
+    caches a kernel per bf16 matmul shape, and a new count every step grew the process without
+    bound (measured on the ``small`` model: peak RSS 2.7 GB after 60 steps against 1.3 GB under
+    32-true, and half the tokens/s). Grouped GEMMs get 16-row-aligned groups. Padding is at most
+    1/``per_octave`` of the next power of two; its rows are zeros and their outputs are dropped.
+    """
+    if count == 0:
+        return 0
+    granule = 16 if per_octave <= 0 else max(16, (1 << (count - 1).bit_length()) // per_octave)
+    return -(-count // granule) * granule
 
 
 class SwiGLU(nn.Module):
@@ -205,11 +226,14 @@ class MoELayer(nn.Module):
         token = order // k
         counts_list = kept_counts.tolist()  # host sync: slice sizes for the per-expert path
 
-        xs = x[token]
+        xs, rows, counts_list = self._pad(x[token], kept_counts, counts_list)
         if isinstance(self.experts, GroupedSwiGLU):
-            out = self.experts(xs, kept_counts, counts_list)
+            groups = kept_counts if rows is None else torch.tensor(counts_list, device=x.device)
+            out = self.experts(xs, groups, counts_list)
         else:
             out = torch.cat([expert(s) for expert, s in zip(self.experts, torch.split(xs, counts_list))])
+        if rows is not None:
+            out = out[rows]  # the padding rows' outputs are dropped: they get no gradient
         # Combine in FP32: k weighted expert outputs per token, summed by index_add_.
         out = out.float() * weights.reshape(-1)[order, None]
         y = torch.zeros(n_tokens, shape[-1], device=x.device, dtype=torch.float32).index_add_(0, token, out)
@@ -219,6 +243,22 @@ class MoELayer(nn.Module):
 
         self._losses_and_stats(logits, scores, counts, kept_counts, n_tokens)
         return y.reshape(shape)
+
+    def _pad(self, xs: Tensor, counts: Tensor, counts_list: list[int]) -> tuple[Tensor, Optional[Tensor], list[int]]:
+        """Each expert's slice of ``xs`` padded with zero rows to :func:`bucket_size`; returns the
+        padded rows, where the real ones went (``None``: no padding) and the padded counts."""
+        per_octave = self.config.token_buckets
+        if per_octave is None:
+            per_octave = 4 if xs.device.type == "cpu" else 0
+        if self.config.token_buckets == 0:
+            return xs, None, counts_list
+        padded = [bucket_size(c, per_octave) for c in counts_list]
+        if padded == counts_list:
+            return xs, None, counts_list
+        shift = torch.tensor([p - c for p, c in zip(padded, counts_list)], device=xs.device).cumsum(0)
+        shift = torch.cat([shift.new_zeros(1), shift[:-1]])  # padding rows before each expert's slice
+        rows = torch.arange(xs.shape[0], device=xs.device) + shift.repeat_interleave(counts, output_size=xs.shape[0])
+        return xs.new_zeros(sum(padded), xs.shape[1]).index_copy(0, rows, xs), rows, padded
 
     def _losses_and_stats(self, logits: Tensor, scores: Tensor, counts: Tensor, kept: Tensor, n_tokens: int) -> None:
         cfg = self.config

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_mp.moe import GroupedSwiGLU, MoEConfig, MoELayer, SwiGLU
+from lightning_mp.moe import GroupedSwiGLU, MoEConfig, MoELayer, SwiGLU, bucket_size
 
 
 def reference_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
@@ -144,3 +144,49 @@ def test_bad_config_is_rejected():
         MoEConfig(capacity_factor=0)
     with pytest.raises(ValueError, match="experts"):
         MoELayer(MoEConfig(n_experts=4), experts=[nn.Identity()])
+
+
+@pytest.mark.parametrize("per_octave", [0, 4, 16])
+def test_bucket_sizes_are_aligned_close_and_few(per_octave):
+    sizes = [bucket_size(c, per_octave) for c in range(1, 4097)]
+    assert bucket_size(0, per_octave) == 0
+    for c, b in zip(range(1, 4097), sizes):
+        assert b >= c and b % 16 == 0
+        assert b - c < max(16, (1 << (c - 1).bit_length()) // max(per_octave, 1) if per_octave else 16)
+    if per_octave:  # per_octave sizes per power of two above 16 * per_octave, multiples of 16 below
+        assert len(set(sizes)) <= per_octave + per_octave * math.log2(4096 / (16 * per_octave))
+
+
+@pytest.mark.parametrize("custom_experts", [False, True])
+def test_padded_token_groups_give_the_unpadded_layer(custom_experts):
+    def layer(token_buckets):
+        torch.manual_seed(0)  # the same weights in both
+        experts = [SwiGLU(16, 24) for _ in range(4)] if custom_experts else None
+        return MoELayer(MoEConfig(d_model=16, d_ff=24, n_experts=4, top_k=2, token_buckets=token_buckets), experts=experts)
+
+    x = torch.randn(53, 16, requires_grad=True)
+    results = []
+    for m in (layer(4), layer(0)):
+        y = m(x)
+        results.append((y, torch.autograd.grad(y.square().sum(), [x, *m.parameters()])))
+    (y1, g1), (y2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_experts_see_a_bounded_set_of_token_counts(monkeypatch):
+    # routing changes every step; the experts' matmuls must not see a new shape each time
+    seen = set()
+    forward = GroupedSwiGLU.forward
+
+    def record(self, x, counts, counts_list):
+        seen.update(counts_list)
+        return forward(self, x, counts, counts_list)
+
+    monkeypatch.setattr(GroupedSwiGLU, "forward", record)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, n_experts=8, top_k=2, token_buckets=4))
+    for _ in range(40):
+        layer.router.gate.weight.data.normal_()
+        layer(torch.randn(512, 16))
+    assert len(seen) <= 4 * 4 + 1 and all(c % 16 == 0 for c in seen)  # counts up to 1024: 4 octaves, and 0
