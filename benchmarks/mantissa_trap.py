@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mp import precision_plugin
+from lightning_mp.machine import describe
 
 MODES = ("32-true", "bf16-mixed", "bf16-true", "bf16-master", "16-master")
 
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-4)
     args = parser.parse_args()
+    print(f"machine: {describe()}")
     data = teacher_data()
     results = {mode: run(mode, args.steps, args.lr, data) for mode in MODES}
     base = results["32-true"][0]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import platform
 import statistics
 import time
 
@@ -26,6 +25,7 @@ import torch
 from precision_memory_and_step import MLP, audited_fit
 
 from lightning_mp import precision_plugin
+from lightning_mp.machine import describe
 from lightning_mp.optim import AdamW
 
 # (label, precision, master policy, moment dtype)
@@ -113,8 +113,7 @@ def main() -> None:
         libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep freed memory
         libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: large blocks from the heap, not mmap
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    print(f"machine: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"machine: {describe()}")
 
     if not args.skip_memory:
         n = sum(p.numel() for p in MLP(args.layers, args.width).parameters())

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_mp.machine import describe
 from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
 
 
@@ -99,8 +100,8 @@ def main() -> None:
             if i >= 2:
                 times[name].append(t)
     dense = times["dense"]
-    print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), dtype {dtype}, "
-          f"{torch.get_num_threads()} threads; {args.tokens} tokens, d_model {args.d_model}, {args.experts} experts "
+    print(f"machine: {describe()}")
+    print(f"device: {device}, dtype {dtype}; {args.tokens} tokens, d_model {args.d_model}, {args.experts} experts "
           f"of d_ff {args.d_ff}, top-{args.top_k}; forward + backward, {args.repeats} alternating rounds\n")
     print("| layer | median ms | ratio to dense (median of per-round ratios) |")
     print("|---|---|---|")

@@ -18,6 +18,7 @@ import torch
 
 from lightning_mp import MoEModule, SwallowedUpdateMonitor, precision_plugin
 from lightning_mp.data import ByteTextDataModule
+from lightning_mp.machine import describe
 
 MODES = ("32-true", "bf16-true", "bf16-master")
 
@@ -59,7 +60,8 @@ def main() -> None:
     args = parser.parse_args()
     data = ByteTextDataModule(seq_len=64, batch_size=16)
     data.setup()
-    print(f"tiny MoE, {args.steps} steps, monitor every {args.every} steps, 2 CPU threads\n")
+    print(f"machine: {describe()}")
+    print(f"tiny MoE, {args.steps} steps, monitor every {args.every} steps\n")
     print("| precision | fit without the monitor (s) | fit with it (s) | of which in the monitor (s) | monitor share |")
     print("|---|---|---|---|---|")
     for mode in MODES:

@@ -9,7 +9,9 @@ gradients, also at the optimizer step (where they peak).
 Step time: the whole optimizer step of ``bf16-master`` (``MasterWeightPrecision.optimizer_step``
 after a backward: FP32 gradients, overflow check, AdamW on the FP32 values, rounding back into
 bf16) against ``32-true``'s ``torch.optim.AdamW(fused=True)`` on FP32 parameters of the same
-model, each step timed in turn in one process (each round starting one further down the list);
+model, each step (with the ``zero_grad`` that follows it in Lightning's loop, which frees the
+gradients: ``bf16-master`` frees them inside its step) timed in turn in one process (each round
+starting one further down the list);
 the median of the per-round ratios is printed with its quartiles. Gradients are set as a backward
 leaves them (bf16 under ``bf16-master``). Only the optimizer step is timed: it is memory-bound
 FP32 work in every mode, so a CPU says nothing here about bf16 compute speed.
@@ -109,9 +111,8 @@ class Stepper:
             self.optimizer.step()
         else:  # the plugin's step as Lightning's automatic loop runs it: its gradients die with it
             self.plugin.step_runner.run(self.optimizer, lambda: None, loss=None, keep_grads=False)
-        elapsed = time.perf_counter() - start
-        self.optimizer.zero_grad()  # as Lightning, outside the step
-        return elapsed
+        self.optimizer.zero_grad()  # Lightning's, before the next backward: frees 32-true's gradients
+        return time.perf_counter() - start
 
 
 def time_steps(layers: int, width: int, repeats: int) -> tuple[dict[str, list[float]], int]:

@@ -183,6 +183,7 @@ class SwallowedUpdateMonitor(L.Callback):
         self._before: Optional[list[list[_Snapshot]]] = None
         self._streak = 0
         self._warned = False
+        self._exact = False
         self.last: dict[str, float] = {}
 
     @staticmethod
@@ -206,9 +207,13 @@ class SwallowedUpdateMonitor(L.Callback):
         groups = [store.params_of(g["params"]) if store else list(g["params"]) for g in optimizer.param_groups]
         # the FP32 values the run holds before the step (inside the step, master="fp32" parameters hold them)
         values = [[v.clone() for v in (store.values(g) if store else [p.detach() for p in g])] for g in groups]
-        intended = _fp32_updates(optimizer, values) if mode != "fp32" else None
-        if mode != "fp32" and intended is None:
-            return  # an optimizer that cannot be copied: no FP32 reference this time
+        # The FP32 reference update, from a throwaway FP32 copy of the optimizer. Exact storage (every
+        # policy but "stochastic") holds the FP32 step's result itself: its own update is the reference.
+        self._exact = mode == "master" and store is not None and store.policy != "stochastic"
+        intended = _fp32_updates(optimizer, values) if mode != "fp32" and not self._exact else None
+        if mode == "true" or (mode == "master" and not self._exact):
+            if intended is None:
+                return  # an optimizer that cannot be copied: no FP32 reference this time
         self._before = [
             [
                 _Snapshot(
@@ -238,9 +243,10 @@ class SwallowedUpdateMonitor(L.Callback):
                     lost = would_round_away(snap.weight_before, update, dtype)
                     base = snap.weight_before
                 else:
-                    if snap.intended is None:
+                    intended = value - snap.param_before if self._exact else snap.intended
+                    if intended is None:
                         continue
-                    update, base = snap.intended, snap.param_before.float()
+                    update, base = intended, snap.param_before.float()
                     lost = value == snap.param_before  # the value the run holds (its master, or stored)
                     if mode == "master":
                         counts.add_without_masters(update, snap.param.detach() == snap.weight_before)

@@ -34,7 +34,8 @@ class MoEConfig:
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss
     bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 aux-loss-free balancing by a per-expert bias
     # Pad each expert's token count (see bucket_size): None picks by device (CPU: 4 sizes per power
-    # of two; else multiples of 16); n > 0: n sizes per power of two; 0: no padding.
+    # of two for 16-bit matmuls, none for FP32; else multiples of 16); n > 0: n sizes per power of
+    # two; 0: no padding.
     token_buckets: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -248,8 +249,12 @@ class MoELayer(nn.Module):
         """Each expert's slice of ``xs`` padded with zero rows to :func:`bucket_size`; returns the
         padded rows, where the real ones went (``None``: no padding) and the padded counts."""
         per_octave = self.config.token_buckets
-        if per_octave is None:
-            per_octave = 4 if xs.device.type == "cpu" else 0
+        if per_octave is None:  # by device: only where it pays
+            device = xs.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype
+            if device == "cpu" and dtype == torch.float32:
+                return xs, None, counts_list  # FP32 CPU matmuls (MKL) cache nothing per shape
+            per_octave = 4 if device == "cpu" else 0
         if self.config.token_buckets == 0:
             return xs, None, counts_list
         padded = [bucket_size(c, per_octave) for c in counts_list]
