@@ -11,12 +11,13 @@ from __future__ import annotations
 import sysconfig
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from collections.abc import Iterator
+from typing import Any, Optional, Union
 
 import lightning.pytorch as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 VOCAB_SIZE = 256  # bytes
 
@@ -35,6 +36,61 @@ class ByteWindows(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         chunk = self.data[i * self.seq_len : (i + 1) * self.seq_len + 1].long()
         return chunk[:-1], chunk[1:]
+
+
+class EpochOrder(Sampler[int]):
+    """Every window once per pass over the data, in an order drawn from ``(seed, epoch)`` alone
+    (``epoch`` counts passes): a resumed run draws the same order again. ``skip`` leaves out the
+    first indices of the next iteration."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        skip, self.skip = self.skip, 0
+        yield from torch.randperm(self.n, generator=generator)[skip:].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A shuffling training loader that continues where training stopped: each iteration starts
+    at the batch an uninterrupted run would take next, after the batches trained so far.
+
+    Those are the trainer's own count (``trainer``, set by :class:`ByteTextDataModule`, whose
+    count Lightning saves and restores; Lightning fetches a batch ahead, so what was yielded is not
+    what was trained), else the batches this loader yielded. The shuffling seed (and, without a
+    trainer, the count) is its ``state_dict``, which Lightning stores in checkpoints. Passes over
+    the data are its own: Lightning starts a new epoch when a run stops at ``max_steps`` and
+    resumes, this loader does not. Batches are full (``drop_last``); ``len`` is a whole pass's.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=EpochOrder(len(dataset), seed), drop_last=True,
+                         num_workers=num_workers)
+        self.trainer: Optional[L.Trainer] = None
+        self._yielded = 0
+
+    def trained(self) -> int:
+        """Batches trained on so far, over every pass."""
+        if self.trainer is None:
+            return self._yielded
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+    def __iter__(self) -> Iterator[Any]:
+        self.sampler.epoch, skip = divmod(self.trained(), len(self))
+        self.sampler.skip = skip * self.batch_size
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.sampler.seed, "batches": self.trained()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.seed, self._yielded = state["seed"], state["batches"]
 
 
 def _is_text(path: Path) -> bool:
@@ -97,6 +153,8 @@ class ByteTextDataModule(L.LightningDataModule):
         elif self.path.is_file():
             if self.glob:
                 raise ValueError(f"glob={self.glob!r} selects files in a directory, but path {str(self.path)!r} is a file")
+            if self.path.stat().st_size and not _is_text(self.path):
+                raise ValueError(f"{str(self.path)!r} is a binary file (a NUL byte in its first 8 KiB), not text")
             root, files = self.path.parent, [self.path]
         else:
             root = self.path
@@ -153,13 +211,13 @@ class ByteTextDataModule(L.LightningDataModule):
         return float(-(p * p.log2()).sum())
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            ByteWindows(self.train_data, self.seq_len),
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-        )
+        """Shuffled full batches, resumable mid-epoch (:class:`ResumableLoader`); the order follows the
+        global seed (``seed_everything``) and is saved in checkpoints."""
+        self.setup()
+        loader = ResumableLoader(ByteWindows(self.train_data, self.seq_len), self.batch_size, torch.initial_seed(),
+                                 self.num_workers)
+        loader.trainer = self.trainer  # set by Lightning when it fits this data module; None otherwise
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ByteWindows(self.val_data, self.seq_len), batch_size=self.batch_size, num_workers=self.num_workers)

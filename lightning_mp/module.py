@@ -98,6 +98,14 @@ class MoEModule(L.LightningModule):
             make_expert=self.make_expert if custom_expert else None,
         )
 
+    def extra_repr(self) -> str:
+        """``print(module)`` before ``fit``: the layers do not exist yet, so say where they come from."""
+        if self.model is not None:
+            return ""
+        c = self.config
+        return (f"d_model={c.d_model}, n_layers={c.n_layers}, n_experts={c.moe.n_experts}, top_k={c.moe.top_k}; "
+                "layers not built yet: fit builds them in configure_model(); call it to see them")
+
     # -- forward and losses -------------------------------------------------------------------
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -172,8 +180,10 @@ class MoEModule(L.LightningModule):
         under ``32-true`` and ``*-true`` torch's ``AdamW(fused=True)`` on CPU and CUDA tensors; else
         torch's default ``AdamW`` (Lightning's AMP and FSDP plugins cannot clip for a fused one).
 
-        The cosine reaches ``lr * min_lr_ratio`` at step ``decay_steps`` (default: the last
-        step) and stays there, like nanoGPT's ``lr_decay_iters``.
+        The cosine reaches ``lr * min_lr_ratio`` at step ``decay_steps`` and stays there, like
+        nanoGPT's ``lr_decay_iters``: a fixed schedule, so a run stopped at step N and resumed to 2N
+        trains exactly as one run of 2N steps. ``decay_steps=None`` (the default) spans the run
+        instead (``trainer.max_steps``; a warm-up longer than the run is shortened to it).
         """
         hp = self.hparams
         decay, no_decay = [], []
@@ -206,9 +216,11 @@ class MoEModule(L.LightningModule):
             fused = type(plugin) in (Precision, HalfPrecision) and all(
                 type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused or None)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(hp.warmup_steps, total)
-        decay_end = min(hp.decay_steps or total, total)
+        if hp.decay_steps is not None:  # a fixed schedule: a run stopped and resumed trains as one
+            warmup, decay_end = hp.warmup_steps, hp.decay_steps
+        else:  # the schedule spans the run (trainer.max_steps)
+            total = max(int(self.trainer.estimated_stepping_batches), 1)
+            warmup, decay_end = min(hp.warmup_steps, total), total
 
         def schedule(step: int) -> float:
             if step < warmup:

@@ -1,3 +1,4 @@
+import lightning.pytorch as L
 import pytest
 import torch
 
@@ -91,3 +92,56 @@ def test_clear_errors(tmp_path):
         ByteTextDataModule(short, seq_len=64).setup()
     with pytest.raises(ValueError, match="val_fraction"):
         ByteTextDataModule(val_fraction=1.5)
+
+
+class _Recorder(L.LightningModule):
+    """Records the first byte of every training sequence it steps on."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[0][:, 0].tolist())
+        return (self.w - 1.0) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(text, steps, ckpt_path=None, save=None):
+    L.seed_everything(3, verbose=False)
+    model = _Recorder()
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, ByteTextDataModule(text, seq_len=8, batch_size=4), ckpt_path=ckpt_path)
+    if save:
+        trainer.save_checkpoint(save)
+    return model.seen
+
+
+@pytest.mark.parametrize("first", [3, 5, 8])  # mid-pass, just past the first pass (4 batches a pass), at its end
+def test_stopping_and_resuming_sees_the_batches_of_one_run(first, tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_bytes(bytes(range(32, 127)) * 2)  # 180 training bytes: 22 windows, 5 full batches of 4 a pass
+    straight = _fit(text, 12)
+    assert len(straight) == 12 and straight[:5] != straight[5:10]  # each pass reshuffles
+    head = _fit(text, first, save=tmp_path / "stop.ckpt")
+    tail = _fit(text, 12, ckpt_path=tmp_path / "stop.ckpt")
+    assert head + tail == straight
+
+
+def test_every_window_once_per_pass(tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_bytes(bytes(range(32, 127)) * 2)
+    seen = _fit(text, 10)
+    firsts = sorted(b for batch in seen[:5] for b in batch)
+    assert len(set(firsts)) == 20 and firsts == sorted(set(firsts))  # 5 batches of 4 distinct windows
+
+
+def test_a_binary_file_as_path_is_refused(tmp_path):
+    blob = tmp_path / "model.bin"
+    blob.write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(ValueError, match="is a binary file"):
+        ByteTextDataModule(blob).setup()
