@@ -269,7 +269,7 @@ class SwallowedUpdateMonitor(L.Callback):
                 f"{100 * fraction:.0f}% of this step's weight updates were rounded away by {name} storage "
                 f"({self.patience} checks in a row): the updates are smaller than half a 16-bit step of "
                 "the weights, so the model is barely learning (the mantissa trap). Keep FP32 master "
-                "weights instead: precision='bf16-master' (lightning_mp.MasterWeightPrecision).",
+                "weights instead: lightning_mp.Trainer(precision='bf16-master') (lightning_mp.MasterWeightPrecision).",
                 stacklevel=2,
             )
 

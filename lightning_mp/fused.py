@@ -34,6 +34,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_mp import messages
+
 F32_PARAM, F32_MASTER, REMAINDER, KAHAN, STOCHASTIC = range(5)
 KIND = {"fp32": F32_MASTER, "remainder": REMAINDER, "kahan": KAHAN, "stochastic": STOCHASTIC}
 DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -114,9 +116,7 @@ def _build() -> Path:
             first = (result.stderr.strip().splitlines() or ["unknown error"])[0]
             raise RuntimeError(f"{cxx} failed: {first}")
         os.replace(out, target)  # atomic: processes building at once (DDP ranks) all end with one file
-    from lightning.fabric.utilities.rank_zero import rank_zero_info
-
-    rank_zero_info(f"lightning-mp: built the fused optimizer step for this CPU in {time.perf_counter() - start:.1f} s "
+    messages.info(f"lightning-mp: built the fused optimizer step for this CPU in {time.perf_counter() - start:.1f} s "
                    f"(once; cached in {cache})")
     return target
 

@@ -19,6 +19,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from lightning_mp import messages
+
 _MASK = 0xFFFFFFFF
 
 
@@ -176,11 +178,9 @@ REPORTED: set[tuple] = set()  # (optimizer, kind, weight dtype, moment dtype, de
 
 def report(signature: tuple, seconds: float) -> None:
     """Say once, in one line, what the first compiled step of ``signature`` cost (compiling included)."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_info
-
     REPORTED.add(signature)
     name, kind, dtype, moments, device = signature
     what = "FP32 parameters" if kind is None else f"{str(dtype).split('.')[-1]} weights, master={kind!r}"
-    rank_zero_info(f"lightning-mp: compiled the {name} step ({what}, {str(moments).split('.')[-1]} moments, {device}) "
+    messages.info(f"lightning-mp: compiled the {name} step ({what}, {str(moments).split('.')[-1]} moments, {device}) "
                    f"with torch.compile in {seconds:.1f} s (once per kind)")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -59,8 +58,18 @@ def precision_plugin(
         return DoublePrecision()
     if name in ("bf16-true", "16-true"):
         return HalfPrecision(name)  # type: ignore[arg-type]
-    if name == "16-mixed" and device == "cpu":
-        # What Trainer(precision="16-mixed") does on CPU.
-        warnings.warn("16-mixed is not supported by autocast on CPU; using bf16-mixed instead.", stacklevel=2)
-        name = "bf16-mixed"
+    if name == "16-mixed" and not fp16_supported(device):
+        # Trainer(precision="16-mixed") would silently run bf16-mixed on a CPU: say so instead
+        raise ValueError(f"precision '16-mixed' needs fp16 autocast, which {device} lacks here: use 'bf16-mixed'")
     return MixedPrecision(name, device)  # type: ignore[arg-type]
+
+
+def fp16_supported(device_type: str) -> bool:
+    """Whether an fp16 matmul runs under autocast on this device type (torch's CPU autocast has
+    fp16 since 2.4; Lightning's ``Trainer(precision="16-mixed")`` still runs bf16 there)."""
+    try:
+        x = torch.ones(8, 8, device=device_type)
+        with torch.autocast(device_type, dtype=torch.float16):
+            return (x @ x).dtype == torch.float16
+    except (RuntimeError, AssertionError):
+        return False

@@ -1,0 +1,33 @@
+"""``lightning_mp.Trainer``: Lightning's Trainer, which also takes lightning-mp's precision names."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as L
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import FSDPStrategy
+
+from lightning_mp.precision import precision_plugin
+from lightning_mp.precision.master import MASTER_DTYPES
+
+
+class Trainer(L.Trainer):
+    """``lightning.pytorch.Trainer`` that also takes ``precision="bf16-master"`` and ``"16-master"``.
+
+    For those names it builds the plugin that fits the strategy (:class:`~lightning_mp.MasterWeightPrecision`,
+    or :class:`~lightning_mp.precision.FSDPMasterWeightPrecision` under FSDP) and passes it in
+    ``plugins``; every other argument, and every other precision, goes to Lightning unchanged.
+    For the plugin's options (``master="remainder"``, a loss scale...) pass the plugin itself in
+    ``plugins=[MasterWeightPrecision(...)]``.
+    """
+
+    def __init__(self, *args: Any, precision: Optional[Any] = None, plugins: Optional[Any] = None, **kwargs: Any) -> None:
+        if precision is not None and str(precision) in MASTER_DTYPES:
+            given = plugins if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
+            if any(isinstance(p, Precision) for p in given):
+                raise ValueError(f"precision={precision!r} and a precision plugin in plugins: give one of them")
+            strategy = kwargs.get("strategy", "auto")
+            fsdp = isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp"))
+            plugins, precision = [*given, precision_plugin(str(precision), strategy="fsdp" if fsdp else None)], None
+        super().__init__(*args, precision=precision, plugins=plugins, **kwargs)
