@@ -87,7 +87,7 @@ def test_trainer_fsdp_wraps_blocks_and_selects_the_fsdp_master_plugin():
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from lightning_mp.cli import _strategy_kind
+    from lightning_mp.cli import strategy_kind
     from lightning_mp.model import Block
     from lightning_mp.precision import FSDPMasterWeightPrecision
 
@@ -96,11 +96,11 @@ def test_trainer_fsdp_wraps_blocks_and_selects_the_fsdp_master_plugin():
     policy = strategy.kwargs["auto_wrap_policy"]
     assert isinstance(strategy, FSDPStrategy) and isinstance(policy, ModuleWrapPolicy)
     assert policy._module_classes == {Block}
-    plugin = instantiate(cfg.precision, strategy=_strategy_kind(cfg.trainer.strategy))
+    plugin = instantiate(cfg.precision, strategy=strategy_kind(cfg.trainer.strategy))
     assert isinstance(plugin, FSDPMasterWeightPrecision)
     config = plugin.mixed_precision_config
     assert (config.param_dtype, config.reduce_dtype, config.buffer_dtype) == (torch.bfloat16, torch.float32, None)
-    assert _strategy_kind(compose_recipe("tiny", ["trainer=ddp"]).trainer.strategy) is None
+    assert strategy_kind(compose_recipe("tiny", ["trainer=ddp"]).trainer.strategy) is None
 
 
 def _tensorboard_installed() -> bool:
@@ -112,14 +112,14 @@ def test_clear_errors_for_bad_input(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="unknown recipe 'nope'; choose one of: fp16, gpu-100m, mantissa-trap, tiny"):
         hydra_argv(["recipe=nope"])
     assert hydra_argv(["trainer.max_steps=3"])[1:] == ["--config-name=tiny", "trainer.max_steps=3"]
-    with pytest.raises(UsageError, match=r"model.d_model='abc' must be int"):
+    with pytest.raises(UsageError, match=r"model.d_model=abc must be an integer"):
         build(compose_recipe("tiny", ["model.d_model=abc"]))
     with pytest.raises(UsageError, match=r"remove trainer.precision=bf16-mixed.*precision=<name>"):
         build(compose_recipe("tiny", ["+trainer.precision=bf16-mixed"]))
     with pytest.raises(UsageError, match="data.seq_len=128 is longer than model.max_seq_len=64"):
         build(compose_recipe("tiny", ["data.seq_len=128"]))
-    monkeypatch.setattr("lightning_mp.cli.fp16_supported", lambda device: False)
-    with pytest.raises(UsageError, match="16-master needs fp16 support.*bf16-master"):
+    monkeypatch.setattr("lightning_mp.cli.components.fp16_supported", lambda device: False)
+    with pytest.raises(UsageError, match="16-master needs fp16 support.*precision=bf16-master"):
         build(compose_recipe("fp16", ["trainer.accelerator=cpu"]))
 
 
@@ -164,7 +164,7 @@ def test_mantissa_trap_recipe_lr_is_below_half_a_bf16_step(precision, trained_ru
 
 
 def test_init_from_errors_are_clear(trained_run, tmp_path, monkeypatch):
-    from lightning_mp.cli import _checkpoint
+    from lightning_mp.cli import checkpoint_path
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="recipe=mantissa-trap needs init_from=<the run directory or .ckpt file of"):
@@ -177,7 +177,7 @@ def test_init_from_errors_are_clear(trained_run, tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="not a Lightning checkpoint"):
         build(compose_recipe("tiny", [f"init_from={tmp_path / 'notes.ckpt'}"]))
     with pytest.raises(UsageError, match="init_from starts a new run.*give one of them"):
-        _checkpoint(compose_recipe("tiny", [f"init_from={trained_run}", f"resume={trained_run}"]))
+        checkpoint_path(compose_recipe("tiny", [f"init_from={trained_run}", f"resume={trained_run}"]))
 
 
 def _command() -> list[str]:
@@ -194,7 +194,9 @@ def _run(args, cwd, env=None):
 def test_installed_command_runs_and_resumes_from_an_unrelated_directory(tmp_path):
     result = _run(FAST, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    (run,) = (tmp_path / "outputs" / "tiny").iterdir()
+    (run,) = (p for p in (tmp_path / "outputs" / "tiny").iterdir() if not p.is_symlink())
+    assert (tmp_path / "outputs" / "tiny" / "latest").resolve() == run.resolve()
+    assert result.stdout.splitlines()[0].endswith(str(run.relative_to(tmp_path)))  # the run directory comes first
     for name in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last.ckpt"):
         assert (run / name).is_file(), name
     assert list((run / "checkpoints").glob("best-*.ckpt"))
@@ -202,9 +204,10 @@ def test_installed_command_runs_and_resumes_from_an_unrelated_directory(tmp_path
     assert summary["precision"] == "bf16-master" and summary["steps"] == 3 and summary["recipe"] == "tiny"
     assert summary["val_loss"] > 0 and summary["tokens_per_sec"] > 0 and summary["peak_memory_bytes"] > 0
     assert "step 3/3" in result.stdout  # plain log lines when stdout is not a terminal
-    resumed = _run([*FAST, "trainer.max_steps=5", f"resume={run}"], tmp_path)
+    resumed = _run([*FAST, "trainer.max_steps=5", "resume=outputs/tiny/latest"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    latest = max((tmp_path / "outputs" / "tiny").iterdir())
+    latest = (tmp_path / "outputs" / "tiny" / "latest").resolve()
+    assert latest != run.resolve()
     resumed_summary = json.loads((latest / "summary.json").read_text())
     assert resumed_summary["steps"] == 5
     # throughput counts this run's own steps (3 -> 5) of 16 x 64 tokens, not the resumed ones
@@ -212,11 +215,13 @@ def test_installed_command_runs_and_resumes_from_an_unrelated_directory(tmp_path
 
 
 def test_bad_names_exit_nonzero_without_a_traceback(tmp_path):
-    for args, message in ((["recipe=nope"], "unknown recipe"), (["precision=fp8"], "Could not find 'precision/fp8'"),
-                          (["model.nope=1"], "Key 'nope' is not in struct"),
+    for args, message in ((["recipe=nope"], "unknown recipe"),
+                          (["precision=fp8"], "precision=fp8: no such option; choose one of: 16-master"),
+                          (["model.nope=1"], "model.nope"),
                           (["recipe=mantissa-trap"], "recipe=mantissa-trap needs init_from=<")):
         result = _run(args, tmp_path)
-        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.slow
@@ -224,10 +229,10 @@ def test_multirun_over_two_precisions_writes_two_run_directories(tmp_path):
     result = _run(["--multirun", "precision=32-true,bf16-master", *FAST, "callbacks.swallowed.every_n_steps=1",
                    "~callbacks.checkpoint"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    (sweep,) = (tmp_path / "multirun" / "tiny").iterdir()
+    (sweep,) = (p for p in (tmp_path / "multirun" / "tiny").iterdir() if not p.is_symlink())
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
-    assert runs == ["0_32-true", "1_bf16-master"]
-    assert json.loads((sweep / "1_bf16-master" / "summary.json").read_text())["precision"] == "bf16-master"
+    assert runs == ["0_32-true_seed0", "1_bf16-master_seed0"]
+    assert json.loads((sweep / "1_bf16-master_seed0" / "summary.json").read_text())["precision"] == "bf16-master"
     report = subprocess.run([str(Path(_command()[0]).parent / "lightning-mp-report"), str(sweep)],
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]

@@ -1,0 +1,74 @@
+"""``lightning-mp-memory`` and ``lightning-mp-report``: the package's other two commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as L
+import torch
+from hydra.utils import instantiate
+
+from lightning_mp.cli.args import DEFAULT_RECIPE, compose_recipe, options
+from lightning_mp.diagnostics import CATEGORIES, bytes_per_param, estimate_memory, memory_audit
+
+MEMORY_MODES = ("32-true", "bf16-mixed", "bf16-true", "bf16-master", "16-master")
+
+
+class _AuditAfterStep(L.Callback):
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.audit = memory_audit(pl_module, trainer.optimizers, trainer.precision_plugin)
+
+
+def measure_memory(model_name: str, precision: str, seq_len: int = 16, batch_size: int = 2) -> dict[str, int]:
+    """Bytes per category after one real AdamW step of a ``conf/model`` model under ``precision``."""
+    from lightning_mp.precision import precision_plugin
+
+    torch.manual_seed(0)
+    model = instantiate(compose_recipe(DEFAULT_RECIPE, [f"model={model_name}"]).model, _convert_="all")
+    tokens = torch.randint(0, model.hparams.vocab_size, (batch_size, seq_len + 1))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch_size)
+    audit = _AuditAfterStep()
+    L.Trainer(
+        max_steps=1, devices=1, plugins=[precision_plugin(precision)], callbacks=[audit], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ).fit(model, data)
+    return audit.audit
+
+
+def memory_main(argv: Optional[list[str]] = None) -> None:
+    """``lightning-mp-memory``: training-state bytes per parameter, measured from live tensors after a step."""
+    from lightning_mp.precision import PRECISION_NAMES
+
+    parser = argparse.ArgumentParser(prog="lightning-mp-memory", description=memory_main.__doc__)
+    parser.add_argument("--model", default="tiny", choices=options("model"), help="a conf/model option (default tiny)")
+    parser.add_argument("--precision", nargs="+", default=list(MEMORY_MODES), choices=PRECISION_NAMES,
+                        metavar="PRECISION", help=f"precision names (default: all of {', '.join(MEMORY_MODES)})")
+    args = parser.parse_args(argv)
+    print(f"model={args.model}, AdamW, one training step; bytes per parameter (measured / estimated total)\n")
+    print("| precision | " + " | ".join(CATEGORIES) + " | total | estimate | total bytes |")
+    print("|---|" + "---|" * (len(CATEGORIES) + 3))
+    for name in args.precision:
+        audit = measure_memory(args.model, name)
+        per = bytes_per_param(audit)
+        estimate = bytes_per_param(estimate_memory(audit["n_params"], name, "adamw"))["total"]
+        cells = " | ".join(f"{per[c]:.2f}" for c in CATEGORIES)
+        print(f"| `{name}` | {cells} | **{per['total']:.2f}** | {estimate:.2f} | {audit['total']:,} |")
+
+
+def report_main(argv: Optional[list[str]] = None) -> None:
+    """``lightning-mp-report <sweep dir>``: loss and swallowed-update curves (PNG) and a Markdown table."""
+    from lightning_mp.report import write_report
+
+    parser = argparse.ArgumentParser(prog="lightning-mp-report", description=report_main.__doc__)
+    parser.add_argument("sweep_dir", type=Path, help="a --multirun directory (one run directory per job)")
+    args = parser.parse_args(argv)
+    try:
+        png, md = write_report(args.sweep_dir.expanduser())
+    except (FileNotFoundError, ValueError) as err:
+        print(f"lightning-mp-report: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(md.read_text())
+    print(f"wrote {png} and {md}")

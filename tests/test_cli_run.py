@@ -1,0 +1,127 @@
+"""A ``lightning-mp-train`` run as a user sees it: exact resume, a final validation, its files,
+its console, and per-job numbers in a sweep."""
+
+import csv
+import json
+import sys
+
+import lightning.pytorch as L
+import pytest
+import torch
+
+from lightning_mp import ByteTextDataModule, MoEModule
+from lightning_mp.cli import main
+
+SHORT = ["trainer.val_check_interval=10", "trainer.limit_val_batches=2", "data.max_bytes=200000",
+         "callbacks.swallowed.every_n_steps=5"]
+
+
+def cli(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-mp-train", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_resume_continues_as_one_run_through_the_command_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    latest = tmp_path / "outputs" / "tiny" / "latest"
+    assert cli([*SHORT, "trainer.max_steps=30"], capsys, monkeypatch)[0] == 0
+    straight = summary(latest)
+    assert cli([*SHORT, "trainer.max_steps=15"], capsys, monkeypatch)[0] == 0
+    first = latest.resolve()
+    code, out, err = cli([*SHORT, "trainer.max_steps=30", "resume=outputs/tiny/latest"], capsys, monkeypatch)
+    assert code == 0, err
+    resumed = summary(latest)
+    assert latest.resolve() != first and resumed["resumed_from"] == str(first / "checkpoints" / "last.ckpt")
+    assert resumed["steps"] == 30
+    for key in ("train_loss", "val_loss", "val_bits_per_byte"):
+        assert resumed[key] == straight[key], key  # equal to the last digit
+    assert "warning" not in out.lower()  # Lightning's "not resumable" warning is gone with the loader's state
+    # and through ckpt_path= to a file
+    code, _, err = cli([*SHORT, "trainer.max_steps=30", f"ckpt_path={first}/checkpoints/last.ckpt"], capsys, monkeypatch)
+    assert code == 0, err
+    assert summary(latest)["val_loss"] == straight["val_loss"]
+
+
+def _fit(steps, ckpt_path=None, save=None):
+    L.seed_everything(0, verbose=False)
+    model = MoEModule(d_model=32, n_layers=1, n_heads=2, n_experts=4, d_ff=32, warmup_steps=3, decay_steps=12)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, ByteTextDataModule(seq_len=16, batch_size=4, max_bytes=50_000), ckpt_path=ckpt_path)
+    if save:
+        trainer.save_checkpoint(save)
+    return model.state_dict()
+
+
+@pytest.mark.slow
+def test_resume_continues_as_one_run_through_trainer_fit(tmp_path):
+    straight = _fit(12)
+    _fit(5, save=tmp_path / "stop.ckpt")
+    resumed = _fit(12, ckpt_path=tmp_path / "stop.ckpt")
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+@pytest.mark.slow
+def test_a_short_run_validates_at_its_end_and_writes_its_metrics(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = cli(["trainer.max_steps=5", "trainer.limit_val_batches=2", "data.max_bytes=200000"], capsys, monkeypatch)
+    assert code == 0
+    run = (tmp_path / "outputs" / "tiny" / "latest").resolve()
+    s = summary(run)
+    assert s["steps"] == 5 and s["val_loss"] > 0 and s["val_bits_per_byte"] > 0 and s["train_loss"] > 0
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert any(r.get("val/loss") for r in rows) and any(r.get("train/loss") for r in rows)
+    lines = out.splitlines()
+    assert lines[0] == f"run directory: outputs/tiny/{run.name}" or lines[0].endswith(run.name)
+    assert any(line.startswith("val step 5 | loss ") for line in lines)  # the final validation is printed
+    step_line = next(line for line in lines if line.startswith("step 5/5"))
+    assert len(step_line) < 120 and " | loss " in step_line and " | lr " in step_line and "tok/s" in step_line
+    assert "elapsed" in step_line and "left" in step_line
+    assert lines[-2].startswith("done: 5 steps") and lines[-1].startswith("run directory:")
+    log = (run / "cli.log").read_text()
+    assert "step 5/5" in log and "done: 5 steps" in log
+    for noise in ("will be deleted", "not supported by the model summary", "LeafSpec", "Tip", "GPU available"):
+        assert noise not in out, noise
+
+
+@pytest.mark.slow
+def test_logger_none_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(["trainer.max_steps=3", "trainer.limit_val_batches=1", "data.max_bytes=100000", "logger=none"],
+                       capsys, monkeypatch)
+    assert code == 0, err
+    assert summary(tmp_path / "outputs" / "tiny" / "latest")["val_loss"] > 0
+
+
+@pytest.mark.slow
+def test_each_sweep_job_reports_its_own_peak_memory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(["--multirun", "data.batch_size=768,4", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+                        "data.max_bytes=400000", "callbacks=none", "model.d_model=128"], capsys, monkeypatch)
+    assert code == 0, err
+    sweep = (tmp_path / "multirun" / "tiny" / "latest").resolve()
+    big, small = (summary(sweep / f"{job}_bf16-master_seed0") for job in (0, 1))
+    assert big["peak_memory_kind"] == "process peak RSS during this run"
+    assert small["peak_memory_bytes"] < big["peak_memory_bytes"] / 2  # not the first job's peak (or its freed heap) again
+
+
+@pytest.mark.slow
+def test_seed_sweep_names_each_run_by_its_seed(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(["--multirun", "seed=0,1", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+                        "data.max_bytes=100000", "callbacks=none"], capsys, monkeypatch)
+    assert code == 0, err
+    sweep = (tmp_path / "multirun" / "tiny" / "latest").resolve()
+    assert [summary(sweep / f"{i}_bf16-master_seed{i}")["seed"] for i in (0, 1)] == [0, 1]
