@@ -43,10 +43,16 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def run_label(summary: dict[str, Any]) -> str:
-    """A run's precision, with its master storage policy when that is not a separate FP32 master."""
+def run_label(summary: dict[str, Any], with_seed: bool = False) -> str:
+    """A run's precision, with its master storage policy when that is not a separate FP32 master,
+    and its seed when the sweep has several."""
     master = summary.get("master")
-    return summary["precision"] + (f" master={master}" if master not in (None, "fp32") else "")
+    label = summary["precision"] + (f" master={master}" if master not in (None, "fp32") else "")
+    return label + (f" seed={summary.get('seed')}" if with_seed else "")
+
+
+def _several_seeds(runs: list[dict[str, Any]]) -> bool:
+    return len({run["summary"].get("seed") for run in runs}) > 1
 
 
 def _stores_16_bit(summary: dict[str, Any]) -> bool:
@@ -60,13 +66,14 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
         "| bytes/param (after the last step) | tokens/s |",
         "|---|---|---|---|---|---|---|",
     ]
+    seeds = _several_seeds(runs)
     for run in runs:
         s, curves = run["summary"], run["curves"]
         swallowed = _fmt(curves.get("precision/swallowed_frac", [(0, None)])[-1][1], 3)
         if swallowed != "n/a" and not _stores_16_bit(s):
             swallowed += " (would be, in 16 bits)"
         lines.append(
-            f"| `{run_label(s)}` | {_fmt(s.get('train_loss'))} | {_fmt(s.get('val_loss'))} | "
+            f"| `{run_label(s, seeds)}` | {_fmt(s.get('train_loss'))} | {_fmt(s.get('val_loss'))} | "
             f"{_fmt(s.get('val_bits_per_byte'), 2)} | {swallowed} | {_fmt(s.get('bytes_per_param'), 2)} | "
             f"{_fmt(s.get('tokens_per_sec'), 0)} |"
         )
@@ -82,47 +89,65 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def plot(runs: list[dict[str, Any]], path: Path) -> None:
+def _line(ax: Any, points: list[tuple[int, float]], few: bool, **style: Any) -> None:
+    steps, values = zip(*points)
+    ax.plot(steps, values, marker="o" if few else None, markersize=3 + style.get("linewidth", 1.5), **style)
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> tuple[str, list[str]]:
     """Every run on shared axes: training loss (a running mean over about a fifteenth of the
-    logged steps, the raw points faint), validation loss when it was checked more than twice,
-    and the swallowed fraction."""
-    with_val = any(len(run["curves"].get("val/loss", [])) > 2 for run in runs)
-    fig, axes = plt.subplots(3 if with_val else 2, 1, figsize=(8, 9.5 if with_val else 7), sharex=True)
-    loss_ax, frac_ax = axes[0], axes[-1]
+    logged steps, the raw points faint), validation loss wherever it was checked, the swallowed
+    fraction of runs that store 16-bit weights, and what it would be for runs that store FP32.
+    Returns the title and each panel's y label."""
+    seeds = _several_seeds(runs)
+    labels = [run_label(run["summary"], seeds) for run in runs]
+    real = [_stores_16_bit(run["summary"]) for run in runs]
+    checked = [run["curves"].get("precision/swallowed_frac") for run in runs]
+    panels = ["train"]
+    panels += ["val"] if any(run["curves"].get("val/loss") for run in runs) else []
+    panels += ["real"] if any(c and r for c, r in zip(checked, real)) else []
+    panels += ["would"] if any(c and not r for c, r in zip(checked, real)) else []
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.5 + 2.7 * len(panels)), sharex=True, squeeze=False)
+    ax = dict(zip(panels, axes[:, 0]))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     window = 1
-    for i, (run, color) in enumerate(zip(runs, itertools.cycle(colors))):
-        label = run_label(run["summary"])
+    for i, (run, label, color) in enumerate(zip(runs, labels, itertools.cycle(colors))):
         width = 1.5 + 1.2 * min(len(runs) - 1 - i, 3)  # earlier runs wider: coinciding curves stay visible
         points = run["curves"].get("train/loss")
         if points:
             steps, values = zip(*points)
             window = max(1, round(len(values) / 15))
-            loss_ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.25)
-            loss_ax.plot(steps, running_mean(values, window), color=color, linewidth=width, label=label)
-        if with_val and run["curves"].get("val/loss"):
-            steps, values = zip(*run["curves"]["val/loss"])
-            axes[1].plot(steps, values, color=color, linewidth=width, marker="o", markersize=2 + width, label=label)
-        checks = run["curves"].get("precision/swallowed_frac")
-        if checks:  # logged rows repeat the last check's value until the next: a step function
-            steps, values = zip(*checks)
-            real = _stores_16_bit(run["summary"])
-            frac_ax.step(steps, values, where="post", color=color, linewidth=1.8, linestyle="-" if real else "--",
-                         label=label if real else f"{label} (would be, in 16 bits)")
-    loss_ax.set_ylabel("training loss" + (f"\n(mean of {window} logged steps)" if window > 1 else ""))
-    loss_ax.legend(title="precision")
-    if with_val:
-        axes[1].set_ylabel("validation loss")
-    frac_ax.set_ylabel("swallowed updates (fraction)")
-    frac_ax.set_ylim(-0.02, 1.02)
-    frac_ax.legend(fontsize="small", loc="center right")
-    frac_ax.set_xlabel("optimizer step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle("Same model, data and seed: loss and updates lost to 16-bit rounding")
+            ax["train"].plot(steps, values, color=color, linewidth=0.8, alpha=0.25)
+            _line(ax["train"], list(zip(steps, running_mean(values, window))), len(values) < 20,
+                  color=color, linewidth=width, label=label)
+        if run["curves"].get("val/loss"):
+            _line(ax["val"], run["curves"]["val/loss"], True, color=color, linewidth=width, label=label)
+        if checked[i]:  # logged rows repeat the last check's value until the next: a step function
+            steps, values = zip(*checked[i])
+            panel = ax["real" if real[i] else "would"]
+            panel.step(steps, values, where="post", color=color, linewidth=width, label=label)
+            if len(values) < 20:
+                panel.plot(steps, values, "o", color=color, markersize=3 + width)
+    ax["train"].set_ylabel("training loss" + (f"\n(mean of {window} logged steps)" if window > 1 else ""))
+    ax["train"].legend(title="precision")
+    if "val" in ax:
+        ax["val"].set_ylabel("validation loss")
+    for name, text in (("real", "swallowed updates\n(16-bit weights)"),
+                       ("would", "updates 16-bit weights\nwould swallow (FP32 runs)")):
+        if name in ax:
+            ax[name].set_ylabel(text)
+            ax[name].set_ylim(-0.02, 1.02)
+            ax[name].legend(fontsize="small", loc="center right")
+    axes[-1, 0].set_xlabel("optimizer step")
+    for a in axes[:, 0]:
+        a.grid(alpha=0.3)
+    same = "same seed" if not seeds else f"seeds {', '.join(sorted({str(r['summary'].get('seed')) for r in runs}))}"
+    title = f"Same model and data, {same}: loss and updates lost to 16-bit rounding"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return title, [a.get_ylabel() for a in axes[:, 0]]
 
 
 def write_report(sweep_dir: Path) -> tuple[Path, Path]:

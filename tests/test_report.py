@@ -6,13 +6,13 @@ import json
 import pytest
 
 from lightning_mp.cli import memory_main, report_main
-from lightning_mp.report import load_run, running_mean, write_report
+from lightning_mp.report import load_run, plot, running_mean, sweep_runs, write_report
 
 
-def fake_run(path, precision, losses, swallowed, val=()):
+def fake_run(path, precision, losses, swallowed, val=(), seed=0):
     path.mkdir(parents=True)
     (path / "summary.json").write_text(json.dumps({
-        "precision": precision, "train_loss": losses[-1], "val_loss": losses[-1] + 0.1, "val_bits_per_byte": 3.0,
+        "precision": precision, "seed": seed, "train_loss": losses[-1], "val_loss": losses[-1] + 0.1, "val_bits_per_byte": 3.0,
         "bytes_per_param": 14.0, "tokens_per_sec": 1000.0,
     }))
     with open(path / "metrics.csv", "w", newline="") as f:
@@ -45,6 +45,36 @@ def test_report_plots_validation_checks_and_reads_them_back(tmp_path):
     assert load_run(tmp_path / "0_bf16-true")["curves"]["val/loss"] == flat
     png, _ = write_report(tmp_path)
     assert png.stat().st_size > 10_000
+
+
+def test_two_validation_checks_get_their_panel_and_fp32_would_be_lines_their_own(tmp_path):
+    fake_run(tmp_path / "0_32-true", "32-true", [5.0, 4.0, 3.0], [0.9, 0.95, 0.97], val=[(10, 4.0), (20, 3.0)])
+    fake_run(tmp_path / "1_bf16-true", "bf16-true", [5.0, 4.9, 4.9], [0.9, 0.95, 0.97], val=[(10, 4.9), (20, 4.9)])
+    title, panels = plot(sweep_runs(tmp_path), tmp_path / "p.png")
+    assert panels[1] == "validation loss"
+    # bf16-true's real fraction and 32-true's hypothetical one, equal here, are drawn on separate axes
+    assert [p.split("\n")[0] for p in panels[2:]] == ["swallowed updates", "updates 16-bit weights"]
+    assert "same seed" in title
+
+
+def test_seed_sweep_labels_each_run_by_its_seed(tmp_path):
+    for job, seed in enumerate((0, 1)):
+        fake_run(tmp_path / f"{job}_bf16-master_seed{seed}", "bf16-master", [5.0, 4.0], [0.0, 0.0], seed=seed)
+    title, _ = plot(sweep_runs(tmp_path), tmp_path / "p.png")
+    assert "seeds 0, 1" in title and "same seed" not in title
+    table = write_report(tmp_path)[1].read_text()
+    assert "| `bf16-master seed=0` |" in table and "| `bf16-master seed=1` |" in table
+
+
+def test_one_step_sweep_still_draws_points(tmp_path):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fake_run(tmp_path / "0_bf16-master", "bf16-master", [5.0], [0.0], val=[(0, 5.1)])
+    png, _ = write_report(tmp_path)
+    pixels = plt.imread(png)[..., :3]
+    blue = np.abs(pixels - np.array([0x1F, 0x77, 0xB4]) / 255).max(axis=-1) < 0.05  # the first run's colour
+    assert blue.sum() > 100  # markers in each panel (a lone point draws no line)
 
 
 def test_running_mean_averages_the_window_before_each_point():
