@@ -17,7 +17,8 @@ from typing import Any, Optional, Union
 import lightning.pytorch as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 VOCAB_SIZE = 256  # bytes
 
@@ -38,21 +39,32 @@ class ByteWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class EpochOrder(Sampler[int]):
-    """Every window once per pass over the data, in an order drawn from ``(seed, epoch)`` alone
-    (``epoch`` counts passes): a resumed run draws the same order again. ``skip`` leaves out the
-    first indices of the next iteration."""
+class EpochOrder(DistributedSampler):
+    """Every window once per pass over the data, in an order drawn from ``(seed, pass)`` alone: a
+    resumed run draws the same order again. ``skip`` leaves out this rank's first indices of the
+    next iteration.
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+    Under DDP each of ``num_replicas`` ranks takes every ``num_replicas``-th index of the pass's
+    order (the tail that does not divide evenly is dropped, as ``DistributedSampler(drop_last=True)``
+    does); being a ``DistributedSampler``, Lightning keeps it instead of injecting its own. Passes
+    are counted by :class:`ResumableLoader`, not by Lightning's epochs (``set_epoch`` is ignored).
+    """
+
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.n, self.passes, self.skip = n, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.passes) % 2**63)
+        order = torch.randperm(self.n, generator=generator)[: len(self) * self.num_replicas]
         skip, self.skip = self.skip, 0
-        yield from torch.randperm(self.n, generator=generator)[skip:].tolist()
+        yield from order[self.rank :: self.num_replicas][skip:].tolist()
 
 
 class ResumableLoader(DataLoader):
@@ -67,9 +79,10 @@ class ResumableLoader(DataLoader):
     resumes, this loader does not. Batches are full (``drop_last``); ``len`` is a whole pass's.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> None:
-        super().__init__(dataset, batch_size=batch_size, sampler=EpochOrder(len(dataset), seed), drop_last=True,
-                         num_workers=num_workers)
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        sampler = EpochOrder(len(dataset), seed, num_replicas, rank)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers)
         self.trainer: Optional[L.Trainer] = None
         self._yielded = 0
 
@@ -80,7 +93,7 @@ class ResumableLoader(DataLoader):
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def __iter__(self) -> Iterator[Any]:
-        self.sampler.epoch, skip = divmod(self.trained(), len(self))
+        self.sampler.passes, skip = divmod(self.trained(), len(self))
         self.sampler.skip = skip * self.batch_size
         for batch in super().__iter__():
             self._yielded += 1
@@ -114,7 +127,8 @@ class ByteTextDataModule(L.LightningDataModule):
             When it matches a single file, that file's tail is held out for validation.
         seq_len: tokens (bytes) per training sequence.
         batch_size: sequences per batch.
-        val_fraction: share of files (of bytes, for a single file: its tail) held out.
+        val_fraction: share of files held out (chosen by a hash of each file's name); for a single
+            file, or files too few for that to pick some but not all, the corpus's tail instead.
         max_bytes: cap on each split's size (the first bytes in file order); ``None``: all.
         num_workers: DataLoader workers.
     """
@@ -169,22 +183,18 @@ class ByteTextDataModule(L.LightningDataModule):
         if self.train_data is not None:
             return
         root, files = self.files()
-        if len(files) == 1:  # one file: hold out its tail
-            data = torch.frombuffer(bytearray(files[0].read_bytes()), dtype=torch.uint8)
+        names = [f.relative_to(root).as_posix() for f in files] if len(files) > 1 else [files[0].name]
+        val = [_in_validation(name, self.val_fraction) for name in names]
+        if all(val) or not any(val):  # one file, or too few for a split by file: hold out the tail
+            data = self._concat(files, cap=False)
             cut = int(data.numel() * (1 - self.val_fraction))
-            self.train_files = self.val_files = [files[0].name]
-            self.train_data, self.val_data = data[:cut], data[cut:]
+            self.train_files = self.val_files = names
+            self.train_data, self.val_data = data[:cut][: self.max_bytes], data[cut:][: self.max_bytes]
         else:
-            train, val = [], []
-            for f in files:
-                relative = f.relative_to(root).as_posix()
-                (val if _in_validation(relative, self.val_fraction) else train).append((relative, f))
-            if not train or not val:
-                raise ValueError(f"{len(files)} files are too few to split with val_fraction={self.val_fraction}")
-            self.train_files = [r for r, _ in train]
-            self.val_files = [r for r, _ in val]
-            self.train_data = self._concat([f for _, f in train])
-            self.val_data = self._concat([f for _, f in val])
+            self.train_files = [n for n, v in zip(names, val) if not v]
+            self.val_files = [n for n, v in zip(names, val) if v]
+            self.train_data = self._concat([f for f, v in zip(files, val) if not v])
+            self.val_data = self._concat([f for f, v in zip(files, val) if v])
         for name, data in (("training", self.train_data), ("validation", self.val_data)):
             if data.numel() < self.seq_len + 1:
                 raise ValueError(
@@ -192,16 +202,17 @@ class ByteTextDataModule(L.LightningDataModule):
                     "use a shorter seq_len or a larger corpus"
                 )
 
-    def _concat(self, files: list[Path]) -> Tensor:
+    def _concat(self, files: list[Path], cap: bool = True) -> Tensor:
+        """The files' bytes in order; with ``cap``, the first ``max_bytes`` of them."""
         chunks, total = [], 0
         for f in files:
-            if self.max_bytes is not None and total >= self.max_bytes:
+            if cap and self.max_bytes is not None and total >= self.max_bytes:
                 break
             blob = f.read_bytes()
             chunks.append(blob)
             total += len(blob)
         data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
-        return data[: self.max_bytes] if self.max_bytes is not None else data
+        return data[: self.max_bytes] if cap and self.max_bytes is not None else data
 
     def unigram_bits_per_byte(self) -> float:
         """Entropy of the training split's byte frequencies: the loss of a model that ignores context."""
@@ -214,9 +225,11 @@ class ByteTextDataModule(L.LightningDataModule):
         """Shuffled full batches, resumable mid-epoch (:class:`ResumableLoader`); the order follows the
         global seed (``seed_everything``) and is saved in checkpoints."""
         self.setup()
+        trainer = self.trainer  # set by Lightning when it fits this data module; None otherwise
+        ranks = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         loader = ResumableLoader(ByteWindows(self.train_data, self.seq_len), self.batch_size, torch.initial_seed(),
-                                 self.num_workers)
-        loader.trainer = self.trainer  # set by Lightning when it fits this data module; None otherwise
+                                 self.num_workers, *ranks)
+        loader.trainer = trainer
         return loader
 
     def val_dataloader(self) -> DataLoader:

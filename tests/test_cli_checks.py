@@ -31,9 +31,7 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "binaries").mkdir()
     (tmp_path / "binaries" / "a.bin").write_bytes(b"\0\1\2" * 100)
     (tmp_path / "junk.ckpt").write_text("not a checkpoint")
-    (tmp_path / "two").mkdir()
-    for name in ("a.txt", "b.txt"):  # both fall into the training split at val_fraction=0.5
-        (tmp_path / "two" / name).write_text("some text " * 100)
+    (tmp_path / "small.txt").write_text("too little text to hold out a sequence " * 10)
     return tmp_path
 
 
@@ -58,8 +56,8 @@ BAD = [
     (["data=text", "data.path=empty"], "data.path=empty: no non-empty text files under 'empty'"),
     (["data=text", "data.path=binaries"], "data.path=binaries: no non-empty text files"),
     (["data=text", "data.path=binary.dat"], "'binary.dat' is a binary file"),
-    (["data=text", "data.path=two", "data.val_fraction=0.5"], "2 files are too few to split with val_fraction=0.5"),
     (["data.seq_len=100000", "model.max_seq_len=100000"], "seq_len=100000 is longer than the"),
+    (["data=text", "data.path=small.txt"], "is longer than the validation split"),
     (["ckpt_path=junk.ckpt"], "junk.ckpt: not a Lightning checkpoint"),
     (["ckpt_path=nowhere.ckpt"], "ckpt_path=nowhere.ckpt: no such file"),
     (["resume=nowhere"], "resume=nowhere: no such directory"),

@@ -145,3 +145,22 @@ def test_a_binary_file_as_path_is_refused(tmp_path):
     blob.write_bytes(bytes(range(256)) * 10)
     with pytest.raises(ValueError, match="is a binary file"):
         ByteTextDataModule(blob).setup()
+
+
+def test_files_too_few_to_split_by_name_hold_out_the_tail(tmp_path):
+    for name in ("a.txt", "b.txt", "c.txt"):  # at val_fraction=0.05 no name hashes into validation
+        (tmp_path / name).write_text(name * 200)
+    dm = ByteTextDataModule(tmp_path, seq_len=8, val_fraction=0.05)
+    dm.setup()
+    whole = b"".join((tmp_path / n).read_bytes() for n in ("a.txt", "b.txt", "c.txt"))
+    assert bytes(dm.train_data.tolist()) + bytes(dm.val_data.tolist()) == whole
+    assert dm.val_data.numel() == len(whole) - int(len(whole) * 0.95)
+
+
+def test_ddp_ranks_share_each_pass_without_overlap():
+    from lightning_mp.data import EpochOrder
+
+    ranks = [list(EpochOrder(23, seed=5, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 11
+    assert not set(ranks[0]) & set(ranks[1]) and len(set(ranks[0]) | set(ranks[1])) == 22
+    assert list(EpochOrder(23, seed=5)) != sorted(range(23))  # shuffled

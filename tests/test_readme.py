@@ -1,6 +1,9 @@
 """The README's examples run as written."""
 
+import math
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,3 +26,73 @@ def test_subclass_example_runs(capsys):
     assert trainer.global_step == 30
     assert trainer.callback_metrics["train/loss"].item() < 5.0  # below uniform over bytes (5.55)
     assert namespace["model"].moe_layers[0].router[0].weight.dtype == torch.float32  # the custom router stays FP32
+
+
+# -- every command line in the README, run as a shell would pass it -----------------------------
+
+COMMANDS = ("lightning-mp-train", "lightning-mp-report", "python -m lightning_mp")
+NEEDS_A_GPU = ("recipe=gpu-100m", "torchrun", "srun")
+
+
+def command_lines() -> list[str]:
+    """The ``bash`` blocks' lines that run our commands, in README order (continuations joined,
+    comments dropped); a GPU recipe or a multi-node launch cannot run here."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = shlex.split(line, comments=True)
+            text = shlex.join(line)
+            if text.startswith(COMMANDS) and not any(g in text for g in NEEDS_A_GPU):
+                lines.append(line)
+    return lines
+
+
+def shortened(args: list[str]) -> list[str]:
+    """A command shortened to a few steps: step counts divided by 125 (250 -> 2, 500 -> 4, so a
+    resume still goes past the run it resumes), little data, one validation batch."""
+    def scaled(arg: str) -> str:
+        key, _, value = arg.partition("=")
+        if key in ("trainer.max_steps", "trainer.val_check_interval") and value.isdigit():
+            return f"{key}={math.ceil(int(value) / 125)}"
+        return arg
+
+    args = [scaled(a) for a in args]
+    keys = {a.partition("=")[0] for a in args}
+    extra = {"trainer.max_steps": "2", "trainer.limit_val_batches": "1", "data.max_bytes": "200000",
+             "trainer.log_every_n_steps": "1"}
+    return args + [f"{k}={v}" for k, v in extra.items() if k not in keys]
+
+
+def run_command(args: list[str], monkeypatch) -> int:
+    from lightning_mp.cli import main, report_main
+
+    if args[0] == "lightning-mp-report":
+        return report_main(args[1:]) or 0
+    rest = args[3:] if args[:3] == ["python", "-m", "lightning_mp"] else args[1:]
+    monkeypatch.setattr(sys, "argv", ["lightning-mp-train", *shortened(rest)])
+    try:
+        main()
+    except SystemExit as exit_info:
+        return exit_info.code
+    return 0
+
+
+@pytest.mark.slow
+def test_every_command_line_runs(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    (home / "my_corpus").mkdir(parents=True)
+    for name in ("notes.md", "essay.txt", "log.txt"):  # a user's corpus: one small text file each
+        (home / "my_corpus" / name).write_text(f"{name}: the quick brown fox jumps over the lazy dog. " * 300)
+    monkeypatch.setenv("HOME", str(home))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    lines = command_lines()
+    assert len(lines) >= 12, lines
+    for args in lines:
+        code = run_command(args, monkeypatch)
+        err = capsys.readouterr().err
+        assert code == 0, f"{shlex.join(args)}: exit {code}\n{err[-2000:]}"
+    summaries = list(work.glob("**/summary.json"))
+    assert len(summaries) > len(lines)  # sweeps write one per job
+    assert (work / "multirun" / "mantissa-trap" / "latest" / "report.md").is_file()

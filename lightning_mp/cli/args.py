@@ -75,12 +75,17 @@ def quote(override: str) -> str:
 def hydra_argv(argv: list[str]) -> list[str]:
     """Turn ``recipe=<name>`` into Hydra's ``--config-name`` and quote the values Hydra could not read."""
     names = recipes()
-    recipe, rest = DEFAULT_RECIPE, []
-    for arg in argv:
+    recipe, flags, rest = DEFAULT_RECIPE, [], []
+    i = 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
         if arg.lstrip("+").startswith("recipe="):
             recipe = arg.split("=", 1)[1]
-        elif arg.startswith("-"):
-            rest.append(arg)
+        elif arg.startswith("-"):  # Hydra's flags go first: its parser takes no override after a flag
+            flags.append(arg)
+            if i < len(argv) and (arg in _TAKES_A_VALUE or (arg == "--info" and argv[i] in _INFO_TOPICS)):
+                flags.append(argv[i])
+                i += 1
         else:
             key = arg.split("=", 1)[0].lstrip("+~")
             if key == "trainer.precision":
@@ -89,7 +94,12 @@ def hydra_argv(argv: list[str]) -> list[str]:
             rest.append(quote(arg))
     if recipe not in names:
         raise UsageError(f"unknown recipe {recipe!r}; choose one of: {', '.join(names)}")
-    return [f"--config-dir={recipe_dir()}", f"--config-name={recipe}", *rest]
+    return [f"--config-dir={recipe_dir()}", f"--config-name={recipe}", *flags, *rest]
+
+
+_TAKES_A_VALUE = {"--cfg", "-c", "--package", "-p", "--experimental-rerun", "--config-path", "-cp", "--config-name",
+                  "-cn", "--config-dir", "-cd"}
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
 def preflight(argv: list[str]) -> None:
