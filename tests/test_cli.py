@@ -163,6 +163,22 @@ def test_mantissa_trap_recipe_lr_is_below_half_a_bf16_step(precision, trained_ru
         assert metrics["precision/swallowed_without_masters"] > 0.8  # ... that bf16 weights alone would lose
 
 
+def test_the_console_line_replaces_lightnings_bars_rich_installed_or_not(tmp_path, monkeypatch):
+    from lightning_mp.cli.console import Progress
+
+    monkeypatch.chdir(tmp_path)
+    for terminal in (True, False):
+        _, _, trainer = build(compose_recipe("tiny"), terminal)
+        assert isinstance(trainer.progress_bar_callback, Progress) and trainer.progress_bar_callback.terminal is terminal
+
+
+def test_a_recipes_callback_settings_under_callbacks_none(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, _, trainer = build(compose_recipe("mantissa-trap", [f"init_from={trained_run}", "callbacks=none", "logger=none"]))
+    assert not [c for c in trainer.callbacks if type(c).__module__.startswith("lightning_mp.diagnostics")]
+    assert trainer.checkpoint_callback is None and not trainer.loggers
+
+
 def test_init_from_errors_are_clear(trained_run, tmp_path, monkeypatch):
     from lightning_mp.cli import checkpoint_path
 

@@ -198,3 +198,12 @@ def test_storage_policies_get_lightning_mp_adamw(corpus, master, moment_dtype):
     assert opt.moment_dtype == getattr(torch, moment_dtype)
     assert [g["weight_decay"] for g in opt.param_groups] == [model.hparams.weight_decay, 0.0]
     assert torch.isfinite(t.callback_metrics["train/loss"])
+
+
+def test_print_before_fit_says_where_the_layers_come_from():
+    model = MoEModule(n_layers=2, n_experts=4)
+    text = repr(model)
+    assert "layers not built yet" in text and "configure_model()" in text and "n_experts=4" in text
+    model.configure_model()
+    text = repr(model)
+    assert "not built" not in text and "MoETransformer" in text and "MoELayer" in text

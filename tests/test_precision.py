@@ -59,12 +59,6 @@ def test_precision_plugin_builds_every_name(name, cls):
         assert plugin.precision == {"bf16": "bf16-mixed"}.get(name, name)
 
 
-def test_16_mixed_on_cpu_becomes_bf16_mixed_as_in_lightning():
-    with pytest.warns(UserWarning, match="bf16-mixed"):
-        plugin = precision_plugin("16-mixed", device="cpu")
-    assert plugin.precision == "bf16-mixed"
-
-
 def test_lightning_names_train_as_before():
     for name in ("32-true", "bf16-mixed", "bf16-true"):
         model = TinyRegressor()
@@ -621,3 +615,16 @@ def test_remainder_clips_exactly_as_fp32_masters_do(optimizer):
         t.fit(TinyRegressor(optimizer=optimizer, scheduler=True), regression_data(n=8, batch_size=8))
         runs[master] = _values(t)
     assert _same(runs["fp32"], runs["remainder"])
+
+
+def test_16_mixed_on_a_cpu_is_fp16_or_refused(monkeypatch):
+    """Lightning's Trainer(precision="16-mixed") runs bf16 on a CPU under the name 16-mixed; the factory does not."""
+    import lightning_mp.precision.factory as factory
+
+    plugin = precision_plugin("16-mixed", device="cpu")
+    assert plugin.precision == "16-mixed"
+    with plugin.forward_context():
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.float16
+    monkeypatch.setattr(factory, "fp16_supported", lambda device: False)
+    with pytest.raises(ValueError, match="needs fp16 autocast.*use 'bf16-mixed'"):
+        precision_plugin("16-mixed", device="cpu")

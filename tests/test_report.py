@@ -94,3 +94,12 @@ def test_memory_command_prints_measured_and_estimated_bytes(capsys):
     out = capsys.readouterr().out
     assert "| `32-true` | 4.00 | 0.00 | 4.00 | 8.00 | 0.00 | **16.00** | 16.00 |" in out
     assert "| `bf16-master` | 2.01 | 3.99 | 0.00 | 8.00 | 0.00 | **13.99** | 14.00 |" in out  # grads die with the step
+
+
+@pytest.mark.parametrize("args,named", [(["--precision", "fp8"], "--precision"), (["--model", "nope"], "--model")])
+def test_memory_command_refuses_bad_names_before_printing(args, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        memory_main(args)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == "" and f"argument {named}: invalid choice" in err
+    assert "Traceback" not in err

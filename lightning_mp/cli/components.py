@@ -101,8 +101,9 @@ def build(cfg: DictConfig, terminal: Optional[bool] = None) -> tuple[L.Lightning
         raise UsageError(f"data: {first_line(err)}") from err
     check_data(datamodule)
     try:
-        loggers = [lg for lg in (instantiate(c) for c in cfg.logger.values()) if lg is not None] if cfg.logger else []
-        callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
+        # an entry without _target_ tunes one the chosen group lacks (a recipe's settings under callbacks=none)
+        loggers = [lg for lg in (instantiate(c) for c in (cfg.logger or {}).values() if "_target_" in c) if lg is not None]
+        callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if "_target_" in c]
     except (InstantiationException, OmegaConfBaseException, TypeError, ValueError) as err:
         raise UsageError(first_line(err)) from err
     if not loggers:  # logger=none: nothing records the learning rate

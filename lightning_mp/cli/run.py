@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     console.setup(terminal)
     ckpt, init_from = checkpoint_path(cfg), init_from_path(cfg)  # before `latest` moves to this run
     if lead:
-        log.info(f"run directory: {run_dir}")
+        log.info(f"run directory: {_shown(run_dir)}")
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model, datamodule, trainer = build(cfg, terminal)
@@ -99,7 +99,15 @@ def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
         f"val loss {fmt(s['val_loss'], '.4f')}, {fmt(s['val_bits_per_byte'], '.2f')} bits/byte | "
         f"skipped steps {int(s['skipped_steps'])} | peak memory {s['peak_memory_bytes'] / 1e9:.2f} GB"
     )
-    log.info(f"run directory: {run_dir} (summary.json, metrics.csv, checkpoints/)")
+    log.info(f"run directory: {_shown(run_dir)} (summary.json, metrics.csv, checkpoints/)")
+
+
+def _shown(path: Path) -> str:
+    """Relative to where the command was run, when it lies below it (what the user types next)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _point_latest(run_dir: Path) -> None:
