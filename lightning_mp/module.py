@@ -54,6 +54,8 @@ class MoEModule(L.LightningModule):
         aux_loss_coef: float = 1e-2,
         z_loss_coef: float = 1e-3,
         bias_update_rate: float = 0.0,
+        norm_topk_prob: Optional[bool] = None,
+        routed_scaling_factor: float = 1.0,
         token_buckets: Optional[int] = None,
         max_seq_len: int = 256,
         positions: Literal["rope", "learned"] = "rope",
@@ -162,10 +164,26 @@ class MoEModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's step, then the expert-bias update: once per optimizer step, after every
+        micro-batch of it has run (the last one runs inside the step's closure)."""
+        super().optimizer_step(*args, **kwargs)
+        self.balance_experts()
+
+    @torch.no_grad()
+    def balance_experts(self) -> None:
+        """Move each MoE layer's expert bias (``bias_update_rate > 0``) from its token counts since
+        the last call, summed over data-parallel ranks: one all-reduce for all layers."""
+        balanced = [m.balance for m in self.moe_layers if m.balance is not None]
+        if not balanced:
+            return
+        counts = torch.stack([b.take_counts() for b in balanced])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every rank then moves its bias the same way
+        for balance, load in zip(balanced, counts):
+            balance.update(self.config.moe.bias_update_rate, load)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        for layer in self.moe_layers:
-            if layer.balance is not None:
-                layer.balance.update(self.config.moe.bias_update_rate)
         if self._batch_start is not None:
             elapsed = time.perf_counter() - self._batch_start
             self.log("train/tokens_per_sec", batch[0].numel() / max(elapsed, 1e-9))

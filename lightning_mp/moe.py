@@ -33,6 +33,11 @@ class MoEConfig:
     aux_loss_coef: float = 1e-2  # Switch/Mixtral load-balancing loss
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss
     bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 aux-loss-free balancing by a per-expert bias
+    # Renormalise the top-k weights to sum to 1 (Mixtral, DeepSeek-V3; Qwen3-MoE's norm_topk_prob).
+    # None: when top_k > 1; a lone top-1 weight renormalised is the constant 1, which would give
+    # the router no gradient from the loss, so top-1 keeps its raw score (Switch).
+    norm_topk_prob: Optional[bool] = None
+    routed_scaling_factor: float = 1.0  # the routed experts' sum is multiplied by this (DeepSeek-V3: 2.5)
     # Pad each expert's token count (see bucket_size): None picks by device (CPU: 4 sizes per power
     # of two for 16-bit matmuls, none for FP32; else multiples of 16); n > 0: n sizes per power of
     # two; 0: no padding.
@@ -45,6 +50,9 @@ class MoEConfig:
             raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
         if self.token_buckets is not None and self.token_buckets < 0:
             raise ValueError(f"token_buckets must be None, 0 or > 0, got {self.token_buckets}")
+        if self.norm_topk_prob and self.top_k == 1:
+            raise ValueError("norm_topk_prob=True with top_k=1 makes every weight 1: the router would get no "
+                             "gradient from the loss; use norm_topk_prob=None or False")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
 
@@ -116,9 +124,10 @@ class GroupedSwiGLU(nn.Module):
     @staticmethod
     def forward_loop(x: Tensor, counts_list: list[int], w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
         """Reference path: one matmul per expert on its contiguous slice."""
-        outs = []
-        for e, xs in enumerate(torch.split(x, counts_list)):
-            outs.append((F.silu(xs @ w1[e]) * (xs @ w3[e])) @ w2[e])
+        # unbind, not w1[e]: indexing gives each expert's backward a full-size (E, ...) gradient
+        # to fill, unbind's backward stacks the per-expert ones once
+        outs = [(F.silu(xs @ a) * (xs @ b)) @ c
+                for xs, a, b, c in zip(torch.split(x, counts_list), w1.unbind(0), w3.unbind(0), w2.unbind(0))]
         return torch.cat(outs)
 
 
@@ -136,22 +145,39 @@ class Router(nn.Module):
 
 
 class ExpertBias(nn.Module):
-    """DeepSeek-V3's aux-loss-free balancing: a per-expert bias added to scores for selection only."""
+    """DeepSeek-V3's aux-loss-free balancing: a per-expert bias added to scores for selection only.
+
+    The layer counts its tokens per expert at every training forward (:meth:`count`); once per
+    optimizer step ``MoEModule`` takes the counts of all of the step's micro-batches, sums them
+    over the data-parallel ranks and moves the bias (:meth:`update`), as torchtitan does in its
+    optimizer pre-step hook.
+    """
 
     keep_fp32 = True
 
     def __init__(self, n_experts: int) -> None:
         super().__init__()
         self.register_buffer("bias", torch.zeros(n_experts))
-        self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
+        # A plain tensor, not a buffer: DDP broadcasts rank 0's buffers before every forward,
+        # which would replace each rank's own counts with rank 0's.
+        self.tokens_per_expert = torch.zeros(n_experts)
+
+    def count(self, counts: Tensor) -> None:
+        if self.tokens_per_expert.device != counts.device:
+            self.tokens_per_expert = self.tokens_per_expert.to(counts.device)
+        self.tokens_per_expert += counts.float()
+
+    def take_counts(self) -> Tensor:
+        """The tokens per expert counted since the last call; the count restarts."""
+        counts, self.tokens_per_expert = self.tokens_per_expert, torch.zeros_like(self.tokens_per_expert)
+        return counts
 
     @torch.no_grad()
-    def update(self, rate: float) -> None:
-        """Move under-loaded experts' bias up and over-loaded ones' down by ``rate``; reset the count."""
-        load = self.tokens_per_expert
-        if load.sum() > 0:
-            self.bias += rate * torch.sign(load.mean() - load)
-        load.zero_()
+    def update(self, rate: float, load: Tensor) -> None:
+        """Under-loaded experts' bias up by ``rate``, over-loaded ones' down, centred so the
+        biases do not drift together (torchtitan); ``load``: tokens per expert (global)."""
+        delta = rate * torch.sign(load.mean() - load)
+        self.bias += delta - delta.mean()
 
 
 class MoELayer(nn.Module):
@@ -199,10 +225,11 @@ class MoELayer(nn.Module):
             select = scores if self.balance is None else scores + self.balance.bias
             idx = select.topk(cfg.top_k, dim=-1).indices
             weights = scores.gather(-1, idx)
-            # Mixtral renormalises the top-k; top-1 softmax keeps its raw probability (Switch),
-            # or the router would get no gradient. Sigmoid scores are always normalised (DeepSeek-V3).
-            if cfg.score_func == "sigmoid" or cfg.top_k > 1:
+            # Mixtral and DeepSeek-V3 renormalise the top-k; top-1 keeps its raw score (Switch), or
+            # the router would get no gradient from the loss (the one weight would be 1).
+            if cfg.norm_topk_prob or (cfg.norm_topk_prob is None and cfg.top_k > 1):
                 weights = weights / weights.sum(-1, keepdim=True)
+            weights = weights * cfg.routed_scaling_factor
         return logits, scores, weights, idx
 
     def forward(self, x: Tensor) -> Tensor:
@@ -275,7 +302,7 @@ class MoELayer(nn.Module):
             self.z_loss = torch.logsumexp(logits, -1).square().mean()  # ST-MoE
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
         if self.balance is not None and self.training:
-            self.balance.tokens_per_expert += counts.float()
+            self.balance.count(counts)
         self.stats = {
             "load": load.detach(),
             "imbalance": (load.max() / load.mean()).detach(),

@@ -133,3 +133,51 @@ def test_torchrun_launch_line_writes_one_run_directory(tmp_path):
     assert result.stdout.count("run directory:") == 2  # first and last, rank 0's
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["master"] == "fp32"
+
+
+MOE_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch, lightning.pytorch as L
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+    from lightning_mp import MoEModule
+
+    args = json.loads(sys.argv[1])
+    world = args["devices"]
+
+    class Save(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            bias = torch.cat([m.balance.bias for m in pl_module.moe_layers])
+            torch.save(bias, f"{args['out']}/rank{trainer.global_rank}.pt")
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (32, 17))
+    dataset = TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    # lr 0: the weights, hence every token's routing, stay those of the start on every rank and in
+    # the single process, so the biases differ only if the counts they move by do
+    model = MoEModule(d_model=32, n_layers=2, n_heads=2, n_experts=4, d_ff=32, max_seq_len=16, bias_update_rate=0.01,
+                      lr=0.0)
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", precision="32-true",
+                        max_steps=2, accumulate_grad_batches=2, use_distributed_sampler=False, callbacks=[Save()],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    batch_size = 4 * 2 // world  # a step's global batch: 2 micro-batches of 8 sequences over all ranks
+    mine = [i for i in range(len(dataset)) if (i // batch_size) % world == trainer.global_rank]
+    trainer.fit(model, DataLoader(Subset(dataset, mine), batch_size=batch_size))
+''')
+
+
+@pytest.mark.slow
+def test_expert_bias_is_the_global_batchs_on_every_rank(tmp_path):
+    script = tmp_path / "moe_ddp.py"
+    script.write_text(MOE_SCRIPT)
+    biases = {}
+    for world in (1, 2):
+        out = tmp_path / f"world{world}"
+        out.mkdir()
+        result = subprocess.run([sys.executable, str(script), json.dumps({"out": str(out), "devices": world})],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        biases[world] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    (single,), (rank0, rank1) = biases[1], biases[2]
+    assert single.abs().max() > 0  # it moved
+    assert torch.equal(rank0, rank1) and torch.equal(rank0, single)

@@ -207,3 +207,24 @@ def test_print_before_fit_says_where_the_layers_come_from():
     model.configure_model()
     text = repr(model)
     assert "not built" not in text and "MoETransformer" in text and "MoELayer" in text
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_expert_bias_moves_once_per_optimizer_step(corpus, accumulate):
+    class Watch(Callback):
+        def __init__(self):
+            self.biases = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.biases.append(torch.cat([m.balance.bias.clone() for m in pl_module.moe_layers]))
+
+    torch.manual_seed(0)
+    model = MoEModule(d_model=32, n_layers=2, n_heads=2, n_experts=4, d_ff=32, bias_update_rate=0.01, max_seq_len=16)
+    watch = Watch()
+    t = trainer("32-true", max_steps=3, accumulate_grad_batches=accumulate, callbacks=[watch])
+    t.fit(model, data(corpus))
+    moved = [i for i in range(len(watch.biases)) if not torch.equal(watch.biases[i], watch.biases[i - 1] if i else
+                                                                    torch.zeros_like(watch.biases[0]))]
+    assert moved == [accumulate * s - 1 for s in (1, 2, 3)]  # the last micro-batch of each step
+    assert watch.biases[-1].abs().max() <= 3 * 0.01 * 2  # at most 3 moves of at most 2 x rate (centred)
+    assert torch.allclose(watch.biases[-1].view(2, 4).sum(-1), torch.zeros(2), atol=1e-6)  # centred per layer

@@ -130,9 +130,39 @@ def test_aux_loss_free_bias_moves_toward_underloaded_experts():
                      router=FixedRouter(logits))
     layer.train()
     layer(torch.randn(6, 4))
-    layer.balance.update(0.1)
-    assert layer.balance.bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
-    assert layer.balance.tokens_per_expert.sum() == 0  # counts reset after each update
+    layer(torch.randn(6, 4))  # two micro-batches: counts add up
+    load = layer.balance.take_counts()
+    assert load.tolist() == [12, 0, 0, 0]
+    layer.balance.update(0.1, load)
+    # sign(mean - load) * 0.1 = [-0.1, 0.1, 0.1, 0.1], centred (mean 0.05 removed)
+    assert layer.balance.bias.tolist() == pytest.approx([-0.15, 0.05, 0.05, 0.05])
+    assert layer.balance.take_counts().sum() == 0  # the count restarts
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("norm_topk_prob", [None, False, True])
+def test_the_router_learns_from_the_task_loss(score_func, top_k, norm_topk_prob):
+    if norm_topk_prob and top_k == 1:
+        with pytest.raises(ValueError, match="no gradient"):
+            MoEConfig(top_k=1, norm_topk_prob=True)
+        return
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, n_experts=4, top_k=top_k, score_func=score_func,
+                               norm_topk_prob=norm_topk_prob))
+    x = torch.randn(64, 16)
+    layer(x).square().mean().backward()  # the task loss alone: no aux or z loss
+    grad = layer.router.gate.weight.grad
+    assert grad.abs().max() > 1e-4 * layer(x).square().mean().item()
+
+
+def test_routed_scaling_factor_scales_the_routed_sum():
+    torch.manual_seed(0)
+    plain = MoELayer(MoEConfig(d_model=16, d_ff=16, n_experts=4, top_k=2))
+    scaled = MoELayer(MoEConfig(d_model=16, d_ff=16, n_experts=4, top_k=2, routed_scaling_factor=2.5))
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(20, 16)
+    torch.testing.assert_close(scaled(x), 2.5 * plain(x))
 
 
 def test_bad_config_is_rejected():

@@ -138,6 +138,8 @@ RULES: dict[str, Callable[[Any], Optional[str]]] = {
     "model.aux_loss_coef": number(0),
     "model.z_loss_coef": number(0),
     "model.bias_update_rate": number(0),
+    "model.norm_topk_prob": optional(choice(True, False)),
+    "model.routed_scaling_factor": number(0, open_low=True),
     "model.token_buckets": optional(integer(0)),
     "model.max_seq_len": integer(1),
     "model.positions": choice("rope", "learned"),
