@@ -156,6 +156,7 @@ MOE_SCRIPT = textwrap.dedent('''
     # the single process, so the biases differ only if the counts they move by do
     model = MoEModule(d_model=32, n_layers=2, n_heads=2, n_experts=4, d_ff=32, max_seq_len=16, bias_update_rate=0.01,
                       lr=0.0)
+    model.configure_model()  # the weights now, from the seed above, whatever fit draws from the generator first
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", precision="32-true",
                         max_steps=2, accumulate_grad_batches=2, use_distributed_sampler=False, callbacks=[Save()],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
