@@ -4,9 +4,10 @@
 
 Three layers on the same input, timed alternately in one process (median of per-round ratios):
 
-- ``moe``: lightning_mp's MoELayer (FP32 router, sorted dropless dispatch, stacked SwiGLU
-  experts run by ``torch._grouped_mm`` where it applies, else one matmul per expert slice);
-- ``moe (per-slice loop)``: the same layer forced onto the per-expert matmul path;
+- ``moe``: lightning_mp's MoELayer as it runs by default (FP32 router, sorted dropless
+  dispatch, stacked SwiGLU experts: ``torch._grouped_mm`` on CUDA, one matmul per expert
+  slice on a CPU);
+- ``moe (grouped_mm)`` and ``moe (per-slice loop)``: the same layer forced onto each path;
 - ``dense``: a SwiGLU FFN of width ``top_k * d_ff``, the same active parameters per token;
 - ``naive``: the textbook loop over experts with a boolean mask per expert (gather, run, scatter).
 
@@ -77,7 +78,8 @@ def main() -> None:
     moe = MoELayer(cfg).to(device)
     layers: dict[str, nn.Module] = {
         "moe": moe,
-        "moe (per-slice loop)": moe,  # grouped_mm switched off while it runs
+        "moe (grouped_mm)": moe,  # the path forced while it runs
+        "moe (per-slice loop)": moe,
         "dense": SwiGLU(args.d_model, args.top_k * args.d_ff).to(device),
         "naive": NaiveMoE(moe),
     }
@@ -85,7 +87,7 @@ def main() -> None:
 
     def step(name: str, layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
-            moe.experts.grouped_mm = name != "moe (per-slice loop)"
+            moe.experts.grouped_mm = {"moe (grouped_mm)": True, "moe (per-slice loop)": False}.get(name)
             inp = x.detach().requires_grad_()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = layer(inp)

@@ -3,9 +3,9 @@
 Tokens are routed in FP32 (Switch Transformer's selective precision: the router's weights,
 matmul and softmax never see 16 bits), sorted by expert, and each expert runs once on its
 contiguous slice (dropless by default). The default experts are SwiGLU FFNs stored stacked,
-one ``(n_experts, ...)`` weight per projection, so all of them run as one grouped matmul
-(``torch._grouped_mm``) where the device supports it, and as one matmul per expert slice
-elsewhere. Experts from ``MoEModule.make_expert`` run one module per slice.
+one ``(n_experts, ...)`` weight per projection, so on CUDA all of them run as one grouped
+matmul (``torch._grouped_mm``); on a CPU, where one matmul per expert slice measured faster
+(FP32 and bf16), as that. Experts from ``MoEModule.make_expert`` run one module per slice.
 """
 
 from __future__ import annotations
@@ -97,10 +97,12 @@ def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
 class GroupedSwiGLU(nn.Module):
     """All experts' SwiGLU weights stacked: ``w1, w3: (E, d_model, d_ff)``, ``w2: (E, d_ff, d_model)``.
 
-    ``grouped_mm=False`` forces the reference path (one matmul per expert slice).
+    ``grouped_mm``: ``None`` uses ``torch._grouped_mm`` on CUDA tensors and one matmul per
+    expert slice elsewhere (faster on a CPU: ``benchmarks/moe_layer.py``); ``True`` uses it
+    wherever it applies, ``False`` never.
     """
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, grouped_mm: bool = True) -> None:
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, grouped_mm: Optional[bool] = None) -> None:
         super().__init__()
         self.grouped_mm = grouped_mm
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
@@ -115,7 +117,8 @@ class GroupedSwiGLU(nn.Module):
         # autocast's lists, so match the dtypes by hand.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x, w1, w3, w2 = (t.to(dtype) for t in (x, self.w1, self.w3, self.w2))
-        if self.grouped_mm and _grouped_mm_ok(x, w1, w3, w2):
+        grouped = x.device.type == "cuda" if self.grouped_mm is None else self.grouped_mm
+        if grouped and _grouped_mm_ok(x, w1, w3, w2):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return torch._grouped_mm(h, w2, offs=offs)

@@ -53,9 +53,11 @@ def test_grouped_mm_path_equals_per_expert_loop():
     x = torch.randn(50, 16)
     counts = torch.tensor([10, 0, 25, 15])  # an expert with no tokens too
     loop = GroupedSwiGLU.forward_loop(x, counts.tolist(), ex.w1, ex.w3, ex.w2)
+    ex.grouped_mm = True
     torch.testing.assert_close(ex(x, counts, counts.tolist()), loop, rtol=1e-5, atol=1e-5)
-    ex.grouped_mm = False
-    assert torch.equal(ex(x, counts, counts.tolist()), loop)
+    for choice in (False, None):  # None: the loop on a CPU
+        ex.grouped_mm = choice
+        assert torch.equal(ex(x, counts, counts.tolist()), loop)
 
 
 class FixedRouter(nn.Module):
