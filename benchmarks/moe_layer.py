@@ -11,7 +11,9 @@ Three layers on the same input, timed alternately in one process (median of per-
 - ``dense``: a SwiGLU FFN of width ``top_k * d_ff``, the same active parameters per token;
 - ``naive``: the textbook loop over experts with a boolean mask per expert (gather, run, scatter).
 
-fp32 on CPU; bf16 under autocast on CUDA when a GPU is present.
+fp32 on CPU; bf16 under autocast on CUDA when a GPU is present. Activation memory: the bytes
+autograd saves for backward in one forward (each storage once), per layer, in FP32 and under
+bf16 autocast.
 """
 
 from __future__ import annotations
@@ -49,6 +51,22 @@ class NaiveMoE(nn.Module):
             out = (F.silu(xs @ ex.w1[e]) * (xs @ ex.w3[e])) @ ex.w2[e]
             y[rows] += out * (weights * mask)[rows].sum(-1, keepdim=True)
         return y
+
+
+def saved_bytes(layer: nn.Module, x: Tensor, dtype: torch.dtype) -> int:
+    """Bytes autograd keeps for ``layer``'s backward after one forward on ``x`` (shared storage once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    inp = x.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            layer(inp)
+    storages.pop(inp.untyped_storage().data_ptr(), None)  # the input is the caller's
+    return sum(storages.values())
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:
@@ -105,11 +123,13 @@ def main() -> None:
     print(f"machine: {describe()}")
     print(f"device: {device}, dtype {dtype}; {args.tokens} tokens, d_model {args.d_model}, {args.experts} experts "
           f"of d_ff {args.d_ff}, top-{args.top_k}; forward + backward, {args.repeats} alternating rounds\n")
-    print("| layer | median ms | ratio to dense (median of per-round ratios) |")
-    print("|---|---|---|")
+    print("| layer | median ms | ratio to dense (median of per-round ratios) | saved for backward, FP32 / bf16 (MiB) |")
+    print("|---|---|---|---|")
     for name, ts in times.items():
         ratio = statistics.median(t / d for t, d in zip(ts, dense))
-        print(f"| {name} | {1e3 * statistics.median(ts):.1f} | {ratio:.2f}x |")
+        moe.experts.grouped_mm = {"moe (grouped_mm)": True, "moe (per-slice loop)": False}.get(name)
+        memory = " / ".join(f"{saved_bytes(layers[name], x, d) / 2**20:.0f}" for d in (torch.float32, torch.bfloat16))
+        print(f"| {name} | {1e3 * statistics.median(ts):.1f} | {ratio:.2f}x | {memory} |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +183,29 @@ class ExpertBias(nn.Module):
         self.bias += delta - delta.mean()
 
 
+class WeightedCombine(torch.autograd.Function):
+    """``y[t] = sum of w_i * out_i over the assignments i of token t``, in FP32.
+
+    Autograd's ``out.float() * w`` would save an FP32 copy of every expert output for backward,
+    ``(tokens * k, d_model)`` at 4 bytes; this saves ``out`` as it is (16 bits under autocast,
+    as Hugging Face's blocks do) and upcasts it in backward, with the same FP32 arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, w: Tensor, token: Tensor, n_tokens: int) -> Tensor:
+        ctx.save_for_backward(out, w, token)
+        y = out.new_zeros(n_tokens, out.shape[1], dtype=torch.float32)
+        return y.index_add_(0, token, out.float() * w[:, None])
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None, None]:
+        out, w, token = ctx.saved_tensors
+        grad = grad_y.float()[token]  # each assignment's token's gradient
+        grad_out = (grad * w[:, None]).to(out.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad * out.float()).sum(-1) if ctx.needs_input_grad[1] else None
+        return grad_out, grad_w, None, None
+
+
 class MoELayer(nn.Module):
     """Token-choice top-k MoE feed-forward: ``(..., d_model) -> (..., d_model)``.
 
@@ -265,10 +288,7 @@ class MoELayer(nn.Module):
             out = torch.cat([expert(s) for expert, s in zip(self.experts, torch.split(xs, counts_list))])
         if rows is not None:
             out = out[rows]  # the padding rows' outputs are dropped: they get no gradient
-        # Combine in FP32: k weighted expert outputs per token, summed by index_add_.
-        out = out.float() * weights.reshape(-1)[order, None]
-        y = torch.zeros(n_tokens, shape[-1], device=x.device, dtype=torch.float32).index_add_(0, token, out)
-        y = y.to(x.dtype)
+        y = WeightedCombine.apply(out, weights.reshape(-1)[order], token, n_tokens).to(x.dtype)
         if self.shared is not None:
             y = y + self.shared(x)
 

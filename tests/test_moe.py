@@ -222,3 +222,42 @@ def test_experts_see_a_bounded_set_of_token_counts(monkeypatch):
         layer.router.gate.weight.data.normal_()
         layer(torch.randn(512, 16))
     assert len(seen) <= 4 * 4 + 1 and all(c % 16 == 0 for c in seen)  # counts up to 1024: 4 octaves, and 0
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd saves for backward while ``fn`` runs (shared storage once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_combine_is_autograds_fp32_combine_without_its_fp32_copy(dtype):
+    from lightning_mp.moe import WeightedCombine
+
+    torch.manual_seed(0)
+    n_tokens, k, d = 50, 2, 32
+    token = torch.arange(n_tokens).repeat_interleave(k)[torch.randperm(n_tokens * k)]
+    out = torch.randn(n_tokens * k, d, dtype=dtype, requires_grad=True)
+    w = torch.rand(n_tokens * k, requires_grad=True)
+    grad_y = torch.randn(n_tokens, d)
+
+    def reference():
+        return torch.zeros(n_tokens, d).index_add_(0, token, out.float() * w[:, None])
+
+    expected, reference_bytes = _saved_bytes(reference)
+    got, saved = _saved_bytes(lambda: WeightedCombine.apply(out, w, token, n_tokens))
+    assert torch.equal(got, expected)
+    grads = torch.autograd.grad(got, (out, w), grad_y)
+    expected_grads = torch.autograd.grad(expected, (out, w), grad_y)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
+    assert saved == out.numel() * out.element_size() + w.numel() * 4 + token.numel() * 8
+    if dtype == torch.bfloat16:  # autograd's version keeps an FP32 copy of the expert outputs
+        assert reference_bytes - saved >= out.numel() * 2
