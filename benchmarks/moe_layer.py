@@ -9,7 +9,9 @@ Three layers on the same input, timed alternately in one process (median of per-
   slice on a CPU);
 - ``moe (grouped_mm)`` and ``moe (per-slice loop)``: the same layer forced onto each path;
 - ``dense``: a SwiGLU FFN of width ``top_k * d_ff``, the same active parameters per token;
-- ``naive``: the textbook loop over experts with a boolean mask per expert (gather, run, scatter).
+- ``naive``: the textbook loop over experts with a boolean mask per expert (gather, run, scatter);
+- ``HF Mixtral block``: Hugging Face's ``MixtralSparseMoeBlock`` of the same shape (when
+  ``transformers`` is installed), with its ``grouped_mm`` experts implementation and its eager one.
 
 fp32 on CPU; bf16 under autocast on CUDA when a GPU is present. Activation memory: the bytes
 autograd saves for backward in one forward (each storage once), per layer, in FP32 and under
@@ -51,6 +53,32 @@ class NaiveMoE(nn.Module):
             out = (F.silu(xs @ ex.w1[e]) * (xs @ ex.w3[e])) @ ex.w2[e]
             y[rows] += out * (weights * mask)[rows].sum(-1, keepdim=True)
         return y
+
+
+class HFBlock(nn.Module):
+    """Hugging Face's Mixtral MoE block of the same shape, on ``(tokens, d_model)``."""
+
+    def __init__(self, cfg: MoEConfig, implementation: str) -> None:
+        super().__init__()
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        config = MixtralConfig(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_local_experts=cfg.n_experts,
+                               num_experts_per_tok=cfg.top_k)
+        config._experts_implementation = implementation
+        self.block = MixtralSparseMoeBlock(config)
+        for p in self.block.parameters():
+            nn.init.normal_(p, std=cfg.d_model**-0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x[None])[0]
+
+
+def hf_blocks(cfg: MoEConfig) -> dict[str, nn.Module]:
+    try:
+        return {f"HF Mixtral block ({impl})": HFBlock(cfg, impl) for impl in ("grouped_mm", "eager")}
+    except ImportError:
+        return {}
 
 
 def saved_bytes(layer: nn.Module, x: Tensor, dtype: torch.dtype) -> int:
@@ -100,6 +128,7 @@ def main() -> None:
         "moe (per-slice loop)": moe,
         "dense": SwiGLU(args.d_model, args.top_k * args.d_ff).to(device),
         "naive": NaiveMoE(moe),
+        **{name: block.to(device) for name, block in hf_blocks(cfg).items()},
     }
     x = torch.randn(args.tokens, args.d_model, device=device)
 
