@@ -38,7 +38,7 @@ class TransformerConfig:
             raise ValueError(f"positions must be 'rope' or 'learned', got {self.positions!r}")
         if self.moe_every < 1:
             raise ValueError(f"moe_every must be >= 1, got {self.moe_every}")
-        self.moe.d_model = self.d_model
+        self.moe.d_model, self.moe.n_layers = self.d_model, self.n_layers
 
     def is_moe(self, layer: int) -> bool:
         return (layer + 1) % self.moe_every == 0

@@ -38,6 +38,17 @@ class MoEConfig:
     # the router no gradient from the loss, so top-1 keeps its raw score (Switch).
     norm_topk_prob: Optional[bool] = None
     routed_scaling_factor: float = 1.0  # the routed experts' sum is multiplied by this (DeepSeek-V3: 2.5)
+    # Group-limited routing (DeepSeek-V3): experts in n_groups groups; each token picks its
+    # topk_groups best groups (a group scores the sum of its two best experts) and its top_k
+    # experts among them. 1: off.
+    n_groups: int = 1
+    topk_groups: int = 1
+    router_jitter: float = 0.0  # training: the router's input times U(1 - j, 1 + j) (Switch; HF's router_jitter_noise)
+    # Expert weights: None keeps nn.Linear's uniform range; a std draws them from N(0, std), the
+    # output projection (w2) from N(0, std / sqrt(2 n_layers)) with init_depth_scaled (Megatron).
+    init_std: Optional[float] = None
+    init_depth_scaled: bool = False
+    n_layers: int = 1  # the model's depth, for init_depth_scaled (set by TransformerConfig)
     # Pad each expert's token count (see bucket_size): None picks by device (CPU: 4 sizes per power
     # of two for 16-bit matmuls, none for FP32; else multiples of 16); n > 0: n sizes per power of
     # two; 0: no padding.
@@ -53,6 +64,15 @@ class MoEConfig:
         if self.norm_topk_prob and self.top_k == 1:
             raise ValueError("norm_topk_prob=True with top_k=1 makes every weight 1: the router would get no "
                              "gradient from the loss; use norm_topk_prob=None or False")
+        if self.n_groups < 1 or self.n_experts % self.n_groups:
+            raise ValueError(f"n_groups must divide n_experts={self.n_experts}, got {self.n_groups}")
+        if self.n_groups > 1 and not 1 <= self.topk_groups <= self.n_groups:
+            raise ValueError(f"topk_groups must be in [1, n_groups={self.n_groups}], got {self.topk_groups}")
+        if self.n_groups > 1 and self.top_k > self.topk_groups * (self.n_experts // self.n_groups):
+            raise ValueError(f"top_k={self.top_k} is more than the {self.topk_groups} groups of "
+                             f"{self.n_experts // self.n_groups} experts a token may use hold")
+        if not 0 <= self.router_jitter < 1:
+            raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
 
@@ -102,14 +122,18 @@ class GroupedSwiGLU(nn.Module):
     wherever it applies, ``False`` never.
     """
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, grouped_mm: Optional[bool] = None) -> None:
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, grouped_mm: Optional[bool] = None,
+                 init_std: Optional[float] = None, out_std: Optional[float] = None) -> None:
         super().__init__()
         self.grouped_mm = grouped_mm
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
-        for w, fan_in in ((self.w1, d_model), (self.w3, d_model), (self.w2, d_ff)):
-            nn.init.uniform_(w, -(fan_in**-0.5), fan_in**-0.5)  # nn.Linear's default range
+        for w, fan_in, std in ((self.w1, d_model, init_std), (self.w3, d_model, init_std), (self.w2, d_ff, out_std)):
+            if std is None:
+                nn.init.uniform_(w, -(fan_in**-0.5), fan_in**-0.5)  # nn.Linear's default range
+            else:
+                nn.init.normal_(w, std=std)
 
     def forward(self, x: Tensor, counts: Tensor, counts_list: list[int]) -> Tensor:
         """``x``: tokens sorted by expert; ``counts[e]`` of them belong to expert ``e``."""
@@ -230,7 +254,11 @@ class MoELayer(nn.Module):
                 raise ValueError(f"expected {config.n_experts} experts, got {len(experts)}")
             self.experts: nn.Module = nn.ModuleList(experts)
         else:
-            self.experts = GroupedSwiGLU(config.n_experts, config.d_model, config.d_ff)
+            out_std = config.init_std
+            if config.init_std is not None and config.init_depth_scaled:
+                out_std = config.init_std / math.sqrt(2 * config.n_layers)
+            self.experts = GroupedSwiGLU(config.n_experts, config.d_model, config.d_ff, init_std=config.init_std,
+                                         out_std=out_std)
         self.shared = SwiGLU(config.d_model, config.d_ff * config.n_shared_experts) if config.n_shared_experts else None
         self.balance = ExpertBias(config.n_experts) if config.bias_update_rate > 0 else None
         self.aux_loss = torch.zeros(())
@@ -244,11 +272,16 @@ class MoELayer(nn.Module):
             # FP32 math even where a plugin cast the router too (Lightning's bf16-true): run it on
             # upcast views of its tensors; the cast is differentiable, so its weights still train.
             state = {n: t.float() if t.is_floating_point() else t for n, t in self.router.state_dict(keep_vars=True).items()}
-            logits = torch.func.functional_call(self.router, state, (x.float(),))
+            x = x.float()
+            if cfg.router_jitter and self.training:  # multiplicative input noise (Switch Transformer)
+                x = x * torch.empty_like(x).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
+            logits = torch.func.functional_call(self.router, state, (x,))
             if logits.dtype != torch.float32:
                 raise TypeError(f"the router must return FP32 logits, got {logits.dtype}")
             scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
             select = scores if self.balance is None else scores + self.balance.bias
+            if cfg.n_groups > 1:
+                select = self._limit_to_groups(select)
             idx = select.topk(cfg.top_k, dim=-1).indices
             weights = scores.gather(-1, idx)
             # Mixtral and DeepSeek-V3 renormalise the top-k; top-1 keeps its raw score (Switch), or
@@ -257,6 +290,15 @@ class MoELayer(nn.Module):
                 weights = weights / weights.sum(-1, keepdim=True)
             weights = weights * cfg.routed_scaling_factor
         return logits, scores, weights, idx
+
+    def _limit_to_groups(self, select_TE: Tensor) -> Tensor:
+        """``select`` with the experts outside each token's ``topk_groups`` best groups at -inf."""
+        cfg = self.config
+        grouped_TGe = select_TE.view(select_TE.shape[0], cfg.n_groups, -1)
+        group_score_TG = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(-1)
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_score_TG.topk(cfg.topk_groups, dim=-1).indices, True)
+        return grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view_as(select_TE)
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.config

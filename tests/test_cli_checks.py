@@ -66,6 +66,8 @@ BAD = [
     (["ckpt_path=junk.ckpt", "resume=empty"], "give either ckpt_path=<file> or resume=<run dir>, not both"),
     (["trainer.max_steps=-1", "trainer.max_epochs=-1"], "would train forever"),
     (["model.top_k=8"], "model.top_k=8 is more than model.n_experts=4"),
+    (["model.n_groups=3"], "model.n_groups=3 must divide model.n_experts=4"),
+    (["model.router_jitter=1.5"], "model.router_jitter=1.5 must be >= 0 and < 1"),
 ]
 
 

@@ -261,3 +261,46 @@ def test_weighted_combine_is_autograds_fp32_combine_without_its_fp32_copy(dtype)
     assert saved == out.numel() * out.element_size() + w.numel() * 4 + token.numel() * 8
     if dtype == torch.bfloat16:  # autograd's version keeps an FP32 copy of the expert outputs
         assert reference_bytes - saved >= out.numel() * 2
+
+
+def test_group_limited_routing_picks_experts_from_the_best_groups_only():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 8) * 3
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=8, n_experts=8, top_k=2, n_groups=4, topk_groups=2),
+                     router=FixedRouter(logits))
+    _, scores, weights, idx = layer.route(torch.randn(64, 8))
+    group_scores = scores.view(64, 4, 2).sum(-1)  # two experts a group: the sum of its two best
+    best_groups = group_scores.topk(2, dim=-1).indices
+    for t in range(64):
+        allowed = torch.cat([torch.arange(2 * g, 2 * g + 2) for g in best_groups[t].tolist()])
+        assert set(idx[t].tolist()) <= set(allowed.tolist())
+        expected = allowed[scores[t, allowed].topk(2).indices]  # the best two within those groups
+        assert set(idx[t].tolist()) == set(expected.tolist())
+    plain = MoELayer(MoEConfig(d_model=8, d_ff=8, n_experts=8, top_k=2), router=FixedRouter(logits))
+    assert not torch.equal(plain.route(torch.randn(64, 8))[3].sort(-1).values, idx.sort(-1).values)
+    with pytest.raises(ValueError, match="n_groups must divide"):
+        MoEConfig(n_experts=8, n_groups=3)
+    with pytest.raises(ValueError, match="top_k=4 is more than"):
+        MoEConfig(n_experts=8, top_k=4, n_groups=4, topk_groups=1)
+
+
+def test_router_jitter_perturbs_training_routing_only():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, n_experts=4, top_k=2, router_jitter=0.5))
+    plain = MoELayer(MoEConfig(d_model=16, d_ff=16, n_experts=4, top_k=2))
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(256, 16)
+    layer.train()
+    assert not torch.equal(layer.route(x)[0], plain.route(x)[0])
+    layer.eval()
+    assert torch.equal(layer.route(x)[0], plain.route(x)[0])
+
+
+def test_expert_init_std_and_depth_scaling():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=64, d_ff=128, n_experts=8, init_std=0.02, init_depth_scaled=True, n_layers=8))
+    assert layer.experts.w1.std().item() == pytest.approx(0.02, rel=0.02)
+    assert layer.experts.w3.std().item() == pytest.approx(0.02, rel=0.02)
+    assert layer.experts.w2.std().item() == pytest.approx(0.02 / 4, rel=0.02)  # / sqrt(2 * 8)
+    default = MoELayer(MoEConfig(d_model=64, d_ff=128, n_experts=8))
+    assert default.experts.w1.abs().max().item() <= 64**-0.5  # nn.Linear's uniform range, as before

@@ -140,6 +140,11 @@ RULES: dict[str, Callable[[Any], Optional[str]]] = {
     "model.bias_update_rate": number(0),
     "model.norm_topk_prob": optional(choice(True, False)),
     "model.routed_scaling_factor": number(0, open_low=True),
+    "model.n_groups": integer(1),
+    "model.topk_groups": integer(1),
+    "model.router_jitter": number(0, 1, open_high=True),
+    "model.init_std": optional(number(0, open_low=True)),
+    "model.init_depth_scaled": choice(True, False),
     "model.token_buckets": optional(integer(0)),
     "model.max_seq_len": integer(1),
     "model.positions": choice("rope", "learned"),
@@ -178,6 +183,8 @@ def validate(cfg: DictConfig, recipe: Optional[DictConfig] = None) -> None:
     model, trainer = cfg.model, cfg.trainer
     if model.get("top_k") is not None and model.get("n_experts") is not None and model.top_k > model.n_experts:
         raise UsageError(f"model.top_k={model.top_k} is more than model.n_experts={model.n_experts}")
+    if model.get("n_groups") and model.get("n_experts") and model.n_experts % model.n_groups:
+        raise UsageError(f"model.n_groups={model.n_groups} must divide model.n_experts={model.n_experts}")
     if model.get("d_model") and model.get("n_heads") and model.d_model % model.n_heads:
         raise UsageError(f"model.d_model={model.d_model} must be a multiple of model.n_heads={model.n_heads}")
     if model.get("max_seq_len", cfg.data.seq_len) < cfg.data.seq_len:
