@@ -83,6 +83,22 @@ class MoEModule(L.LightningModule):
         self.model: Optional[nn.Module] = None
         self._batch_start: Optional[float] = None
 
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, **kwargs: Any) -> "MoEModule":
+        """Train a Hugging Face Mixtral or Qwen3-MoE causal LM as this module: its sparse MoE blocks
+        become :class:`~lightning_mp.moe.MoELayer` (FP32 routing, this module's losses and metrics),
+        in place; the rest stays Hugging Face's. ``kwargs`` set the training options (``lr``...).
+        :func:`lightning_mp.hf.to_hf` turns the result back into a ``transformers`` model."""
+        from lightning_mp.hf import HFCausalLM, moe_config
+
+        config, moe = hf_model.config, moe_config(hf_model.config)
+        module = cls(vocab_size=config.vocab_size, d_model=config.hidden_size, n_layers=config.num_hidden_layers,
+                     n_heads=config.num_attention_heads, n_experts=moe.n_experts, top_k=moe.top_k, d_ff=moe.d_ff,
+                     norm_topk_prob=moe.norm_topk_prob, router_jitter=moe.router_jitter,
+                     max_seq_len=config.max_position_embeddings, **{"aux_loss_coef": moe.aux_loss_coef, **kwargs})
+        module.model = HFCausalLM(hf_model)
+        return module
+
     # -- extension points ---------------------------------------------------------------------
 
     def make_expert(self, layer: int) -> nn.Module:
