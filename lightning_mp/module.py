@@ -52,6 +52,7 @@ class MoEModule(L.LightningModule):
         score_func: Literal["softmax", "sigmoid"] = "softmax",
         n_shared_experts: int = 0,
         aux_loss_coef: float = 1e-2,
+        aux_loss_scope: Literal["micro_batch", "global"] = "micro_batch",
         z_loss_coef: float = 1e-3,
         bias_update_rate: float = 0.0,
         norm_topk_prob: Optional[bool] = None,

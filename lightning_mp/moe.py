@@ -31,6 +31,10 @@ class MoEConfig:
     capacity_factor: Optional[float] = None  # None: dropless; else keep ceil(cf * tokens * k / E) per expert
     n_shared_experts: int = 0  # DeepSeek-style always-on experts, each of width d_ff
     aux_loss_coef: float = 1e-2  # Switch/Mixtral load-balancing loss
+    # The balancing loss's load fractions over this process's micro-batch ("micro_batch"), or
+    # over every data-parallel rank's ("global": Megatron's global-batch balancing; one
+    # all-reduce per MoE layer per training forward)
+    aux_loss_scope: Literal["micro_batch", "global"] = "micro_batch"
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss
     bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 aux-loss-free balancing by a per-expert bias
     # Renormalise the top-k weights to sum to 1 (Mixtral, DeepSeek-V3; Qwen3-MoE's norm_topk_prob).
@@ -71,6 +75,8 @@ class MoEConfig:
         if self.n_groups > 1 and self.top_k > self.topk_groups * (self.n_experts // self.n_groups):
             raise ValueError(f"top_k={self.top_k} is more than the {self.topk_groups} groups of "
                              f"{self.n_experts // self.n_groups} experts a token may use hold")
+        if self.aux_loss_scope not in ("micro_batch", "global"):
+            raise ValueError(f"aux_loss_scope must be 'micro_batch' or 'global', got {self.aux_loss_scope!r}")
         if not 0 <= self.router_jitter < 1:
             raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
@@ -357,13 +363,22 @@ class MoELayer(nn.Module):
         rows = torch.arange(xs.shape[0], device=xs.device) + shift.repeat_interleave(counts, output_size=xs.shape[0])
         return xs.new_zeros(sum(padded), xs.shape[1]).index_copy(0, rows, xs), rows, padded
 
+    def _balancing_load(self, counts: Tensor, load: Tensor) -> Tensor:
+        """The load fractions the aux loss weighs: this micro-batch's, or all ranks' (a collective)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.config.aux_loss_scope != "global" or not self.training or not distributed:
+            return load
+        total = counts.float().clone()
+        torch.distributed.all_reduce(total)  # every rank runs the same forwards, so the same collectives
+        return total / total.sum()
+
     def _losses_and_stats(self, logits: Tensor, scores: Tensor, counts: Tensor, kept: Tensor, n_tokens: int) -> None:
         cfg = self.config
         with torch.autocast(logits.device.type, enabled=False):
             probs = scores / scores.sum(-1, keepdim=True)
             load = counts.float() / (n_tokens * cfg.top_k)  # f_i: share of assignments
             # Switch/Mixtral: E * sum_i f_i * P_i, 1.0 when perfectly balanced
-            self.aux_loss = cfg.n_experts * (load * probs.mean(0)).sum()
+            self.aux_loss = cfg.n_experts * (self._balancing_load(counts, load) * probs.mean(0)).sum()
             self.z_loss = torch.logsumexp(logits, -1).square().mean()  # ST-MoE
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
         if self.balance is not None and self.training:

@@ -145,9 +145,15 @@ MOE_SCRIPT = textwrap.dedent('''
     world = args["devices"]
 
     class Save(L.Callback):
+        aux = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:  # the first micro-batch's balancing loss, per layer
+                self.aux = torch.stack([m.aux_loss.detach() for m in pl_module.moe_layers])
+
         def on_train_end(self, trainer, pl_module):
             bias = torch.cat([m.balance.bias for m in pl_module.moe_layers])
-            torch.save(bias, f"{args['out']}/rank{trainer.global_rank}.pt")
+            torch.save({"bias": bias, "aux": self.aux}, f"{args['out']}/rank{trainer.global_rank}.pt")
 
     torch.manual_seed(0)
     tokens = torch.randint(0, 256, (32, 17))
@@ -155,7 +161,7 @@ MOE_SCRIPT = textwrap.dedent('''
     # lr 0: the weights, hence every token's routing, stay those of the start on every rank and in
     # the single process, so the biases differ only if the counts they move by do
     model = MoEModule(d_model=32, n_layers=2, n_heads=2, n_experts=4, d_ff=32, max_seq_len=16, bias_update_rate=0.01,
-                      lr=0.0)
+                      lr=0.0, aux_loss_scope=args["scope"])
     model.configure_model()  # the weights now, from the seed above, whatever fit draws from the generator first
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", precision="32-true",
                         max_steps=2, accumulate_grad_batches=2, use_distributed_sampler=False, callbacks=[Save()],
@@ -168,17 +174,22 @@ MOE_SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_expert_bias_is_the_global_batchs_on_every_rank(tmp_path):
+def test_expert_bias_and_global_balancing_loss_are_the_global_batchs_on_every_rank(tmp_path):
     script = tmp_path / "moe_ddp.py"
     script.write_text(MOE_SCRIPT)
-    biases = {}
-    for world in (1, 2):
-        out = tmp_path / f"world{world}"
+    runs = {}
+    for world, scope in ((1, "global"), (2, "global"), (2, "micro_batch")):
+        out = tmp_path / f"world{world}-{scope}"
         out.mkdir()
-        result = subprocess.run([sys.executable, str(script), json.dumps({"out": str(out), "devices": world})],
+        result = subprocess.run([sys.executable, str(script), json.dumps({"out": str(out), "devices": world,
+                                                                          "scope": scope})],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        biases[world] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
-    (single,), (rank0, rank1) = biases[1], biases[2]
-    assert single.abs().max() > 0  # it moved
-    assert torch.equal(rank0, rank1) and torch.equal(rank0, single)
+        runs[world, scope] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    (single,), (rank0, rank1) = runs[1, "global"], runs[2, "global"]
+    assert single["bias"].abs().max() > 0  # it moved
+    assert torch.equal(rank0["bias"], rank1["bias"]) and torch.equal(rank0["bias"], single["bias"])
+    # E * sum_i f_i * P_i with f over both ranks: the ranks' mean is the single process's loss on both halves
+    torch.testing.assert_close((rank0["aux"] + rank1["aux"]) / 2, single["aux"], rtol=1e-6, atol=0)
+    local0, local1 = runs[2, "micro_batch"]
+    assert not torch.allclose((local0["aux"] + local1["aux"]) / 2, single["aux"], rtol=1e-4, atol=0)

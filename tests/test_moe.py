@@ -304,3 +304,15 @@ def test_expert_init_std_and_depth_scaling():
     assert layer.experts.w2.std().item() == pytest.approx(0.02 / 4, rel=0.02)  # / sqrt(2 * 8)
     default = MoELayer(MoEConfig(d_model=64, d_ff=128, n_experts=8))
     assert default.experts.w1.abs().max().item() <= 64**-0.5  # nn.Linear's uniform range, as before
+
+
+def test_global_balancing_loss_is_the_micro_batchs_in_one_process():
+    torch.manual_seed(0)
+    local = MoELayer(MoEConfig(d_model=16, d_ff=16, n_experts=4, top_k=2))
+    glob = MoELayer(MoEConfig(d_model=16, d_ff=16, n_experts=4, top_k=2, aux_loss_scope="global"))
+    glob.load_state_dict(local.state_dict())
+    x = torch.randn(40, 16)
+    local(x), glob(x)
+    assert torch.equal(local.aux_loss, glob.aux_loss)  # across ranks: tests/test_ddp.py
+    with pytest.raises(ValueError, match="aux_loss_scope"):
+        MoEConfig(aux_loss_scope="batch")

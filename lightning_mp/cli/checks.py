@@ -136,6 +136,7 @@ RULES: dict[str, Callable[[Any], Optional[str]]] = {
     "model.score_func": choice("softmax", "sigmoid"),
     "model.n_shared_experts": integer(0),
     "model.aux_loss_coef": number(0),
+    "model.aux_loss_scope": choice("micro_batch", "global"),
     "model.z_loss_coef": number(0),
     "model.bias_update_rate": number(0),
     "model.norm_topk_prob": optional(choice(True, False)),
