@@ -162,12 +162,8 @@ class MoEModule(L.LightningModule):
     def _log_routing(self, layers: list[MoELayer]) -> None:
         if not layers:
             return
-        for i, layer in enumerate(layers):
-            stats = layer.stats
-            for e, share in enumerate(stats["load"]):
-                self.log(f"moe/layer{i}/load_expert{e}", share)
-            self.log(f"moe/layer{i}/imbalance", stats["imbalance"])
-            self.log(f"moe/layer{i}/router_entropy", stats["entropy"])
+        for i, layer in enumerate(layers):  # load and imbalance: per optimizer step (optimizer_step)
+            self.log(f"moe/layer{i}/router_entropy", layer.stats["entropy"])
         self.log("moe/drop_frac", torch.stack([m.stats["drop_frac"] for m in layers]).mean())
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -187,23 +183,32 @@ class MoEModule(L.LightningModule):
         self._batch_start = time.perf_counter()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Lightning's step, then the expert-bias update: once per optimizer step, after every
-        micro-batch of it has run (the last one runs inside the step's closure)."""
+        """Lightning's step, then the step's routing: load and imbalance logged and the expert
+        biases moved, from the token counts of every micro-batch of the step (the last one runs
+        inside the step's closure) on every rank."""
         super().optimizer_step(*args, **kwargs)
-        self.balance_experts()
+        load = self.balance_experts()
+        for i, counts in enumerate(load):
+            share = counts / counts.sum().clamp_min(1)
+            for e, value in enumerate(share):
+                self.log(f"moe/layer{i}/load_expert{e}", value)
+            self.log(f"moe/layer{i}/imbalance", share.max() / share.mean())
 
     @torch.no_grad()
-    def balance_experts(self) -> None:
-        """Move each MoE layer's expert bias (``bias_update_rate > 0``) from its token counts since
-        the last call, summed over data-parallel ranks: one all-reduce for all layers."""
-        balanced = [m.balance for m in self.moe_layers if m.balance is not None]
-        if not balanced:
-            return
-        counts = torch.stack([b.take_counts() for b in balanced])
+    def balance_experts(self) -> Tensor:
+        """Each MoE layer's tokens per expert since the last call, summed over the data-parallel
+        ranks (one all-reduce for all layers), ``(layers, n_experts)``; the layers with an expert
+        bias (``bias_update_rate > 0``) move it by them."""
+        layers = self.moe_layers
+        if not layers:
+            return torch.zeros(0, self.config.moe.n_experts)
+        counts = torch.stack([m.take_counts() for m in layers])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)  # every rank then moves its bias the same way
-        for balance, load in zip(balanced, counts):
-            balance.update(self.config.moe.bias_update_rate, load)
+        for layer, load in zip(layers, counts):
+            if layer.balance is not None:
+                layer.balance.update(self.config.moe.bias_update_rate, load)
+        return counts
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_start is not None:

@@ -180,10 +180,9 @@ class Router(nn.Module):
 class ExpertBias(nn.Module):
     """DeepSeek-V3's aux-loss-free balancing: a per-expert bias added to scores for selection only.
 
-    The layer counts its tokens per expert at every training forward (:meth:`count`); once per
-    optimizer step ``MoEModule`` takes the counts of all of the step's micro-batches, sums them
-    over the data-parallel ranks and moves the bias (:meth:`update`), as torchtitan does in its
-    optimizer pre-step hook.
+    ``MoEModule`` moves it once per optimizer step (:meth:`update`) from the layer's token counts
+    of all of the step's micro-batches summed over the data-parallel ranks, as torchtitan does in
+    its optimizer pre-step hook.
     """
 
     keep_fp32 = True
@@ -191,19 +190,6 @@ class ExpertBias(nn.Module):
     def __init__(self, n_experts: int) -> None:
         super().__init__()
         self.register_buffer("bias", torch.zeros(n_experts))
-        # A plain tensor, not a buffer: DDP broadcasts rank 0's buffers before every forward,
-        # which would replace each rank's own counts with rank 0's.
-        self.tokens_per_expert = torch.zeros(n_experts)
-
-    def count(self, counts: Tensor) -> None:
-        if self.tokens_per_expert.device != counts.device:
-            self.tokens_per_expert = self.tokens_per_expert.to(counts.device)
-        self.tokens_per_expert += counts.float()
-
-    def take_counts(self) -> Tensor:
-        """The tokens per expert counted since the last call; the count restarts."""
-        counts, self.tokens_per_expert = self.tokens_per_expert, torch.zeros_like(self.tokens_per_expert)
-        return counts
 
     @torch.no_grad()
     def update(self, rate: float, load: Tensor) -> None:
@@ -242,7 +228,8 @@ class MoELayer(nn.Module):
     After each forward, ``aux_loss`` and ``z_loss`` hold this layer's (unweighted) losses and
     ``stats`` its detached routing statistics: ``load`` (fraction of assignments per expert),
     ``imbalance`` (max load / mean load), ``entropy`` (mean router entropy, nats) and
-    ``drop_frac`` (assignments dropped by the capacity limit).
+    ``drop_frac`` (assignments dropped by the capacity limit). Training forwards also add to
+    ``tokens_per_expert`` (:meth:`take_counts`), which ``MoEModule`` sums per optimizer step.
     """
 
     def __init__(
@@ -267,6 +254,9 @@ class MoELayer(nn.Module):
                                          out_std=out_std)
         self.shared = SwiGLU(config.d_model, config.d_ff * config.n_shared_experts) if config.n_shared_experts else None
         self.balance = ExpertBias(config.n_experts) if config.bias_update_rate > 0 else None
+        # Tokens per expert over the training forwards since take_counts(): a plain tensor, not a
+        # buffer, since DDP broadcasts rank 0's buffers before every forward.
+        self.tokens_per_expert = torch.zeros(config.n_experts)
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
         self.stats: dict[str, Tensor] = {}
@@ -363,6 +353,11 @@ class MoELayer(nn.Module):
         rows = torch.arange(xs.shape[0], device=xs.device) + shift.repeat_interleave(counts, output_size=xs.shape[0])
         return xs.new_zeros(sum(padded), xs.shape[1]).index_copy(0, rows, xs), rows, padded
 
+    def take_counts(self) -> Tensor:
+        """Tokens per expert over the training forwards since the last call; the count restarts."""
+        counts, self.tokens_per_expert = self.tokens_per_expert, torch.zeros_like(self.tokens_per_expert)
+        return counts
+
     def _balancing_load(self, counts: Tensor, load: Tensor) -> Tensor:
         """The load fractions the aux loss weighs: this micro-batch's, or all ranks' (a collective)."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -381,8 +376,10 @@ class MoELayer(nn.Module):
             self.aux_loss = cfg.n_experts * (self._balancing_load(counts, load) * probs.mean(0)).sum()
             self.z_loss = torch.logsumexp(logits, -1).square().mean()  # ST-MoE
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
-        if self.balance is not None and self.training:
-            self.balance.count(counts)
+        if self.training:
+            if self.tokens_per_expert.device != counts.device:
+                self.tokens_per_expert = self.tokens_per_expert.to(counts.device)
+            self.tokens_per_expert += counts.float()
         self.stats = {
             "load": load.detach(),
             "imbalance": (load.max() / load.mean()).detach(),
