@@ -318,7 +318,8 @@ class MoELayer(nn.Module):
         token = order // k
         counts_list = kept_counts.tolist()  # host sync: slice sizes for the per-expert path
 
-        xs, rows, counts_list = self._pad(x[token], kept_counts, counts_list)
+        # index_select, not x[token]: its backward is an index_add_, not a sorting index_put_
+        xs, rows, counts_list = self._pad(x.index_select(0, token), kept_counts, counts_list)
         if isinstance(self.experts, GroupedSwiGLU):
             groups = kept_counts if rows is None else torch.tensor(counts_list, device=x.device)
             out = self.experts(xs, groups, counts_list)
