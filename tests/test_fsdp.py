@@ -74,3 +74,26 @@ def test_fsdp_trains_fp32_shards_with_16bit_compute_fp32_norms_and_norm_clipping
     assert probe.seen == {"inp": dtype, "norm": torch.float32}  # 16-bit compute, norms kept FP32
     assert trainer.strategy.mixed_precision_config.reduce_dtype == torch.float32
     assert trainer.callback_metrics["train_loss"] < probe.first_loss / 2
+
+
+def test_the_single_device_plugin_refuses_fsdp2_dtensor_parameters(tmp_path):
+    """Casting param.data of a DTensor leaves its local shard FP32: silent bf16-mixed, so refused."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_mp import MasterWeightPrecision
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ValueError, match=r"does not shard: 0.weight is a DTensor.*MixedPrecisionPolicy"):
+            MasterWeightPrecision("bf16-master").convert_module(model)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_16_master_under_fsdp_scales_the_loss_on_the_plugins_device():
+    plugin = FSDPMasterWeightPrecision("16-master", device="cpu", init_scale=1024.0)
+    assert plugin.scaler.scale(torch.tensor(2.0)).item() == 2048.0  # a CUDA scaler would leave it at 2.0

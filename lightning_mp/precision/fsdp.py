@@ -78,6 +78,7 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             scaler = ShardedGradScaler(
+                device=device or "cuda",  # its default is CUDA, and on another device it disables itself
                 init_scale=init_scale,
                 growth_factor=growth_factor,
                 backoff_factor=backoff_factor,

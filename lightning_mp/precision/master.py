@@ -136,6 +136,7 @@ class MasterWeightPrecision(Precision):
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Cast to the 16-bit dtype, all but the ``keep_fp32`` modules; the store keeps the FP32 values."""
+        _refuse_sharded(module)
         previous = MasterStore.of(module)
         if previous is not None and previous is not self.store:  # converted by another plugin before
             self.store.take_over(previous)
@@ -365,3 +366,20 @@ def _lightning_module(model: nn.Module) -> nn.Module:
     if isinstance(model, pl.LightningModule):
         return model
     return next((m for m in model.modules() if isinstance(m, pl.LightningModule)), model)
+
+
+def _refuse_sharded(module: nn.Module) -> None:
+    """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism): a cast of ``param.data``
+    changes the reported dtype while the local shard stays FP32, so the run would silently train
+    as ``bf16-mixed`` with a redundant FP32 copy."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = next((n for n, p in module.named_parameters() if isinstance(p, DTensor)), None)
+    if sharded is not None:
+        raise ValueError(
+            f"MasterWeightPrecision does not shard: {sharded} is a DTensor (FSDP2's fully_shard or tensor "
+            "parallelism); there use torch's MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
+            "reduce_dtype=torch.float32) and no precision plugin, whose FP32 shards are the masters"
+        )
