@@ -177,3 +177,14 @@ def fp32_values(t, module=None):
 def exact(mode) -> bool:
     """Whether ``mode`` keeps FP32 values exactly (stochastic rounding keeps only the 16-bit weight)."""
     return mode[1] != "stochastic"
+
+
+class InterruptAt(L.Callback):
+    """Raises KeyboardInterrupt (a user's Ctrl-C) after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

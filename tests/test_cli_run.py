@@ -125,3 +125,24 @@ def test_seed_sweep_names_each_run_by_its_seed(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     sweep = (tmp_path / "multirun" / "tiny" / "latest").resolve()
     assert [summary(sweep / f"{i}_bf16-master_seed{i}")["seed"] for i in (0, 1)] == [0, 1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_continue_and_the_resumed_run_ends_as_one(tmp_path, capsys, monkeypatch):
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # Lightning would ignore SIGINT in pytest afterwards
+    args = ["trainer.max_steps=6", "trainer.limit_val_batches=1", "data.max_bytes=100000",
+            "trainer.val_check_interval=2"]  # a checkpoint every 2 steps
+    code, out, _ = cli([*args, "+callbacks.stop._target_=conftest.InterruptAt", "+callbacks.stop.step=3"], capsys,
+                       monkeypatch)
+    run = (tmp_path / "outputs" / "tiny" / "latest").resolve()
+    assert code == 1
+    line = next(line for line in out.splitlines() if line.startswith("interrupted at step 3"))
+    command = line.split("to continue from its last checkpoint: ", 1)[1].split()
+    assert command[0] == "lightning-mp-train" and command[-1] == f"resume=outputs/tiny/{run.name}"
+    assert set(args) <= set(command)  # the run's own overrides, so the resumed run is the same run
+    code, _, err = cli([a for a in command[1:] if "stop" not in a], capsys, monkeypatch)  # as printed, no Ctrl-C
+    assert code == 0, err
+    assert summary(tmp_path / "outputs" / "tiny" / "latest")["steps"] == 6

@@ -36,6 +36,23 @@ class _Validations(L.Callback):
             self.step = trainer.global_step
 
 
+class _Interrupted(L.Callback):
+    """Ctrl-C: Lightning stops and exits with status 1; say how to continue the run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+            return
+        try:
+            given = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "ckpt_path="))]
+        except ValueError:
+            given = []
+        command = " ".join(["lightning-mp-train", *given, f"resume={_shown(self.run_dir)}"])
+        log.info(f"\ninterrupted at step {trainer.global_step}; to continue from its last checkpoint: {command}")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as ``cfg`` says and return (and write) the run's summary."""
     run_dir = Path(output_dir())
@@ -54,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if lead:
         _point_latest(run_dir)  # a run that starts training, not one refused above
     validations = _Validations()
-    trainer.callbacks.append(validations)
+    trainer.callbacks += [validations, _Interrupted(run_dir)]
     progress = next(c for c in trainer.callbacks if isinstance(c, Progress))
     memory_kind = _reset_peak_memory()
     start = time.perf_counter()
