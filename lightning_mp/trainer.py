@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as L
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_mp.precision import precision_plugin
 from lightning_mp.precision.master import MASTER_DTYPES
@@ -16,7 +16,8 @@ class Trainer(L.Trainer):
     """``lightning.pytorch.Trainer`` that also takes ``precision="bf16-master"`` and ``"16-master"``.
 
     For those names it builds the plugin that fits the strategy (:class:`~lightning_mp.MasterWeightPrecision`,
-    or :class:`~lightning_mp.precision.FSDPMasterWeightPrecision` under FSDP) and passes it in
+    :class:`~lightning_mp.precision.FSDPMasterWeightPrecision` under FSDP,
+    :class:`~lightning_mp.precision.FSDP2MasterWeightPrecision` under ``ModelParallelStrategy``) and passes it in
     ``plugins``; every other argument, and every other precision, goes to Lightning unchanged.
     For the plugin's options (``master="remainder"``, a loss scale...) pass the plugin itself in
     ``plugins=[MasterWeightPrecision(...)]``.
@@ -29,5 +30,6 @@ class Trainer(L.Trainer):
                 raise ValueError(f"precision={precision!r} and a precision plugin in plugins: give one of them")
             strategy = kwargs.get("strategy", "auto")
             fsdp = isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp"))
-            plugins, precision = [*given, precision_plugin(str(precision), strategy="fsdp" if fsdp else None)], None
+            kind = "fsdp2" if isinstance(strategy, ModelParallelStrategy) else "fsdp" if fsdp else None
+            plugins, precision = [*given, precision_plugin(str(precision), strategy=kind)], None
         super().__init__(*args, precision=precision, plugins=plugins, **kwargs)

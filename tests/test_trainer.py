@@ -61,6 +61,17 @@ def test_fsdp_strategy_gets_the_fsdp_plugin(strategy, monkeypatch):
     assert given["strategy"] is strategy
 
 
+def test_model_parallel_strategy_gets_the_fsdp2_plugin():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_mp.precision import FSDP2MasterWeightPrecision
+
+    trainer = lightning_mp.Trainer(precision="16-master", strategy=ModelParallelStrategy(), accelerator="cpu",
+                                   devices=1, logger=False)
+    assert isinstance(trainer.precision_plugin, FSDP2MasterWeightPrecision)
+    assert trainer.precision_plugin.precision == "16-master"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP needs CUDA")
 def test_fsdp_strategy_gets_the_fsdp_plugin_on_a_gpu():

@@ -7,6 +7,7 @@
   steps, held LR schedulers, endless-skip errors;
 - :mod:`~lightning_mp.precision.ddp`: gradient reduction under DDP;
 - :mod:`~lightning_mp.precision.fsdp`: ``FSDPMasterWeightPrecision`` for Lightning's FSDP;
+- :mod:`~lightning_mp.precision.fsdp2`: ``FSDP2MasterWeightPrecision`` for ``ModelParallelStrategy`` (FSDP2);
 - :mod:`~lightning_mp.precision.factory`: ``precision_plugin()`` for any precision name.
 
 Where the FP32 values live is :mod:`lightning_mp.masters`.
@@ -14,10 +15,12 @@ Where the FP32 values live is :mod:`lightning_mp.masters`.
 
 from lightning_mp.precision.factory import PRECISION_NAMES, precision_plugin
 from lightning_mp.precision.fsdp import FSDPMasterWeightPrecision
+from lightning_mp.precision.fsdp2 import FSDP2MasterWeightPrecision
 from lightning_mp.precision.master import MasterWeightPrecision
 from lightning_mp.precision.skips import SkippedStepsError
 
 __all__ = [
+    "FSDP2MasterWeightPrecision",
     "FSDPMasterWeightPrecision",
     "MasterWeightPrecision",
     "PRECISION_NAMES",

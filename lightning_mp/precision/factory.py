@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.plugins.precision import DoublePrecision, FSDPPrecision, HalfPrecision, MixedPrecision, Precision
 
 from lightning_mp.precision.fsdp import FSDPMasterWeightPrecision
+from lightning_mp.precision.fsdp2 import FSDP2MasterWeightPrecision
 from lightning_mp.precision.master import MASTER_DTYPES, MasterWeightPrecision
 
 _LIGHTNING_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
@@ -34,9 +35,15 @@ def precision_plugin(
     the plugin that ``Trainer(precision=name)`` builds. ``device`` is the autocast device type
     (default: ``"cuda"`` when available, else ``"cpu"``). ``strategy="fsdp"`` gives the plugins
     Lightning's ``FSDPStrategy`` accepts: :class:`FSDPMasterWeightPrecision` for ours (``kwargs``:
-    ``keep_fp32`` classes), Lightning's ``FSDPPrecision`` for the others.
+    ``keep_fp32`` classes), Lightning's ``FSDPPrecision`` for the others. ``strategy="fsdp2"``
+    (``ModelParallelStrategy``) gives :class:`FSDP2MasterWeightPrecision` for ours.
     """
     name = _LIGHTNING_ALIASES.get(str(name), str(name))
+    if strategy == "fsdp2":
+        if name not in MASTER_DTYPES:
+            raise ValueError(f"strategy='fsdp2' takes bf16-master or 16-master; for {name!r} pass "
+                             "Trainer(precision=...) to ModelParallelStrategy as it is")
+        return FSDP2MasterWeightPrecision(name, device=device, **kwargs)  # type: ignore[arg-type]
     if strategy == "fsdp":
         if name in MASTER_DTYPES:
             return FSDPMasterWeightPrecision(name, device=device, **kwargs)  # type: ignore[arg-type]
@@ -44,7 +51,7 @@ def precision_plugin(
             raise TypeError(f"precision {name!r} takes no options, got {sorted(kwargs)}")
         return FSDPPrecision(name)  # type: ignore[arg-type]
     if strategy not in (None, "ddp", "auto", "single_device"):
-        raise ValueError(f"strategy must be None, 'ddp' or 'fsdp' (the plugin differs only for FSDP), got {strategy!r}")
+        raise ValueError(f"strategy must be None, 'ddp', 'fsdp' or 'fsdp2' (the plugin differs only for FSDP), got {strategy!r}")
     if name in MASTER_DTYPES:
         return MasterWeightPrecision(name, device=device, **kwargs)  # type: ignore[arg-type]
     if name not in PRECISION_NAMES:

@@ -1,0 +1,133 @@
+"""FSDP2MasterWeightPrecision under Lightning's ModelParallelStrategy on 2 CPU processes (gloo):
+FP32 DTensor shards as masters, bf16 compute, skips decided on every rank together."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TinyRegressor
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch, lightning.pytorch as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader, Subset
+    sys.path.insert(0, {tests!r})
+    from conftest import TinyRegressor, regression_data
+    from lightning_mp import precision_plugin
+    from lightning_mp.precision import FSDP2MasterWeightPrecision
+
+    args = json.loads(sys.argv[1])
+
+    class Model(TinyRegressor):
+        def configure_model(self):
+            if args["strategy"] == "fsdp2":
+                self.trainer.precision_plugin.shard(self, self.device_mesh["data_parallel"],
+                                                    blocks=[torch.nn.Linear])
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            nan = args.get("nan_at") == batch_idx and self.global_rank == 1
+            return loss * float("nan") if nan else loss
+
+    class Save(L.Callback):
+        seen = {{}}
+
+        def on_train_start(self, trainer, pl_module):
+            for name in ("inp", "norm"):
+                getattr(pl_module, name).register_forward_pre_hook(
+                    lambda m, a, name=name: self.seen.setdefault(name, str(m.weight.dtype)) and None)
+
+        def on_train_end(self, trainer, pl_module):
+            state = {{n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().clone()
+                     for n, p in pl_module.named_parameters()}}
+            if args["strategy"] == "ddp":  # our plugin's FP32 values of the bf16 weights
+                store = trainer.precision_plugin.store
+                state = {{n: store.value(p).clone() for n, p in pl_module.named_parameters()}}
+            torch.save({{"state": state, "skipped": trainer.precision_plugin.skipped_steps, "seen": self.seen,
+                        "lr": trainer.optimizers[0].param_groups[0]["lr"]}},
+                       f"{{args['out']}}/rank{{trainer.global_rank}}.pt")
+
+    if args["strategy"] == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        plugin = FSDP2MasterWeightPrecision(args["precision"], device="cpu")
+    else:
+        strategy, plugin = "ddp", precision_plugin(args["precision"], grad_reduce_dtype="fp32")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, plugins=[plugin], max_steps=args["steps"],
+                        use_distributed_sampler=False, callbacks=[Save()], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=args.get("clip"))
+    torch.manual_seed(0)
+    model = Model(lr=1e-2, scheduler=True)
+    dataset = regression_data(n=64).dataset
+    mine = [i for i in range(len(dataset)) if (i // 8) % 2 == trainer.global_rank]
+    trainer.fit(model, DataLoader(Subset(dataset, mine), batch_size=8))
+''')
+
+
+def run(tmp_path: Path, name: str, **args) -> list[dict]:
+    out = tmp_path / name
+    out.mkdir()
+    script = tmp_path / "fsdp2_run.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    result = subprocess.run([sys.executable, str(script), json.dumps({"out": str(out), "steps": 4, **args})],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_fp32_shards_as_ddp_with_our_plugin_and_skips_on_both_ranks(tmp_path):
+    fsdp2 = run(tmp_path, "fsdp2", precision="bf16-master", strategy="fsdp2", clip=0.5, nan_at=1)
+    ddp = run(tmp_path, "ddp", precision="bf16-master", strategy="ddp", clip=0.5, nan_at=1)
+    assert [r["skipped"] for r in fsdp2] == [1, 1] == [r["skipped"] for r in ddp]  # a NaN on rank 1 skips both
+    assert fsdp2[0]["lr"] == ddp[0]["lr"]  # the step scheduler held on the skipped step, as under DDP
+    # 16-bit compute (FSDP2's all-gathered bf16 parameters), norms in FP32
+    assert fsdp2[0]["seen"] == {"inp": "torch.bfloat16", "norm": "torch.float32"}
+    torch.manual_seed(0)
+    start = TinyRegressor(lr=1e-2).state_dict()
+    for key, theirs in ddp[0]["state"].items():
+        ours = fsdp2[0]["state"][key]
+        assert torch.equal(ours, fsdp2[1]["state"][key]), key  # the ranks hold one model
+        assert ours.dtype == torch.float32, key
+        moved, expected = ours - start[key], theirs - start[key]
+        assert expected.abs().max() > 1e-3, key  # it trained
+        agree = ((moved - expected).abs() <= 1e-3).float().mean()  # a tenth of an Adam step at lr 1e-2
+        assert agree >= 0.9, (key, agree)  # all but sign flips of near-zero bf16 gradients
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def test_unsharded_models_and_contradicting_policies_are_refused(one_rank):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from lightning_mp.precision import FSDP2MasterWeightPrecision
+
+    plugin = FSDP2MasterWeightPrecision("bf16-master", device="cpu")
+    with pytest.raises(ValueError, match="needs a model sharded in configure_model"):
+        plugin.convert_module(TinyRegressor())
+    fp16 = TinyRegressor()
+    fully_shard(fp16, mesh=one_rank, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"param_dtype=torch.float16.*contradicts bf16-master"):
+        plugin.convert_module(fp16)
+    model = TinyRegressor()
+    plugin.shard(model, one_rank, blocks=[torch.nn.Linear])
+    assert plugin.convert_module(model) is model
+    x = torch.randn(4, 8)
+    with plugin.forward_context():
+        assert model(x).dtype == torch.bfloat16  # the output Linear computes in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the FP32 shards are the masters
