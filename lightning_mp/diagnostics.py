@@ -40,7 +40,8 @@ def memory_audit(module: nn.Module, optimizers: Iterable[Optimizer] = (), precis
 
     Each storage is counted once, in the first category that reaches it (tied weights, views
     and a master that *is* its parameter are not counted twice). Also returns ``"total"`` and
-    ``"n_params"`` (elements of the module's parameters).
+    ``"n_params"`` (elements of the module's parameters). Sharded (DTensor, FSDP2) tensors
+    count this rank's shard, ``n_params`` the whole model: bytes per parameter per rank.
     """
     seen: set[tuple[str, int]] = set()
     sizes = dict.fromkeys(CATEGORIES, 0)
@@ -49,6 +50,8 @@ def memory_audit(module: nn.Module, optimizers: Iterable[Optimizer] = (), precis
         for t in tensors:
             if t is None or t.device.type == "meta":
                 continue
+            if hasattr(t, "to_local"):  # a DTensor (FSDP2): this rank's shard
+                t = t.to_local()
             key = _storage_key(t)
             if key in seen:
                 continue

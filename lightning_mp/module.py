@@ -11,10 +11,11 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import HalfPrecision, Precision
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
 from lightning_mp.convert import is_norm_layer
-from lightning_mp.model import MoETransformer, TransformerConfig
+from lightning_mp.model import Block, MoETransformer, TransformerConfig
 from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
 from lightning_mp.optim import AdamW
 from lightning_mp.precision.master import MasterWeightPrecision
@@ -111,16 +112,30 @@ class MoEModule(L.LightningModule):
         return nn.Linear(self.config.d_model, self.config.moe.n_experts, bias=False)
 
     def configure_model(self) -> None:
-        """Build the model once (Lightning calls this before the precision plugin converts it)."""
-        if self.model is not None:
+        """Build the model once (Lightning calls this before the precision plugin converts it);
+        under ``ModelParallelStrategy`` with our FSDP2 plugin, shard it."""
+        if self.model is None:
+            custom_expert = type(self).make_expert is not MoEModule.make_expert
+            custom_router = type(self).make_router is not MoEModule.make_router
+            self.model = MoETransformer(
+                self.config,
+                make_router=self.make_router if custom_router else None,
+                make_expert=self.make_expert if custom_expert else None,
+            )
+        self._shard_if_model_parallel()
+
+    def _shard_if_model_parallel(self) -> None:
+        """Under ``ModelParallelStrategy`` with ``FSDP2MasterWeightPrecision``: one FSDP2 unit per
+        transformer block (norms and routers FP32 units of their own), the whole model last."""
+        from torch.distributed.fsdp import FSDPModule
+
+        trainer = self._trainer
+        plugin = getattr(trainer, "precision_plugin", None)
+        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy) or not hasattr(plugin, "shard"):
             return
-        custom_expert = type(self).make_expert is not MoEModule.make_expert
-        custom_router = type(self).make_router is not MoEModule.make_router
-        self.model = MoETransformer(
-            self.config,
-            make_router=self.make_router if custom_router else None,
-            make_expert=self.make_expert if custom_expert else None,
-        )
+        if isinstance(self, FSDPModule):  # sharded already (configure_model runs more than once)
+            return
+        plugin.shard(self, self.device_mesh["data_parallel"], blocks=[Block])
 
     def extra_repr(self) -> str:
         """``print(module)`` before ``fit``: the layers do not exist yet, so say where they come from."""

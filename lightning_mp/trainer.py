@@ -33,3 +33,16 @@ class Trainer(L.Trainer):
             kind = "fsdp2" if isinstance(strategy, ModelParallelStrategy) else "fsdp" if fsdp else None
             plugins, precision = [*given, precision_plugin(str(precision), strategy=kind)], None
         super().__init__(*args, precision=precision, plugins=plugins, **kwargs)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` sharding over every process, without tensor parallelism: FSDP2
+    data parallelism as ``FSDPStrategy`` is for FSDP1 (``trainer=fsdp2``). Lightning's ``"auto"``
+    would give the data-parallel dimension the number of nodes only."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()

@@ -51,6 +51,8 @@ BAD = [
     (["precision=bf16master"], "precision=bf16master: no such option (did you mean bf16-master?)"),
     (["--multirun", "precision=bf16-master,fp8"], "precision=fp8: no such option"),
     (["recipe=nope"], "unknown recipe 'nope'"),
+    (["recipe=mantissa-trap"], "recipe=mantissa-trap needs init_from=<"),
+    (["model.nope=1"], "model.nope: no such key"),
     (["data=text"], "data=text needs data.path=<"),
     (["data=text", "data.path=missing"], "data.path=missing: corpus path 'missing' does not exist"),
     (["data=text", "data.path=empty"], "data.path=empty: no non-empty text files under 'empty'"),

@@ -131,3 +131,32 @@ def test_unsharded_models_and_contradicting_policies_are_refused(one_rank):
     with plugin.forward_context():
         assert model(x).dtype == torch.bfloat16  # the output Linear computes in bf16
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the FP32 shards are the masters
+
+
+@pytest.mark.slow
+def test_trainer_fsdp2_runs_the_default_recipe_on_two_processes_and_resumes_as_one_run(tmp_path):
+    from lightning_mp import MoEModule
+
+    exe = Path(sys.executable).parent / "lightning-mp-train"
+    common = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.val_check_interval=2",
+              "trainer.limit_val_batches=1", "data.max_bytes=100000"]
+
+    def train(*args):
+        result = subprocess.run([str(exe), *common, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        run = (tmp_path / "outputs" / "tiny" / "latest").resolve()
+        return run, json.loads((run / "summary.json").read_text())
+
+    straight_dir, straight = train("trainer.max_steps=4")
+    train("trainer.max_steps=2")
+    _, resumed = train("trainer.max_steps=4", "resume=outputs/tiny/latest")
+    assert resumed["steps"] == 4 and resumed["val_loss"] == straight["val_loss"]
+    assert resumed["train_loss"] == straight["train_loss"]
+    # bytes per parameter per rank: FP32 shards + AdamW's moments over 2 ranks (grads freed by then)
+    assert straight["bytes_per_param"] == pytest.approx(12 / 2, abs=0.01)
+    checkpoint = torch.load(straight_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = checkpoint["state_dict"]
+    assert all(v.dtype == torch.float32 and type(v) is torch.Tensor for v in state.values() if v.is_floating_point())
+    plain = MoEModule(**{k: v for k, v in checkpoint["hyper_parameters"].items()})
+    plain.configure_model()
+    plain.load_state_dict(state)  # a plain FP32 model, unsharded

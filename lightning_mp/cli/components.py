@@ -54,8 +54,11 @@ def device_type(accelerator: str) -> str:
 
 
 def strategy_kind(strategy: Any) -> Optional[str]:
-    """``"fsdp"`` when the trainer config asks for FSDP (by name or FSDPStrategy), else None."""
+    """``"fsdp"`` when the trainer config asks for FSDP (by name or FSDPStrategy), ``"fsdp2"`` for
+    ``ModelParallelStrategy``, else None."""
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "fsdp2" in target.lower() or "modelparallel" in target.lower().replace("_", ""):
+        return "fsdp2"
     return "fsdp" if "fsdp" in target.lower() else None
 
 

@@ -50,6 +50,7 @@ class _Interrupted(L.Callback):
         except ValueError:
             given = []
         command = " ".join(["lightning-mp-train", *given, f"resume={_shown(self.run_dir)}"])
+        _point_latest(self.run_dir)
         log.info(f"\ninterrupted at step {trainer.global_step}; to continue from its last checkpoint: {command}")
 
 
@@ -60,7 +61,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     lead = rank_zero_only.rank == 0  # under DDP/FSDP every process runs this; one writes the files
     terminal = sys.stdout.isatty()
     console.setup(terminal)
-    ckpt, init_from = checkpoint_path(cfg), init_from_path(cfg)  # before `latest` moves to this run
+    ckpt, init_from = checkpoint_path(cfg), init_from_path(cfg)
     if lead:
         log.info(f"run directory: {_shown(run_dir)}")
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -68,8 +69,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model, datamodule, trainer = build(cfg, terminal)
     if ckpt is not None:
         check_resume(model, ckpt, cfg)
-    if lead:
-        _point_latest(run_dir)  # a run that starts training, not one refused above
     validations = _Validations()
     trainer.callbacks += [validations, _Interrupted(run_dir)]
     progress = next(c for c in trainer.callbacks if isinstance(c, Progress))
@@ -77,6 +76,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, datamodule, ckpt_path=ckpt)
     elapsed = time.perf_counter() - start
+    if trainer.is_global_zero:  # after training: processes Lightning starts during fit resolve `latest` too
+        _point_latest(run_dir)
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.limit_val_batches != 0 and validations.step != trainer.global_step:
         trainer.validate(model, datamodule, verbose=False)  # every run ends with a validation

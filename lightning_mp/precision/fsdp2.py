@@ -41,6 +41,8 @@ class FSDP2MasterWeightPrecision(Precision):
         keep_fp32: modules that compute in FP32 (default: every normalization layer), as in
             :class:`~lightning_mp.MasterWeightPrecision`; :meth:`shard` gives them an FP32 policy.
         device: the device type for ``torch.autocast`` (default: CUDA when available, else CPU).
+        master: ``"fp32"`` only (the shards are FP32); grad_reduce_dtype: ``None`` or ``"fp32"``,
+            both FP32 (the policy's ``reduce_dtype``).
         loss_scale, init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
         min_scale, max_consecutive_skips: as :class:`~lightning_mp.MasterWeightPrecision`'s.
     """
@@ -51,6 +53,8 @@ class FSDP2MasterWeightPrecision(Precision):
         *,
         keep_fp32: Optional[Sequence[KeepFP32]] = None,
         device: Optional[str] = None,
+        master: str = "fp32",
+        grad_reduce_dtype: Optional[str] = None,
         loss_scale: Any = None,
         init_scale: float = 2.0**16,
         growth_factor: float = 2.0,
@@ -62,6 +66,10 @@ class FSDP2MasterWeightPrecision(Precision):
     ) -> None:
         if precision not in MASTER_DTYPES:
             raise ValueError(f"FSDP2MasterWeightPrecision accepts {sorted(MASTER_DTYPES)}, got {precision!r}")
+        if master != "fp32":
+            raise ValueError(f"under FSDP2 the FP32 shards are the masters: master={master!r} is not supported yet")
+        if grad_reduce_dtype not in (None, "fp32"):
+            raise ValueError(f"under FSDP2 gradients are reduce-scattered in FP32; grad_reduce_dtype={grad_reduce_dtype!r}")
         self.precision = precision  # type: ignore[assignment]
         self.dtype = MASTER_DTYPES[precision]
         self.keep_fp32 = tuple(DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
