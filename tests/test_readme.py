@@ -32,17 +32,21 @@ def test_subclass_example_runs(capsys):
 
 COMMANDS = ("lightning-mp-train", "lightning-mp-report", "python -m lightning_mp")
 NEEDS_A_GPU = ("recipe=gpu-100m", "torchrun", "srun")
+# Several processes: Lightning re-executes the command for each rank, which in-process would be
+# pytest; tests/test_fsdp2.py runs that command line as a subprocess.
+SEVERAL_PROCESSES = ("trainer.devices=2",)
 
 
 def command_lines() -> list[str]:
     """The ``bash`` blocks' lines that run our commands, in README order (continuations joined,
-    comments dropped); a GPU recipe or a multi-node launch cannot run here."""
+    comments dropped); a GPU recipe or a multi-node launch cannot run here, a multi-process
+    one runs in tests/test_fsdp2.py."""
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = shlex.split(line, comments=True)
             text = shlex.join(line)
-            if text.startswith(COMMANDS) and not any(g in text for g in NEEDS_A_GPU):
+            if text.startswith(COMMANDS) and not any(g in text for g in (*NEEDS_A_GPU, *SEVERAL_PROCESSES)):
                 lines.append(line)
     return lines
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional, Union
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -15,6 +16,7 @@ from torch.optim import Optimizer
 from lightning_mp.convert import _TORCH_NORMS
 from lightning_mp.model import RMSNorm
 from lightning_mp.precision.master import MASTER_DTYPES
+from lightning_mp.precision.skips import SkipTracker, any_rank_nonfinite
 
 
 class FSDPMasterWeightPrecision(FSDPPrecision):
@@ -93,6 +95,7 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         self.keep_fp32 = tuple(keep_fp32)
         self.device = device or "cuda"
         self._root: Optional[nn.Module] = None
+        self.skips = SkipTracker(None, max_consecutive_skips)  # bf16-master's skips; 16-master: the scaler's
 
     @property
     def mixed_precision_config(self) -> Any:
@@ -112,7 +115,34 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
         self._root = model  # the root FSDP module, whose clip_grad_norm_ sees every shard
+        manual = isinstance(model, pl.LightningModule) and not model.automatic_optimization
+        for config in lr_schedulers:
+            if (manual or getattr(config, "interval", "step") == "step") and hasattr(config.scheduler, "optimizer"):
+                self.skips.watch(config.scheduler)
         return super().connect(model, optimizers, lr_schedulers)
+
+    @property
+    def skipped_steps(self) -> int:
+        """``bf16-master`` steps skipped for inf/NaN gradients (``16-master``: torch's scaler skips)."""
+        return self.skips.skipped_steps
+
+    def optimizer_step(self, optimizer: Optimizer, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        """``16-master``: torch's ``ShardedGradScaler`` step. ``bf16-master``: backward, then one
+        decision on every rank: skip if any rank's gradient shards hold inf/NaN (the schedulers
+        held), else Lightning's hooks and clipping and the step on the FP32 shards."""
+        if self.scaler is not None:
+            return super().optimizer_step(optimizer, model, closure, **kwargs)
+        closure_result = closure()
+        if closure_result is None and isinstance(model, pl.LightningModule) and model.automatic_optimization:
+            return None
+        overflowed = any_rank_nonfinite([p.grad for g in optimizer.param_groups for p in g["params"]
+                                         if p.grad is not None])
+        if not overflowed:
+            if isinstance(model, pl.LightningModule):
+                self._after_closure(model, optimizer)
+            optimizer.step(**kwargs)
+        self.skips.record(optimizer, overflowed, lambda: "inf/NaN gradients on at least one rank")
+        return closure_result
 
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel

@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, _matcher
 from lightning_mp.precision.master import MASTER_DTYPES, _make_scaler
-from lightning_mp.precision.skips import SkipTracker
+from lightning_mp.precision.skips import SkipTracker, any_rank_nonfinite
 
 
 class FSDP2MasterWeightPrecision(Precision):
@@ -155,7 +155,7 @@ class FSDP2MasterWeightPrecision(Precision):
             inv = 1.0 / self.scaler.scale
             for grad in grads:
                 grad.mul_(inv)
-        overflowed = _any_rank_nonfinite(grads)  # one host sync, as any skip decision
+        overflowed = any_rank_nonfinite(grads)  # one host sync, as any skip decision
         if not overflowed:
             if isinstance(model, pl.LightningModule):
                 self._after_closure(model, optimizer)  # on_before_optimizer_step, gradient clipping
@@ -184,16 +184,3 @@ def _outermost(modules: list[nn.Module]) -> list[nn.Module]:
     """The modules not inside another one of them (a kept subtree is sharded once)."""
     inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
     return [m for m in modules if id(m) not in inner]
-
-
-def _any_rank_nonfinite(grads: list[Tensor]) -> bool:
-    """Whether any gradient shard on any rank holds an inf or NaN (one all-reduce of one flag)."""
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-    device = local[0].device if local else torch.device("cpu")
-    flag = torch.zeros((), device=device)
-    for g in local:
-        if g.numel():
-            flag = torch.maximum(flag, (~torch.isfinite(g)).any().float())
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())

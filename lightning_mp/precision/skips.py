@@ -95,3 +95,17 @@ class SkipTracker:
             if event is not None:
                 event.synchronize()  # waits for the flag's copy, queued a whole step ago
             self.record(optimizer, bool(flag.item()), lambda: "gradients or the loss (a fused step skips on the device)")
+
+
+def any_rank_nonfinite(grads: list[Tensor]) -> bool:
+    """Whether any gradient on any rank holds an inf or NaN: one all-reduce of one flag, one host
+    sync (sharded gradients, FSDP's and DTensors, are checked shard by shard)."""
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    device = local[0].device if local else torch.device("cpu")
+    flag = torch.zeros((), device=device)
+    for g in local:
+        if g.numel():
+            flag = torch.maximum(flag, (~torch.isfinite(g)).any().float())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
