@@ -176,7 +176,7 @@ def test_expert_bias_and_global_balancing_loss_are_the_global_batchs_on_every_ra
     script = tmp_path / "moe_ddp.py"
     script.write_text(MOE_SCRIPT)
     runs = {}
-    for world, scope in ((1, "global"), (2, "global"), (2, "micro_batch")):
+    for world, scope in ((1, "global"), (2, "global")):
         out = tmp_path / f"world{world}-{scope}"
         out.mkdir()
         result = subprocess.run([sys.executable, str(script), json.dumps({"out": str(out), "devices": world,
@@ -189,5 +189,3 @@ def test_expert_bias_and_global_balancing_loss_are_the_global_batchs_on_every_ra
     assert torch.equal(rank0["bias"], rank1["bias"]) and torch.equal(rank0["bias"], single["bias"])
     # E * sum_i f_i * P_i with f over both ranks: the ranks' mean is the single process's loss on both halves
     torch.testing.assert_close((rank0["aux"] + rank1["aux"]) / 2, single["aux"], rtol=1e-6, atol=0)
-    local0, local1 = runs[2, "micro_batch"]
-    assert not torch.allclose((local0["aux"] + local1["aux"]) / 2, single["aux"], rtol=1e-4, atol=0)

@@ -62,7 +62,7 @@ def shortened(args: list[str]) -> list[str]:
 
     args = [scaled(a) for a in args]
     keys = {a.partition("=")[0] for a in args}
-    extra = {"trainer.max_steps": "2", "trainer.limit_val_batches": "1", "data.max_bytes": "200000",
+    extra = {"trainer.max_steps": "2", "trainer.limit_val_batches": "1", "data.max_bytes": "100000",
              "trainer.log_every_n_steps": "1"}
     return args + [f"{k}={v}" for k, v in extra.items() if k not in keys]
 
