@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional, Union
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -16,7 +15,7 @@ from torch.optim import Optimizer
 from lightning_mp.convert import _TORCH_NORMS
 from lightning_mp.model import RMSNorm
 from lightning_mp.precision.master import MASTER_DTYPES
-from lightning_mp.precision.skips import SkipTracker, any_rank_nonfinite
+from lightning_mp.precision.skips import SkipTracker, sharded_step
 
 
 class FSDPMasterWeightPrecision(FSDPPrecision):
@@ -115,10 +114,7 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
         self._root = model  # the root FSDP module, whose clip_grad_norm_ sees every shard
-        manual = isinstance(model, pl.LightningModule) and not model.automatic_optimization
-        for config in lr_schedulers:
-            if (manual or getattr(config, "interval", "step") == "step") and hasattr(config.scheduler, "optimizer"):
-                self.skips.watch(config.scheduler)
+        self.skips.watch_schedulers(model, lr_schedulers)
         return super().connect(model, optimizers, lr_schedulers)
 
     @property
@@ -132,17 +128,7 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         held), else Lightning's hooks and clipping and the step on the FP32 shards."""
         if self.scaler is not None:
             return super().optimizer_step(optimizer, model, closure, **kwargs)
-        closure_result = closure()
-        if closure_result is None and isinstance(model, pl.LightningModule) and model.automatic_optimization:
-            return None
-        overflowed = any_rank_nonfinite([p.grad for g in optimizer.param_groups for p in g["params"]
-                                         if p.grad is not None])
-        if not overflowed:
-            if isinstance(model, pl.LightningModule):
-                self._after_closure(model, optimizer)
-            optimizer.step(**kwargs)
-        self.skips.record(optimizer, overflowed, lambda: "inf/NaN gradients on at least one rank")
-        return closure_result
+        return sharded_step(self, self.skips, optimizer, model, closure, **kwargs)
 
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel

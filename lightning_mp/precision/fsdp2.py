@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Optional
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor, nn
@@ -30,7 +29,7 @@ from torch.optim import Optimizer
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, _matcher
 from lightning_mp.precision.master import MASTER_DTYPES, _make_scaler
-from lightning_mp.precision.skips import SkipTracker, any_rank_nonfinite
+from lightning_mp.precision.skips import SkipTracker, sharded_step
 
 
 class FSDP2MasterWeightPrecision(Precision):
@@ -135,10 +134,7 @@ class FSDP2MasterWeightPrecision(Precision):
     # -- the step --------------------------------------------------------------------------------
 
     def connect(self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]) -> Any:
-        manual = isinstance(model, pl.LightningModule) and not model.automatic_optimization
-        for config in lr_schedulers:
-            if (manual or getattr(config, "interval", "step") == "step") and hasattr(config.scheduler, "optimizer"):
-                self.skips.watch(config.scheduler)
+        self.skips.watch_schedulers(model, lr_schedulers)
         return super().connect(model, optimizers, lr_schedulers)
 
     def pre_backward(self, tensor: Tensor, module: Any) -> Tensor:
@@ -147,37 +143,15 @@ class FSDP2MasterWeightPrecision(Precision):
     def optimizer_step(self, optimizer: Optimizer, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
         """Backward, unscale, skip on every rank if any rank's gradients hold inf/NaN, else
         Lightning's hooks and clipping, then the inner step on the FP32 shards."""
-        closure_result = closure()
-        if closure_result is None and isinstance(model, pl.LightningModule) and model.automatic_optimization:
-            return None
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if self.scaler is not None:
-            inv = 1.0 / self.scaler.scale
-            for grad in grads:
-                grad.mul_(inv)
-        overflowed = any_rank_nonfinite(grads)  # one host sync, as any skip decision
-        if not overflowed:
-            if isinstance(model, pl.LightningModule):
-                self._after_closure(model, optimizer)  # on_before_optimizer_step, gradient clipping
-            optimizer.step(**kwargs)
-        self.skips.record(optimizer, overflowed, lambda: "inf/NaN gradients on at least one rank")
-        if isinstance(model, pl.LightningModule) and getattr(model, "_current_fx_name", None) is not None:
-            model.log("precision/skipped_steps", float(self.skips.skipped_steps))
-        return closure_result
+        return sharded_step(self, self.skips, optimizer, model, closure, **kwargs)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"skipped_steps": self.skips.skipped_steps, "skip_streak": self.skips.streak}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        return state
+        return self.skips.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.skips.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.skips.streak = int(state_dict.get("skip_streak", 0))
-        if self.scaler is not None and "scaler" in state_dict:
-            self.scaler.load_state_dict(state_dict["scaler"])
+        self.skips.load_state_dict(state_dict)
 
 
 def _outermost(modules: list[nn.Module]) -> list[nn.Module]:

@@ -162,10 +162,7 @@ class MasterWeightPrecision(Precision):
             param = next(model.parameters(), None)
             self.device = param.device.type if param is not None else "cpu"
         self.step_runner.device = self.device
-        manual = isinstance(module, pl.LightningModule) and not module.automatic_optimization
-        for config in lr_schedulers:
-            if (manual or getattr(config, "interval", "step") == "step") and hasattr(config.scheduler, "optimizer"):
-                self.skips.watch(config.scheduler)
+        self.skips.watch_schedulers(module, lr_schedulers)
         if isinstance(model, DistributedDataParallel):
             self._setup_ddp(model, trainer)
         for callback in getattr(trainer, "callbacks", []):
@@ -275,17 +272,10 @@ class MasterWeightPrecision(Precision):
     # -- checkpoints -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        self.skips.settle()
-        state: dict[str, Any] = {"skipped_steps": self.skips.skipped_steps, "skip_streak": self.skips.streak}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        return state
+        return self.skips.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.skips.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.skips.streak = int(state_dict.get("skip_streak", 0))
-        if self.scaler is not None and "scaler" in state_dict:
-            self.scaler.load_state_dict(state_dict["scaler"])
+        self.skips.load_state_dict(state_dict)
 
     @torch.no_grad()
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

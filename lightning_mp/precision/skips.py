@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Optional
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -40,6 +41,28 @@ class SkipTracker:
         """Hold ``scheduler`` after each skipped step of its optimizer."""
         make_skip_aware(scheduler)
         self._schedulers.setdefault(id(scheduler.optimizer), []).append(scheduler)
+
+    def watch_schedulers(self, module: Any, lr_schedulers: list[Any]) -> None:
+        """Hold Lightning's step-interval schedulers (every one in manual optimization, where the
+        user steps them) after each skipped step of their optimizer."""
+        manual = isinstance(module, pl.LightningModule) and not module.automatic_optimization
+        for config in lr_schedulers:
+            if (manual or getattr(config, "interval", "step") == "step") and hasattr(config.scheduler, "optimizer"):
+                self.watch(config.scheduler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts and the loss scaler, for the plugin's checkpoint state."""
+        self.settle()
+        state: dict[str, Any] = {"skipped_steps": self.skipped_steps, "skip_streak": self.streak}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self.streak = int(state_dict.get("skip_streak", 0))
+        if self.scaler is not None and "scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["scaler"])
 
     def record(self, optimizer: Optimizer, overflowed: bool, describe: Callable[[], str]) -> None:
         """A step's outcome, once its overflow flag is on the host. ``describe`` says what went
@@ -109,3 +132,28 @@ def any_rank_nonfinite(grads: list[Tensor]) -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def sharded_step(plugin: Any, skips: SkipTracker, optimizer: Optimizer, model: Any, closure: Callable[[], Any],
+                 **kwargs: Any) -> Any:
+    """The step of the sharded plugins, whose FP32 shards are the masters: backward (the closure),
+    unscale (with a loss scaler), then one decision on every rank: skip if any rank's gradients
+    hold inf/NaN (schedulers held), else Lightning's hooks and clipping and the inner step."""
+    closure_result = closure()
+    lightning = isinstance(model, pl.LightningModule)
+    if closure_result is None and lightning and model.automatic_optimization:
+        return None
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if skips.scaler is not None:
+        inv = 1.0 / skips.scaler.scale
+        for grad in grads:
+            grad.mul_(inv)
+    overflowed = any_rank_nonfinite(grads)
+    if not overflowed:
+        if lightning:
+            plugin._after_closure(model, optimizer)  # on_before_optimizer_step, gradient clipping
+        optimizer.step(**kwargs)
+    skips.record(optimizer, overflowed, lambda: "inf/NaN gradients on at least one rank")
+    if lightning and getattr(model, "_current_fx_name", None) is not None:
+        model.log("precision/skipped_steps", float(skips.skipped_steps))
+    return closure_result
