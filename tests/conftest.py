@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import lightning.pytorch as L
 import pytest
 import torch
@@ -188,3 +190,17 @@ class InterruptAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+def run_cli(args, capsys, monkeypatch):
+    """``lightning-mp-train *args`` in this process: (exit status, stdout, stderr)."""
+    from lightning_mp.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-mp-train", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -8,19 +8,9 @@ import torch
 
 from lightning_mp.cli import main
 
+from conftest import run_cli
+
 FAST = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.max_bytes=100000"]
-
-
-def cli(args, capsys, monkeypatch):
-    """``lightning-mp-train *args`` in this process: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["lightning-mp-train", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -75,7 +65,7 @@ BAD = [
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_one_line_naming_the_key(args, message, workdir, capsys, monkeypatch):
-    code, _, err = cli([*FAST, *args], capsys, monkeypatch)
+    code, _, err = run_cli([*FAST, *args], capsys, monkeypatch)
     assert code == 2
     assert err.startswith("lightning-mp-train: error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1, err
@@ -106,7 +96,7 @@ def test_bad_checkpoints_are_one_line(args, message, finished_run, workdir, caps
     truncated = workdir / "truncated.ckpt"
     truncated.write_bytes((finished_run / "checkpoints" / "last.ckpt").read_bytes()[:30000])
     args = [a.format(run=finished_run, truncated=truncated) for a in args]
-    code, _, err = cli([*FAST[1:], *args], capsys, monkeypatch)
+    code, _, err = run_cli([*FAST[1:], *args], capsys, monkeypatch)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -117,13 +107,13 @@ def test_values_hydra_cannot_lex_are_passed_as_written(workdir, capsys, monkeypa
     (home / "my_corpus").mkdir(parents=True)
     (home / "my_corpus" / "a.txt").write_text("hello world, " * 4000)
     monkeypatch.setenv("HOME", str(home))
-    code, out, err = cli([*FAST, "data=text", "data.path=~/my_corpus"], capsys, monkeypatch)
+    code, out, err = run_cli([*FAST, "data=text", "data.path=~/my_corpus"], capsys, monkeypatch)
     assert code == 0, err
     (best,) = (workdir / "outputs" / "tiny" / "latest").resolve().joinpath("checkpoints").glob("best-*.ckpt")
     assert "=" in best.name
-    code, out, err = cli([*FAST[1:], "trainer.max_steps=3", f"ckpt_path={best}"], capsys, monkeypatch)
+    code, out, err = run_cli([*FAST[1:], "trainer.max_steps=3", f"ckpt_path={best}"], capsys, monkeypatch)
     assert code == 0, err
-    code, out, err = cli([*FAST, f"init_from={best}"], capsys, monkeypatch)
+    code, out, err = run_cli([*FAST, f"init_from={best}"], capsys, monkeypatch)
     assert code == 0, err
 
 
@@ -131,6 +121,6 @@ def test_values_hydra_cannot_lex_are_passed_as_written(workdir, capsys, monkeypa
 def test_fp16_on_a_cpu_without_fp16_is_one_line(workdir, capsys, monkeypatch):
     monkeypatch.setattr("lightning_mp.cli.components.fp16_supported", lambda device: False)
     for precision in ("16-master", "16-mixed"):
-        code, _, err = cli([*FAST, f"precision={precision}"], capsys, monkeypatch)
+        code, _, err = run_cli([*FAST, f"precision={precision}"], capsys, monkeypatch)
         other = precision.replace("16", "bf16", 1)
         assert code == 2 and f"precision={precision} needs fp16 support" in err and f"use precision={other}" in err

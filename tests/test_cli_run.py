@@ -3,28 +3,17 @@ its console, and per-job numbers in a sweep."""
 
 import csv
 import json
-import sys
 
 import lightning.pytorch as L
 import pytest
 import torch
 
 from lightning_mp import ByteTextDataModule, MoEModule
-from lightning_mp.cli import main
+
+from conftest import run_cli
 
 SHORT = ["trainer.val_check_interval=10", "trainer.limit_val_batches=2", "data.max_bytes=200000",
          "callbacks.swallowed.every_n_steps=5"]
-
-
-def cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["lightning-mp-train", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def summary(run_dir):
@@ -35,11 +24,11 @@ def summary(run_dir):
 def test_resume_continues_as_one_run_through_the_command_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     latest = tmp_path / "outputs" / "tiny" / "latest"
-    assert cli([*SHORT, "trainer.max_steps=30"], capsys, monkeypatch)[0] == 0
+    assert run_cli([*SHORT, "trainer.max_steps=30"], capsys, monkeypatch)[0] == 0
     straight = summary(latest)
-    assert cli([*SHORT, "trainer.max_steps=15"], capsys, monkeypatch)[0] == 0
+    assert run_cli([*SHORT, "trainer.max_steps=15"], capsys, monkeypatch)[0] == 0
     first = latest.resolve()
-    code, out, err = cli([*SHORT, "trainer.max_steps=30", "resume=outputs/tiny/latest"], capsys, monkeypatch)
+    code, out, err = run_cli([*SHORT, "trainer.max_steps=30", "resume=outputs/tiny/latest"], capsys, monkeypatch)
     assert code == 0, err
     resumed = summary(latest)
     assert latest.resolve() != first and resumed["resumed_from"] == str(first / "checkpoints" / "last.ckpt")
@@ -48,7 +37,7 @@ def test_resume_continues_as_one_run_through_the_command_line(tmp_path, capsys, 
         assert resumed[key] == straight[key], key  # equal to the last digit
     assert "warning" not in out.lower()  # Lightning's "not resumable" warning is gone with the loader's state
     # and through ckpt_path= to a file
-    code, _, err = cli([*SHORT, "trainer.max_steps=30", f"ckpt_path={first}/checkpoints/last.ckpt"], capsys, monkeypatch)
+    code, _, err = run_cli([*SHORT, "trainer.max_steps=30", f"ckpt_path={first}/checkpoints/last.ckpt"], capsys, monkeypatch)
     assert code == 0, err
     assert summary(latest)["val_loss"] == straight["val_loss"]
 
@@ -76,7 +65,7 @@ def test_resume_continues_as_one_run_through_trainer_fit(tmp_path):
 @pytest.mark.slow
 def test_a_short_run_validates_at_its_end_and_writes_its_metrics(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, _ = cli(["trainer.max_steps=5", "trainer.limit_val_batches=2", "data.max_bytes=200000"], capsys, monkeypatch)
+    code, out, _ = run_cli(["trainer.max_steps=5", "trainer.limit_val_batches=2", "data.max_bytes=200000"], capsys, monkeypatch)
     assert code == 0
     run = (tmp_path / "outputs" / "tiny" / "latest").resolve()
     s = summary(run)
@@ -99,7 +88,7 @@ def test_a_short_run_validates_at_its_end_and_writes_its_metrics(tmp_path, capsy
 @pytest.mark.slow
 def test_logger_none_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(["trainer.max_steps=3", "trainer.limit_val_batches=1", "data.max_bytes=100000", "logger=none"],
+    code, _, err = run_cli(["trainer.max_steps=3", "trainer.limit_val_batches=1", "data.max_bytes=100000", "logger=none"],
                        capsys, monkeypatch)
     assert code == 0, err
     assert summary(tmp_path / "outputs" / "tiny" / "latest")["val_loss"] > 0
@@ -108,7 +97,7 @@ def test_logger_none_runs(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_each_sweep_job_reports_its_own_peak_memory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(["--multirun", "data.batch_size=768,4", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+    code, _, err = run_cli(["--multirun", "data.batch_size=768,4", "trainer.max_steps=2", "trainer.limit_val_batches=1",
                         "data.max_bytes=400000", "callbacks=none", "model.d_model=128"], capsys, monkeypatch)
     assert code == 0, err
     sweep = (tmp_path / "multirun" / "tiny" / "latest").resolve()
@@ -120,7 +109,7 @@ def test_each_sweep_job_reports_its_own_peak_memory(tmp_path, capsys, monkeypatc
 @pytest.mark.slow
 def test_seed_sweep_names_each_run_by_its_seed(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(["--multirun", "seed=0,1", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+    code, _, err = run_cli(["--multirun", "seed=0,1", "trainer.max_steps=2", "trainer.limit_val_batches=1",
                         "data.max_bytes=100000", "callbacks=none"], capsys, monkeypatch)
     assert code == 0, err
     sweep = (tmp_path / "multirun" / "tiny" / "latest").resolve()
@@ -135,7 +124,7 @@ def test_ctrl_c_says_how_to_continue_and_the_resumed_run_ends_as_one(tmp_path, c
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # Lightning would ignore SIGINT in pytest afterwards
     args = ["trainer.max_steps=6", "trainer.limit_val_batches=1", "data.max_bytes=100000",
             "trainer.val_check_interval=2"]  # a checkpoint every 2 steps
-    code, out, _ = cli([*args, "+callbacks.stop._target_=conftest.InterruptAt", "+callbacks.stop.step=3"], capsys,
+    code, out, _ = run_cli([*args, "+callbacks.stop._target_=conftest.InterruptAt", "+callbacks.stop.step=3"], capsys,
                        monkeypatch)
     run = (tmp_path / "outputs" / "tiny" / "latest").resolve()
     assert code == 1
@@ -143,6 +132,6 @@ def test_ctrl_c_says_how_to_continue_and_the_resumed_run_ends_as_one(tmp_path, c
     command = line.split("to continue from its last checkpoint: ", 1)[1].split()
     assert command[0] == "lightning-mp-train" and command[-1] == f"resume=outputs/tiny/{run.name}"
     assert set(args) <= set(command)  # the run's own overrides, so the resumed run is the same run
-    code, _, err = cli([a for a in command[1:] if "stop" not in a], capsys, monkeypatch)  # as printed, no Ctrl-C
+    code, _, err = run_cli([a for a in command[1:] if "stop" not in a], capsys, monkeypatch)  # as printed, no Ctrl-C
     assert code == 0, err
     assert summary(tmp_path / "outputs" / "tiny" / "latest")["steps"] == 6

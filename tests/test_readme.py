@@ -3,11 +3,12 @@
 import math
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import run_cli
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -67,18 +68,16 @@ def shortened(args: list[str]) -> list[str]:
     return args + [f"{k}={v}" for k, v in extra.items() if k not in keys]
 
 
-def run_command(args: list[str], monkeypatch) -> int:
-    from lightning_mp.cli import main, report_main
+def run_command(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    """The exit status and stderr of a README command line, shortened, run in this process."""
+    from lightning_mp.cli import report_main
 
     if args[0] == "lightning-mp-report":
-        return report_main(args[1:]) or 0
+        code = report_main(args[1:]) or 0
+        return code, capsys.readouterr().err
     rest = args[3:] if args[:3] == ["python", "-m", "lightning_mp"] else args[1:]
-    monkeypatch.setattr(sys, "argv", ["lightning-mp-train", *shortened(rest)])
-    try:
-        main()
-    except SystemExit as exit_info:
-        return exit_info.code
-    return 0
+    code, _, err = run_cli(shortened(rest), capsys, monkeypatch)
+    return code, err
 
 
 @pytest.mark.slow
@@ -94,8 +93,7 @@ def test_every_command_line_runs(tmp_path, monkeypatch, capsys):
     lines = command_lines()
     assert len(lines) >= 12, lines
     for args in lines:
-        code = run_command(args, monkeypatch)
-        err = capsys.readouterr().err
+        code, err = run_command(args, capsys, monkeypatch)
         assert code == 0, f"{shlex.join(args)}: exit {code}\n{err[-2000:]}"
     summaries = list(work.glob("**/summary.json"))
     assert len(summaries) > len(lines)  # sweeps write one per job
