@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY
+from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, as_local, like, local
 
 # -- the store ---------------------------------------------------------------------------------
 
@@ -123,7 +123,7 @@ class MasterStore:
         leaves 16 bits, e.g. for FP32 inference or export), and stop keeping them."""
         params = self.params()
         for p, value in zip(params, self.values(params)):
-            p.data = value.clone()
+            p.data = like(value.clone(), p)
         self._entries.clear()
         self.detach()
 
@@ -149,7 +149,7 @@ class MasterStore:
             kind = self.policy if p in stepped else self._exact_kind(p)
             value = self._captured.pop(p, None)
             if p not in self._entries:
-                self._new(p, kind, p.detach().float() if value is None else value)
+                self._new(p, kind, local(p).detach().float() if value is None else value)
             elif self._entries[p].kind != kind and p in stepped:
                 self.ensure([p], kind)
         self._captured.clear()
@@ -159,11 +159,11 @@ class MasterStore:
 
     def _new(self, p: Tensor, kind: str, value: Tensor) -> None:
         value = value.detach().to(device=p.device, dtype=torch.float32)
-        if kind == "fp32" and value.is_contiguous() and value.data_ptr() != p.data_ptr():
+        if kind == "fp32" and value.is_contiguous() and value.data_ptr() != local(p).data_ptr():
             self._entries[p] = _Entry(kind, value, 0)  # the captured FP32 tensor becomes the master: no copy
             self._write([p], [value])
             return
-        self._entries[p] = _Entry(kind, POLICY[kind].new_storage(p), 0)
+        self._entries[p] = _Entry(kind, POLICY[kind].new_storage(local(p)), 0)
         self._write([p], [value.clone()])
 
     def take_over(self, previous: "MasterStore") -> None:
@@ -182,10 +182,10 @@ class MasterStore:
                 continue
             entry = self._entries.get(p)
             if entry is None:
-                self._new(p, kind, p.detach().float())  # created 16-bit: its upcast is all there is
+                self._new(p, kind, local(p).detach().float())  # created 16-bit: its upcast is all there is
             elif entry.kind != kind:
                 value = self.values([p])[0].clone()
-                self._entries[p] = _Entry(kind, POLICY[kind].new_storage(p), 0)
+                self._entries[p] = _Entry(kind, POLICY[kind].new_storage(local(p)), 0)
                 self._write([p], [value])
 
     def kind(self, p: Tensor) -> Optional[str]:
@@ -232,11 +232,11 @@ class MasterStore:
         for i, p in enumerate(params):
             entry = self._entries.get(p)
             if entry is None:
-                out[i] = p.detach() if p.dtype == torch.float32 else p.detach().float()
+                out[i] = local(p).detach() if p.dtype == torch.float32 else local(p).detach().float()
             else:
                 by_kind.setdefault(entry.kind, []).append(i)
         for kind, index in by_kind.items():
-            weights = [params[i].detach() for i in index]
+            weights = [local(params[i]).detach() for i in index]
             storage = [self._entries[params[i]].storage for i in index]
             for i, value in zip(index, POLICY[kind].decode(weights, storage)):  # type: ignore[arg-type]
                 out[i] = value
@@ -245,9 +245,9 @@ class MasterStore:
     @torch.no_grad()
     def set_value(self, p: Tensor, value: Tensor) -> None:
         """Make ``value`` ``p``'s FP32 value: its storage, and its weight rounded to nearest."""
-        value = value.detach().to(device=p.device, dtype=torch.float32)
+        value = as_local(value.detach(), p).to(device=p.device, dtype=torch.float32)
         if p.dtype not in HALF:
-            p.copy_(value)
+            local(p).copy_(value)
             return
         self.ensure([p], self.kind(p) or self._exact_kind(p))
         self._write([p], [value if self._entries[p].kind in ("fp32", "stochastic") else value.clone()])
@@ -255,14 +255,14 @@ class MasterStore:
     def _write(self, params: list[Tensor], values: list[Tensor]) -> None:
         """Encode FP32 ``values`` into ``params`` (one kind per call) and record their versions."""
         kind = self._entries[params[0]].kind
-        weights = [p.data for p in params]
+        weights = [local(p).data for p in params]
         storage = [self._entries[p].storage for p in params]
         if kind == "stochastic":  # only an optimizer's update rounds stochastically; a set value rounds to nearest
             torch._foreach_copy_(weights, values)
         else:
             POLICY[kind].encode(values, weights, storage, None)  # type: ignore[arg-type]
         for p in params:
-            self._entries[p].version = p._version
+            self._entries[p].version = local(p)._version
 
     def write(self, params: Sequence[Tensor], values: Sequence[Tensor]) -> None:
         """:meth:`set_value` for many parameters of one kind at once (a stepping optimizer's output)."""
@@ -274,7 +274,7 @@ class MasterStore:
         for p in params:
             entry = self._entries.get(p)
             if entry is not None:
-                entry.version = p._version
+                entry.version = local(p)._version
 
     # -- weights written behind the store's back ------------------------------------------------
 
@@ -291,11 +291,11 @@ class MasterStore:
             if p.dtype != self.dtype:
                 del self._entries[p]
                 continue
-            if entry.storage is not None and entry.storage.device != p.device:
+            if entry.storage is not None and entry.storage.device != local(p).device:
                 entry.storage = entry.storage.to(p.device)
             if entry.version == _UNKNOWN:
-                entry.version = p._version
-            elif p._version != entry.version:
+                entry.version = local(p)._version
+            elif local(p)._version != entry.version:
                 stale.append(p)
         for p in stale:
             self._rederive(p)
@@ -315,17 +315,17 @@ class MasterStore:
     def _rederive(self, p: Tensor) -> None:
         entry = self._entries[p]
         if entry.kind == "fp32":
-            entry.storage.copy_(p.detach())  # type: ignore[union-attr]
+            entry.storage.copy_(local(p).detach())  # type: ignore[union-attr]
         elif entry.storage is not None:
             entry.storage.zero_()
-        entry.version = p._version
+        entry.version = local(p)._version
 
     def _adopt_data_writes(self, params: Iterable[Tensor]) -> None:
         for p in params:
             entry = self._entries.get(p)
             if entry is None or entry.kind != "fp32":
                 continue
-            if not torch.equal(entry.storage.to(p.dtype), p.detach()):  # type: ignore[union-attr]
+            if not torch.equal(entry.storage.to(p.dtype), local(p).detach()):  # type: ignore[union-attr]
                 self._rederive(p)
 
     # -- stochastic rounding ------------------------------------------------------------------
@@ -351,7 +351,7 @@ class MasterStore:
         entry = self._entries.get(p)
         if entry is None or entry.kind != "kahan":
             return {}
-        return {"compensation": entry.storage, "weight": p.detach().clone()}  # type: ignore[dict-item]
+        return {"compensation": like(entry.storage, p), "weight": like(local(p).detach().clone(), p)}  # type: ignore[dict-item]
 
     @torch.no_grad()
     def load_exact_state(self, p: Tensor, saved: dict[str, Tensor]) -> None:
@@ -364,9 +364,9 @@ class MasterStore:
         if key is None or key not in saved:
             return
         if "weight" in saved:
-            p.copy_(saved["weight"])
-        entry.storage.copy_(saved[key])
-        entry.version = p._version
+            local(p).copy_(as_local(saved["weight"], p))
+        entry.storage.copy_(as_local(saved[key], p))
+        entry.version = local(p)._version
 
     # -- module hooks: every state_dict and load_state_dict goes through the store ---------------
 
@@ -382,7 +382,7 @@ class MasterStore:
                 value = cached
             else:
                 self._cache[id(p)] = value
-            state_dict[key] = value
+            state_dict[key] = like(value, p)  # a DTensor of FP32 shards under FSDP2
 
     def _load_pre_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for name, p in module._parameters.items():

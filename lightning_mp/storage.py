@@ -99,6 +99,50 @@ class _Stochastic(_Policy):
         stochastic_round_(values, weights, generator)
 
 
+try:  # FSDP2's parameters, gradients and optimizer state are DTensors
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def local(t: Tensor) -> Tensor:
+    """The elements of ``t`` this process holds: a DTensor's local shard, any other tensor itself.
+    Storage, kernels and foreach ops work on these; the DTensors stay what checkpoints see."""
+    return t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def shard_offset(t: Tensor) -> int:
+    """Where this process's elements of ``t`` start in the whole tensor (0 for a plain tensor)."""
+    if DTensor is None or not isinstance(t, DTensor):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return sum(o * s for o, s in zip(offset, t.stride()))
+
+
+def like(value: Tensor, p: Tensor) -> Tensor:
+    """``value``, the local elements of a tensor shaped as ``p``, as such a tensor: a DTensor with
+    ``p``'s mesh and placements (sharing ``value``'s memory) when ``p`` is one, else ``value``."""
+    if DTensor is None or not isinstance(p, DTensor) or isinstance(value, DTensor):
+        return value
+    return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def as_local(value: Tensor, p: Tensor) -> Tensor:
+    """``p``'s local elements of ``value``, a tensor shaped as ``p``: a DTensor (redistributed to
+    ``p``'s placements if need be) or, for a DTensor ``p``, a whole tensor every rank holds."""
+    if DTensor is not None and isinstance(value, DTensor):
+        if isinstance(p, DTensor) and value.placements != p.placements:
+            value = value.redistribute(p.device_mesh, p.placements)
+        return value.to_local()
+    if DTensor is not None and isinstance(p, DTensor) and value.shape == p.shape:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()  # no communication
+    return value
+
+
 POLICY: dict[str, _Policy] = {p.name: p for p in (_FP32(), _Remainder(), _Kahan(), _Stochastic())}
 STATE_KEYS: tuple[str, ...] = tuple(p.state_key for p in POLICY.values() if p.state_key)
 

@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from lightning_mp import fused
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim import compiled
-from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, _upcast, stochastic_round_
+from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, _upcast, like, local, shard_offset, stochastic_round_
 
 # Elements stepped at once by the eager path (see _blocks): on a CPU 2 MiB of FP32 per
 # temporary, which stays in cache across a step's ops; elsewhere 64 MiB, which bounds the step's
@@ -115,8 +115,11 @@ class _StoredMasterOptimizer(Optimizer):
             for other in STATE_KEYS:
                 if other != key:
                     state.pop(other, None)
-            if key is not None:
-                state[key] = self.store.storage(p)
+            storage = self.store.storage(p)
+            # Not a sharded int16 remainder: int16 travels through neither NCCL nor gloo, and the
+            # model's checkpoint holds the exact FP32 values, which give the remainders back.
+            if key is not None and not (storage.dtype == torch.int16 and like(storage, p) is not storage):
+                state[key] = like(storage, p)  # a DTensor beside a DTensor parameter
 
     @torch.no_grad()
     def master_value(self, p: Tensor) -> Tensor:
@@ -153,7 +156,9 @@ class _StoredMasterOptimizer(Optimizer):
                 if grad is not None:
                     if grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                    buckets.setdefault((p.device, p.dtype), []).append(_Item(p, grad, first))
+                    # (a shard's elements numbered as in the whole tensor: its rounding noise is
+                    # a single process's, not the same as the other ranks')
+                    buckets.setdefault((p.device, p.dtype), []).append(_Item(p, grad, first + shard_offset(p)))
                 first += p.numel()
             for (device, dtype), items in buckets.items():
                 params = [item.param for item in items]
@@ -179,7 +184,7 @@ class _StoredMasterOptimizer(Optimizer):
         step_grads: dict[Tensor, Tensor],
     ) -> None:
         """One block of segments: FP32 values in, the subclass's update, values and moments out."""
-        weights = [seg.of(seg.param) for seg in block]
+        weights = [seg.of(seg.param) for seg in block]  # (the local shards of DTensors)
         kind = self._policy(block[0].param)
         policy = POLICY[kind] if kind is not None else None
         storage = [seg.of(s) for seg in block if (s := self.store.storage(seg.param)) is not None]
@@ -235,10 +240,10 @@ class _StoredMasterOptimizer(Optimizer):
         code = fused.F32_PARAM if kind is None else fused.KIND[kind]
         calls: dict[torch.dtype, list[fused.Segment]] = {}
         for item, scalar in zip(items, scalars):
-            p, g = item.param, item.grad
-            state = self.state[p]
-            m, v = (*(state.get(k) for k in self._state_keys), None)[:2]
-            s = None if kind is None else self.store.storage(p)
+            state = self.state[item.param]
+            m, v = (*(local(state[k]) if k in state else None for k in self._state_keys), None)[:2]
+            s = None if kind is None else self.store.storage(item.param)
+            p, g = local(item.param), local(item.grad)
             if not fused.applies(p, g, s, m, v):
                 return False
             calls.setdefault(g.dtype, []).append(fused.segment(p, s, g, m, v, item.first, *self._segment(scalar)))
@@ -278,7 +283,8 @@ class _StoredMasterOptimizer(Optimizer):
         for item, f, i in zip(items, hf.unbind(0), hi):
             p = item.param
             s = None if kind is None else self.store.storage(p)
-            args = self._compiled_args(kind, group, p, s, item.grad, self.state[p], f, i)
+            state = {k: local(v) if isinstance(v, Tensor) else v for k, v in self.state[p].items()}
+            args = self._compiled_args(kind, group, local(p), s, local(item.grad), state, f, i)
             if all(a.is_contiguous() for a in args if isinstance(a, Tensor)):  # flat: one graph for every shape
                 args = tuple(compiled.flat(a) if isinstance(a, Tensor) else a for a in args)
             step(*args)
@@ -366,6 +372,7 @@ class _Segment(NamedTuple):
     stop: Optional[int] = None
 
     def of(self, t: Tensor) -> Tensor:
+        t = local(t)
         return t if self.start is None else t.view(-1)[self.start : self.stop]
 
 
@@ -380,9 +387,9 @@ def _blocks(params: list[Tensor], block_numel: int, grads: Optional[dict[Tensor,
     block: list[_Segment] = []
     numel = 0
     for p in params:
-        n = p.numel()
+        n = local(p).numel()
         grad = (grads or {}).get(p, p.grad)
-        whole = n <= block_numel or not (p.is_contiguous() and (grad is None or grad.is_contiguous()))
+        whole = n <= block_numel or not (local(p).is_contiguous() and (grad is None or local(grad).is_contiguous()))
         pieces = [_Segment(p)] if whole else [_Segment(p, s, min(s + block_numel, n)) for s in range(0, n, block_numel)]
         for seg in pieces:
             size = n if seg.start is None else seg.stop - seg.start
