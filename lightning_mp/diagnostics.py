@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_mp.masters import MasterStore
+from lightning_mp.storage import local
 
 CATEGORIES = ("weights", "masters", "gradients", "optimizer_state", "loss_scaler")
 
@@ -170,6 +171,12 @@ class SwallowedUpdateMonitor(L.Callback):
       ``precision/update_to_half_step[/pg{i}]``: median ``|update|`` over half a 16-bit step of
       the weight; below 1, a 16-bit weight cannot take the update.
 
+    Sharded (``FSDPMasterWeightPrecision``, ``FSDP2MasterWeightPrecision``): each rank counts its
+    own shards and the counts are summed over the ranks (one all-reduce), so the fractions are the
+    whole model's; the medians are this rank's shards'. ``swallowed_without_masters`` then counts
+    the updates the bf16 cast of an FP32 shard does not show. Not for stochastic-rounding shards
+    (their FP32 reference needs ``.grad``, which bf16 shards do not keep).
+
     Under ``bf16-true`` or ``16-true`` it warns once when more than ``warn_above`` of the updates
     are swallowed ``patience`` checks in a row, and names the fix.
 
@@ -194,7 +201,7 @@ class SwallowedUpdateMonitor(L.Callback):
         from lightning_mp.precision import MasterWeightPrecision  # a circular import at module level
 
         plugin = trainer.precision_plugin
-        if isinstance(plugin, MasterWeightPrecision):
+        if isinstance(plugin, (MasterWeightPrecision, *_sharded_plugins())):
             return "master", plugin.dtype
         name = str(getattr(plugin, "precision", "32-true"))
         dtype = torch.float16 if name.startswith("16") else torch.bfloat16
@@ -208,11 +215,15 @@ class SwallowedUpdateMonitor(L.Callback):
         store = getattr(trainer.precision_plugin, "store", None)
         # the model's parameters (during a master="fp32" step the optimizer holds their masters)
         groups = [store.params_of(g["params"]) if store else list(g["params"]) for g in optimizer.param_groups]
-        # the FP32 values the run holds before the step (inside the step, master="fp32" parameters hold them)
-        values = [[v.clone() for v in (store.values(g) if store else [p.detach() for p in g])] for g in groups]
+        # the FP32 values the run holds before the step (inside the step, master="fp32" parameters hold
+        # them; sharded FP32 masters are their parameters): this rank's elements of sharded ones
+        values = [[v.clone() for v in (store.values(g) if store else [local(p).detach() for p in g])] for g in groups]
         # The FP32 reference update, from a throwaway FP32 copy of the optimizer. Exact storage (every
-        # policy but "stochastic") holds the FP32 step's result itself: its own update is the reference.
-        self._exact = mode == "master" and store is not None and store.policy != "stochastic"
+        # policy but "stochastic", and sharded FP32 masters) holds the FP32 step's result itself: its
+        # own update is the reference.
+        self._exact = mode == "master" and (store is None or store.policy != "stochastic")
+        if not self._exact and isinstance(trainer.precision_plugin, _sharded_plugins()):
+            return  # stochastic-rounding shards: no FP32 reference (see the docstring)
         intended = _fp32_updates(optimizer, values) if mode != "fp32" and not self._exact else None
         if mode == "true" or (mode == "master" and not self._exact):
             if intended is None:
@@ -222,7 +233,7 @@ class SwallowedUpdateMonitor(L.Callback):
                 _Snapshot(
                     param=p,
                     param_before=values[g][k],
-                    weight_before=p.detach().clone(),
+                    weight_before=local(p).detach().clone(),
                     intended=None if intended is None else intended[g][k],
                 )
                 for k, p in enumerate(params)
@@ -235,14 +246,16 @@ class SwallowedUpdateMonitor(L.Callback):
             return
         mode, dtype = self._mode(trainer)
         store = getattr(trainer.precision_plugin, "store", None)
+        compute_dtype = getattr(trainer.precision_plugin, "compute_dtype", None)
         metrics: dict[str, float] = {}
         totals = _Counts()
-        for g, snapshots in enumerate(self._before):
+        groups: list[_Counts] = []
+        for snapshots in self._before:
             counts = _Counts()
-            after = store.values([s.param for s in snapshots]) if store else [s.param.detach() for s in snapshots]
+            after = store.values([s.param for s in snapshots]) if store else [local(s.param).detach() for s in snapshots]
             for snap, value in zip(snapshots, after):
                 if mode == "fp32":
-                    update = snap.param.detach() - snap.weight_before
+                    update = local(snap.param).detach() - snap.weight_before
                     lost = would_round_away(snap.weight_before, update, dtype)
                     base = snap.weight_before
                 else:
@@ -251,9 +264,15 @@ class SwallowedUpdateMonitor(L.Callback):
                         continue
                     update, base = intended, snap.param_before.float()
                     lost = value == snap.param_before  # the value the run holds (its master, or stored)
-                    if mode == "master":
-                        counts.add_without_masters(update, snap.param.detach() == snap.weight_before)
+                    if mode == "master":  # the 16-bit copy: the weight, or FSDP2's cast of an FP32 shard
+                        copy = compute_dtype(snap.param) if compute_dtype else snap.weight_before.dtype
+                        weight = local(snap.param).detach()
+                        counts.add_without_masters(update, weight.to(copy) == snap.weight_before.to(copy))
                 counts.add(update, lost, base, dtype)
+            groups.append(counts)
+        if isinstance(trainer.precision_plugin, _sharded_plugins()):
+            _sum_over_ranks(groups)  # each rank counted its own shards
+        for g, counts in enumerate(groups):
             totals.merge(counts)
             metrics.update(counts.metrics(f"/pg{g}", mode))
         self._before = None
@@ -275,6 +294,24 @@ class SwallowedUpdateMonitor(L.Callback):
                 "weights instead: lightning_mp.Trainer(precision='bf16-master') (lightning_mp.MasterWeightPrecision).",
                 stacklevel=2,
             )
+
+
+def _sharded_plugins() -> tuple[type, ...]:
+    """The plugins whose FP32 masters are shards: each rank holds and counts its own elements."""
+    from lightning_mp.precision import FSDP2MasterWeightPrecision, FSDPMasterWeightPrecision
+
+    return FSDPMasterWeightPrecision, FSDP2MasterWeightPrecision
+
+
+def _sum_over_ranks(groups: list["_Counts"]) -> None:
+    """Every rank's counts summed (one all-reduce); the medians stay this rank's samples."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or not groups:
+        return
+    device = next((r.device for c in groups for r in c.ratios), torch.device("cpu"))
+    counts = torch.tensor([[c.moved, c.swallowed, c.without_masters] for c in groups], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(counts)
+    for c, (moved, swallowed, without) in zip(groups, counts.tolist()):
+        c.moved, c.swallowed, c.without_masters = int(moved), int(swallowed), int(without)
 
 
 class _Snapshot(NamedTuple):

@@ -18,6 +18,7 @@ from lightning_mp.convert import is_norm_layer
 from lightning_mp.model import Block, MoETransformer, TransformerConfig
 from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
 from lightning_mp.optim import AdamW
+from lightning_mp.precision.fsdp2 import FSDP2MasterWeightPrecision
 from lightning_mp.precision.master import MasterWeightPrecision
 
 
@@ -235,7 +236,7 @@ class MoEModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW without weight decay on norms, biases and embeddings; linear warm-up, then cosine.
 
-        Under :class:`~lightning_mp.MasterWeightPrecision` (or with bf16 moments) the AdamW is
+        Under :class:`~lightning_mp.MasterWeightPrecision` and ``FSDP2MasterWeightPrecision`` (or with bf16 moments) the AdamW is
         :class:`lightning_mp.optim.AdamW`, one fused pass per element over the plugin's FP32 values;
         under ``32-true`` and ``*-true`` torch's ``AdamW(fused=True)`` on CPU and CUDA tensors; else
         torch's default ``AdamW`` (Lightning's AMP and FSDP plugins cannot clip for a fused one).
@@ -259,9 +260,9 @@ class MoEModule(L.LightningModule):
             (no_decay if id(p) in no_decay_ids or name.endswith("bias") else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         plugin = self.trainer.precision_plugin
-        if isinstance(plugin, MasterWeightPrecision) or hp.moment_dtype != "float32":
+        if isinstance(plugin, (MasterWeightPrecision, FSDP2MasterWeightPrecision)) or hp.moment_dtype != "float32":
             # lightning-mp's AdamW: one fused pass per element through the plugin's FP32 values (every
-            # master policy), or bf16 Adam moments
+            # master policy; FSDP2's shards too), or bf16 Adam moments
             optimizer: torch.optim.Optimizer = AdamW(
                 groups,
                 lr=hp.lr,

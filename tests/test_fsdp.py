@@ -88,7 +88,7 @@ def test_the_single_device_plugin_refuses_fsdp2_dtensor_parameters(tmp_path):
     try:
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(ValueError, match=r"does not shard: 0.weight is a DTensor.*MixedPrecisionPolicy"):
+        with pytest.raises(ValueError, match=r"does not shard: 0.weight is a DTensor.*use lightning_mp.precision.FSDP2MasterWeightPrecision"):
             MasterWeightPrecision("bf16-master").convert_module(model)
     finally:
         dist.destroy_process_group()

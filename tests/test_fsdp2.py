@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent('''
 
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
-            nan = args.get("nan_at") == batch_idx and self.global_rank == 1
+            nan = args.get("nan_at") == self.trainer.global_step and self.global_rank == 1  # every micro-batch of it
             return loss * float("nan") if nan else loss
 
     class Save(L.Callback):
@@ -64,6 +64,9 @@ SCRIPT = textwrap.dedent('''
         def on_train_end(self, trainer, pl_module):
             state = {{n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().clone()
                      for n, p in pl_module.named_parameters()}}
+            if args["strategy"] == "fsdp2":  # the FP32 values, as checkpoints get them (bf16 shards: + storage)
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+                state = get_model_state_dict(pl_module, options=StateDictOptions(full_state_dict=True))  # on every rank
             if args["strategy"] == "ddp":  # our plugin's FP32 values of the bf16 weights
                 store = trainer.precision_plugin.store
                 state = {{n: store.value(p).clone() for n, p in pl_module.named_parameters()}}
@@ -71,27 +74,40 @@ SCRIPT = textwrap.dedent('''
                 state = {{k: gather(v) for k, v in trainer.strategy.lightning_module_state_dict().items()}}
                 if trainer.global_rank:
                     return
+            monitor = [c.last for c in trainer.callbacks if hasattr(c, "every_n_steps")]
             torch.save({{"state": state, "skipped": trainer.precision_plugin.skipped_steps, "seen": self.seen,
-                        "lr": trainer.optimizers[0].param_groups[0]["lr"]}},
+                        "lr": trainer.optimizers[0].param_groups[0]["lr"], "monitor": monitor}},
                        f"{{args['out']}}/rank{{trainer.global_rank}}.pt")
 
     if args["strategy"] == "fsdp2":
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-        plugin = FSDP2MasterWeightPrecision(args["precision"], device="cpu")
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=not args.get("full_checkpoint"))
+        plugin = FSDP2MasterWeightPrecision(args["precision"], device="cpu", master=args.get("master", "fp32"))
     elif args["strategy"] == "fsdp":
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         strategy = CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({{torch.nn.Linear}}), state_dict_type="sharded")
         plugin = precision_plugin(args["precision"], strategy="fsdp", device="cpu")
     else:
         strategy, plugin = "ddp", precision_plugin(args["precision"], grad_reduce_dtype="fp32")
+    callbacks = [Save()]
+    if args.get("monitor"):
+        from lightning_mp import SwallowedUpdateMonitor
+        callbacks.append(SwallowedUpdateMonitor(every_n_steps=1))
+    if args.get("save_at"):  # a checkpoint during the run, as Lightning's ModelCheckpoint writes it
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        callbacks.append(ModelCheckpoint(dirpath=args["out"], filename="{{step}}", auto_insert_metric_name=False,
+                                         every_n_train_steps=args["save_at"], save_top_k=-1))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, plugins=[plugin], max_steps=args["steps"],
-                        use_distributed_sampler=False, callbacks=[Save()], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=args.get("clip"))
+                        use_distributed_sampler=False, callbacks=callbacks, logger=False,
+                        enable_checkpointing=bool(args.get("save_at")), default_root_dir=args["out"],
+                        enable_progress_bar=False,
+                        enable_model_summary=False, gradient_clip_val=args.get("clip"),
+                        accumulate_grad_batches=args.get("accumulate", 1))
     torch.manual_seed(0)
-    model = Model(lr=1e-2, scheduler=True)
-    dataset = regression_data(n=64).dataset
+    model = Model(lr=1e-2, scheduler=True, optimizer=args.get("optimizer", "adamw"))
+    dataset = regression_data(n=args.get("n", 64)).dataset
     mine = [i for i in range(len(dataset)) if (i // 8) % 2 == trainer.global_rank]
-    trainer.fit(model, DataLoader(Subset(dataset, mine), batch_size=8))
+    trainer.fit(model, DataLoader(Subset(dataset, mine), batch_size=8), ckpt_path=args.get("resume"))
 ''')
 
 
@@ -133,6 +149,40 @@ def test_fsdp2_and_fsdp1_train_fp32_shards_as_ddp_does_and_skip_on_both_ranks(tm
             assert agree >= 0.9, (kind, key, agree)  # all but sign flips of near-zero bf16 gradients
 
 
+@pytest.mark.slow
+def test_fsdp2_bf16_shards_with_remainders_train_as_fp32_shards_bit_for_bit_and_resume_exactly(tmp_path):
+    """``master="remainder"``: bf16 shards plus int16 remainders hold the FP32 values exactly, and
+    the step uses FSDP2's FP32 reduce-scatter output (not its bf16 rounding), so the run equals
+    the FP32-shard run bit for bit (clipping, a NaN on one rank, 2 micro-batches per step; one
+    batch of 8 per rank and micro-batch, each step one pass over the data, so a resume continues the
+    same batches). Resumed from its full checkpoint of step 2, it ends equal too."""
+    common = dict(precision="bf16-master", strategy="fsdp2", optimizer="mp-adamw", clip=0.05, nan_at=1,
+                  accumulate=2, n=32, full_checkpoint=True)
+    fp32 = run(tmp_path, "fp32", master="fp32", monitor=True, **common)
+    remainder = run(tmp_path, "remainder", master="remainder", save_at=2, monitor=True, **common)
+    checkpoint = tmp_path / "remainder" / "2.ckpt"
+    resumed = run(tmp_path, "resumed", master="remainder", resume=str(checkpoint), **common)
+    torch.manual_seed(0)
+    start = TinyRegressor(lr=1e-2).state_dict()
+    assert remainder[0]["seen"] == {"inp": "torch.bfloat16", "norm": "torch.float32"}
+    assert fp32[0]["skipped"] == remainder[0]["skipped"] == resumed[0]["skipped"] == 1
+    # the swallowed-update monitor counts each rank's shards and sums the counts over the ranks
+    for rank in (0, 1):
+        for key in ("precision/swallowed_frac", "precision/swallowed_without_masters"):
+            assert remainder[rank]["monitor"][0][key] == fp32[rank]["monitor"][0][key] == fp32[0]["monitor"][0][key]
+        assert remainder[rank]["monitor"][0]["precision/swallowed_frac"] == 0.0  # the FP32 values keep every update
+    assert fp32[0]["monitor"][0]["precision/swallowed_without_masters"] > 0  # a bf16 copy would lose some
+    for key, expected in fp32[0]["state"].items():
+        assert (expected - start[key]).abs().max() > 1e-3, key  # it trained
+        assert torch.equal(remainder[0]["state"][key], expected), key
+        assert torch.equal(resumed[0]["state"][key], expected), key
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(v.dtype == torch.float32 for v in saved.values())  # the FP32 values, not the bf16 shards
+    plain = TinyRegressor()
+    plain.load_state_dict(saved)
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in saved.values())  # low bits a bf16 model lacks
+
+
 @pytest.fixture
 def one_rank(tmp_path):
     import torch.distributed as dist
@@ -162,6 +212,22 @@ def test_unsharded_models_and_contradicting_policies_are_refused(one_rank):
     with plugin.forward_context():
         assert model(x).dtype == torch.bfloat16  # the output Linear computes in bf16
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the FP32 shards are the masters
+
+    with pytest.raises(ValueError, match="stores bfloat16 shards"):
+        FSDP2MasterWeightPrecision("16-master", master="remainder")
+    torch.manual_seed(0)
+    bf16 = TinyRegressor()
+    init = {k: v.clone() for k, v in bf16.state_dict().items()}
+    remainder = FSDP2MasterWeightPrecision("bf16-master", device="cpu", master="remainder")
+    remainder.shard(bf16, one_rank, blocks=[torch.nn.Linear])
+    assert remainder.convert_module(bf16) is bf16
+    assert {n: str(p.dtype) for n, p in bf16.named_parameters()} == {
+        "inp.weight": "torch.bfloat16", "inp.bias": "torch.bfloat16", "norm.weight": "torch.float32",
+        "norm.bias": "torch.float32", "out.weight": "torch.bfloat16", "out.bias": "torch.bfloat16"}
+    for key, value in bf16.state_dict().items():  # the exact FP32 initialization, kept beside the bf16 shards
+        assert value.dtype == torch.float32 and torch.equal(value.full_tensor(), init[key]), key
+    with pytest.raises(TypeError, match="lightning_mp.optim.AdamW or SGD, not torch.optim.adamw.AdamW"):
+        remainder.connect(bf16, [torch.optim.AdamW(bf16.parameters())], [])
 
 
 @pytest.mark.slow

@@ -10,6 +10,15 @@ inf/NaN anywhere (an all-reduce of one flag), LR schedulers held on a skipped st
 skipped steps in a row, and the loss scaler in checkpoints. Norm layers (and any ``keep_fp32``
 module) are sharded with an FP32 policy and compute in FP32.
 
+With ``master="remainder"`` (or ``"kahan"``, ``"stochastic"``) the shards are bf16 instead, and
+each one's FP32 value is the shard plus its storage (an int16 remainder: exact), kept by a
+:class:`~lightning_mp.masters.MasterStore` and stepped by ``lightning_mp.optim``: AdamW's training
+state is then 12 bytes per parameter (2 + 2 + 8), sharded, with the FP32 gradients that the
+FP32-shard path steps with (:mod:`~lightning_mp.precision.fsdp2_grads`), so ``"remainder"``
+trains as ``"fp32"`` does, bit for bit until an FP32 value lands exactly on a bf16 tie (the
+remainder split rounds it away from zero, FSDP2's cast of an FP32 shard to even). Checkpoints
+hold the FP32 values.
+
 The user's side, in ``configure_model``::
 
     plugin = self.trainer.precision_plugin
@@ -20,7 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch.plugins.precision import Precision
@@ -28,8 +38,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, _matcher
-from lightning_mp.precision.master import MASTER_DTYPES, _make_scaler
-from lightning_mp.precision.skips import SkipTracker, sharded_step
+from lightning_mp.masters import MasterStore
+from lightning_mp.optim.base import _StoredMasterOptimizer
+from lightning_mp.precision.fsdp2_grads import FP32GradShards
+from lightning_mp.precision.master import MASTER_DTYPES, _lightning_module, _make_scaler
+from lightning_mp.precision.step import _unwrap
+from lightning_mp.precision.skips import SkipTracker, sharded_step, step_gradients
+from lightning_mp.storage import MASTER_POLICIES, like, local
 
 
 class FSDP2MasterWeightPrecision(Precision):
@@ -40,8 +55,10 @@ class FSDP2MasterWeightPrecision(Precision):
         keep_fp32: modules that compute in FP32 (default: every normalization layer), as in
             :class:`~lightning_mp.MasterWeightPrecision`; :meth:`shard` gives them an FP32 policy.
         device: the device type for ``torch.autocast`` (default: CUDA when available, else CPU).
-        master: ``"fp32"`` only (the shards are FP32); grad_reduce_dtype: ``None`` or ``"fp32"``,
-            both FP32 (the policy's ``reduce_dtype``).
+        master: ``"fp32"`` (FP32 shards, any optimizer) or ``"remainder"``, ``"kahan"``,
+            ``"stochastic"`` (bf16 shards with that storage, ``bf16-master`` and
+            ``lightning_mp.optim`` only); grad_reduce_dtype: ``None`` or ``"fp32"``, both FP32 (the
+            policy's ``reduce_dtype``).
         loss_scale, init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
         min_scale, max_consecutive_skips: as :class:`~lightning_mp.MasterWeightPrecision`'s.
     """
@@ -65,8 +82,10 @@ class FSDP2MasterWeightPrecision(Precision):
     ) -> None:
         if precision not in MASTER_DTYPES:
             raise ValueError(f"FSDP2MasterWeightPrecision accepts {sorted(MASTER_DTYPES)}, got {precision!r}")
-        if master != "fp32":
-            raise ValueError(f"under FSDP2 the FP32 shards are the masters: master={master!r} is not supported yet")
+        if master not in MASTER_POLICIES:
+            raise ValueError(f"master must be one of {', '.join(MASTER_POLICIES)}, got {master!r}")
+        if master != "fp32" and precision != "bf16-master":
+            raise ValueError(f"master={master!r} stores bfloat16 shards: use it with 'bf16-master', not {precision!r}")
         if grad_reduce_dtype not in (None, "fp32"):
             raise ValueError(f"under FSDP2 gradients are reduce-scattered in FP32; grad_reduce_dtype={grad_reduce_dtype!r}")
         self.precision = precision  # type: ignore[assignment]
@@ -76,6 +95,12 @@ class FSDP2MasterWeightPrecision(Precision):
         self.scaler = _make_scaler(precision, loss_scale, init_scale, growth_factor, backoff_factor,
                                    growth_interval, hysteresis, min_scale)
         self.skips = SkipTracker(self.scaler, max_consecutive_skips)
+        self.master = master
+        # bf16 shards (master != "fp32"): where their FP32 values live, and their FP32 gradients
+        self.store = MasterStore(torch.bfloat16, master) if master != "fp32" else None
+        self.grads = FP32GradShards() if master != "fp32" else None
+        self._module: Optional[nn.Module] = None
+        self._fp32_compute: set[int] = set()  # the parameters of the modules kept in FP32
 
     @property
     def skipped_steps(self) -> int:
@@ -91,19 +116,48 @@ class FSDP2MasterWeightPrecision(Precision):
 
     def shard(self, module: nn.Module, mesh: Any, blocks: Iterable[type] = ()) -> nn.Module:
         """``fully_shard`` ``module``: the kept (FP32) modules first, each with an FP32 policy,
-        then every instance of ``blocks`` (one FSDP unit each), then ``module`` itself."""
-        from torch.distributed.fsdp import fully_shard
+        then every instance of ``blocks`` (one FSDP unit each), then ``module`` itself. With
+        bf16 shards (``master != "fp32"``) the other parameters are cast to bf16 first, their
+        exact FP32 values kept by the store, shard by shard."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
         matchers = [_matcher(entry) for entry in self.keep_fp32]
         kept = [m for name, m in module.named_modules() if name and (getattr(m, "keep_fp32", False) is True
                                                                       or any(f(name, m) for f in matchers))]
-        for m in _outermost(kept):
+        kept = _outermost(kept)
+        values = self._cast_to_bf16(module, kept) if self.store is not None else {}
+        for m in kept:
             fully_shard(m, mesh=mesh, mp_policy=self.mp_policy(fp32=True))
         block_types = tuple(blocks)
-        for m in module.modules():
+        for m in reversed(list(module.modules())):  # inner blocks before the blocks holding them
             if block_types and isinstance(m, block_types) and m is not module:
                 fully_shard(m, mesh=mesh, mp_policy=self.mp_policy())
-        return fully_shard(module, mesh=mesh, mp_policy=self.mp_policy())
+        sharded = fully_shard(module, mesh=mesh, mp_policy=self.mp_policy())
+        self._fp32_compute.update(id(p) for m in kept for p in m.parameters())
+        if self.store is not None:
+            for name, p in module.named_parameters():
+                if name in values:
+                    self.store.set_value(p, values.pop(name))  # this rank's shard of the exact value
+            self.store.attach(module)
+            for unit in module.modules():
+                if isinstance(unit, FSDPModule) and unit not in kept:
+                    self.grads.install(unit)  # type: ignore[union-attr]
+        return sharded
+
+    @staticmethod
+    def _cast_to_bf16(module: nn.Module, kept: list[nn.Module]) -> dict[str, Tensor]:
+        """Cast the FP32 parameters outside ``kept`` to bf16; their FP32 values, by name."""
+        fp32 = {id(p) for m in kept for p in m.parameters()}
+        values = {}
+        for name, p in module.named_parameters():
+            if p.dtype == torch.float32 and id(p) not in fp32:
+                values[name] = p.data  # the FP32 tensor itself: no copy
+                p.data = p.data.to(torch.bfloat16)
+        return values
+
+    def compute_dtype(self, p: Tensor) -> torch.dtype:
+        """The dtype ``p`` computes in: FP32 in the kept modules, else the 16-bit dtype."""
+        return torch.float32 if id(p) in self._fp32_compute else self.dtype
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Nothing to cast (FSDP2 casts at all-gather); check that the model was sharded with a
@@ -124,8 +178,10 @@ class FSDP2MasterWeightPrecision(Precision):
                     "or plugin.mp_policy()"
                 )
         for p in module.parameters():
-            if p.dtype != torch.float32:
-                raise ValueError(f"a {p.dtype} parameter: under {self.precision} the sharded parameters are the FP32 masters")
+            kept = self.store is not None and self.store.kind(p) is not None  # a bf16 shard with its storage
+            if p.dtype != torch.float32 and not kept:
+                raise ValueError(f"a {p.dtype} parameter: under {self.precision} with master={self.master!r} the "
+                                 "sharded parameters are the FP32 masters; shard with plugin.shard()")
         return module
 
     def forward_context(self) -> AbstractContextManager:
@@ -135,6 +191,18 @@ class FSDP2MasterWeightPrecision(Precision):
 
     def connect(self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]) -> Any:
         self.skips.watch_schedulers(model, lr_schedulers)
+        self._module = _lightning_module(model)
+        if self.store is not None:
+            raw = [_unwrap(o) for o in optimizers]
+            for optimizer in raw:
+                if not isinstance(optimizer, _StoredMasterOptimizer):
+                    raise TypeError(
+                        f"master={self.master!r} needs an optimizer that steps bf16 shards with their {self.master} "
+                        f"storage: lightning_mp.optim.AdamW or SGD, not {type(optimizer).__module__}."
+                        f"{type(optimizer).__qualname__}. Any optimizer works with master='fp32'."
+                    )
+                optimizer.use_store(self.store)
+            self.store.track(_lightning_module(model), (p for o in raw for g in o.param_groups for p in g["params"]))
         return super().connect(model, optimizers, lr_schedulers)
 
     def pre_backward(self, tensor: Tensor, module: Any) -> Tensor:
@@ -143,15 +211,65 @@ class FSDP2MasterWeightPrecision(Precision):
     def optimizer_step(self, optimizer: Optimizer, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
         """Backward, unscale, skip on every rank if any rank's gradients hold inf/NaN, else
         Lightning's hooks and clipping, then the inner step on the FP32 shards."""
-        return sharded_step(self, self.skips, optimizer, model, closure, **kwargs)
+        if self.grads is None:
+            return sharded_step(self, self.skips, optimizer, model, closure, **kwargs)
+        try:
+            return sharded_step(self, self.skips, optimizer, model, closure, held=self.grads.grads, **kwargs)
+        finally:  # stepped or skipped, this optimizer's gradients are done
+            self.grads.pop([p for g in optimizer.param_groups for p in g["params"]])
+
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        """torch's ``clip_grad_norm_`` arithmetic, on the FP32 gradient shards of bf16 shards."""
+        grads = self._held(optimizer)
+        if grads is None:
+            return super().clip_grad_by_norm(optimizer, clip_val)
+        if not grads:
+            return None
+        total = torch.nn.utils.get_total_norm(grads, 2.0)  # the global norm: DTensors reduce over ranks
+        coef = torch.clamp(clip_val / (total + 1e-6), max=1.0)
+        torch._foreach_mul_([local(g) for g in grads], local(coef))
+        return None
+
+    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        grads = self._held(optimizer)
+        if grads is None:
+            return super().clip_grad_by_value(optimizer, clip_val)
+        for g in grads:
+            local(g).clamp_(min=-clip_val, max=clip_val)
+        return None
+
+    def _held(self, optimizer: Optimizer) -> Optional[list[Tensor]]:
+        """``optimizer``'s gradients as DTensors: the FP32 shards kept for bf16 shards, the others'
+        ``.grad`` (None: FP32 shards only, Lightning's clipping applies)."""
+        if self.grads is None:
+            return None
+        return [like(g, p) for p, g in step_gradients(optimizer, self.grads.grads).items()]
 
     # -- checkpoints -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return self.skips.state_dict()
+        state = self.skips.state_dict()
+        if self.store is not None:
+            state["store"] = self.store.state_dict()  # stochastic rounding's generators
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skips.load_state_dict(state_dict)
+        if self.store is not None and "store" in state_dict:
+            self.store.load_state_dict(state_dict["store"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Give bf16 shards the exact FP32 values of a full (one-file) checkpoint. torch's
+        ``set_model_state_dict``, which Lightning loads it with, copies each value into the bf16
+        shard (rounding it) before any hook sees it; a distributed checkpoint loads exactly."""
+        module = self._module
+        path = getattr(getattr(module, "_trainer", None), "ckpt_path", None)
+        if self.store is None or path is None or not Path(path).is_file():
+            return
+        saved = torch.load(path, mmap=True, map_location="cpu", weights_only=False)["state_dict"]
+        for name, p in module.named_parameters():  # type: ignore[union-attr]
+            if name in saved and self.store.kind(p) is not None:
+                self.store.set_value(p, saved[name])  # this rank's shard of it, no communication
 
 
 def _outermost(modules: list[nn.Module]) -> list[nn.Module]:

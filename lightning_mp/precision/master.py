@@ -370,6 +370,6 @@ def _refuse_sharded(module: nn.Module) -> None:
     if sharded is not None:
         raise ValueError(
             f"MasterWeightPrecision does not shard: {sharded} is a DTensor (FSDP2's fully_shard or tensor "
-            "parallelism); there use torch's MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
-            "reduce_dtype=torch.float32) and no precision plugin, whose FP32 shards are the masters"
+            "parallelism); use lightning_mp.precision.FSDP2MasterWeightPrecision (lightning_mp.Trainer picks it "
+            "under ModelParallelStrategy) and shard with its shard()"
         )

@@ -134,16 +134,26 @@ def any_rank_nonfinite(grads: list[Tensor]) -> bool:
     return bool(flag.item())
 
 
+def step_gradients(optimizer: Optimizer, held: Optional[dict[Tensor, Tensor]] = None) -> dict[Tensor, Tensor]:
+    """The gradient of each of ``optimizer``'s parameters: the one ``held`` apart, else ``.grad``."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grads = {p: held[p] if held is not None and p in held else p.grad for p in params}
+    return {p: g for p, g in grads.items() if g is not None}
+
+
 def sharded_step(plugin: Any, skips: SkipTracker, optimizer: Optimizer, model: Any, closure: Callable[[], Any],
-                 **kwargs: Any) -> Any:
+                 held: Optional[dict[Tensor, Tensor]] = None, **kwargs: Any) -> Any:
     """The step of the sharded plugins, whose FP32 shards are the masters: backward (the closure),
     unscale (with a loss scaler), then one decision on every rank: skip if any rank's gradients
-    hold inf/NaN (schedulers held), else Lightning's hooks and clipping and the inner step."""
+    hold inf/NaN (schedulers held), else Lightning's hooks and clipping and the inner step; then
+    the gradients are freed. ``held``: FP32 gradients the plugin keeps apart from ``.grad`` (filled by the backward), which
+    the inner step (a ``lightning_mp.optim`` optimizer) then uses."""
     closure_result = closure()
     lightning = isinstance(model, pl.LightningModule)
     if closure_result is None and lightning and model.automatic_optimization:
         return None
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    step_grads = step_gradients(optimizer, held)
+    grads = list(step_grads.values())
     if skips.scaler is not None:
         inv = 1.0 / skips.scaler.scale
         for grad in grads:
@@ -152,7 +162,12 @@ def sharded_step(plugin: Any, skips: SkipTracker, optimizer: Optimizer, model: A
     if not overflowed:
         if lightning:
             plugin._after_closure(model, optimizer)  # on_before_optimizer_step, gradient clipping
+        if held is not None:
+            optimizer.step_grads = step_grads  # type: ignore[attr-defined]
         optimizer.step(**kwargs)
+    # Stepped or skipped, the gradients are done: freed now rather than at Lightning's zero_grad,
+    # which comes after the next forward, at its activation peak (4 bytes per parameter, sharded).
+    optimizer.zero_grad(set_to_none=True)
     skips.record(optimizer, overflowed, lambda: "inf/NaN gradients on at least one rank")
     if lightning and getattr(model, "_current_fx_name", None) is not None:
         model.log("precision/skipped_steps", float(skips.skipped_steps))
