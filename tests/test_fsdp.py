@@ -97,3 +97,13 @@ def test_the_single_device_plugin_refuses_fsdp2_dtensor_parameters(tmp_path):
 def test_16_master_under_fsdp_scales_the_loss_on_the_plugins_device():
     plugin = FSDPMasterWeightPrecision("16-master", device="cpu", init_scale=1024.0)
     assert plugin.scaler.scale(torch.tensor(2.0)).item() == 2048.0  # a CUDA scaler would leave it at 2.0
+
+
+def test_bf16_master_under_fsdp_keeps_its_skip_counts_in_checkpoints():
+    """A resumed run goes on counting skipped steps (and skips in a row) where it stopped."""
+    plugin = FSDPMasterWeightPrecision("bf16-master", device="cpu")
+    plugin.skips.skipped_steps, plugin.skips.streak = 3, 2
+    resumed = FSDPMasterWeightPrecision("bf16-master", device="cpu")
+    resumed.load_state_dict(plugin.state_dict())
+    assert (resumed.skipped_steps, resumed.skips.streak) == (3, 2)
+    assert "scale" in FSDPMasterWeightPrecision("16-master", device="cpu").state_dict()  # torch's scaler's, as before

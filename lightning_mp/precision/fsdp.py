@@ -130,6 +130,16 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
             return super().optimizer_step(optimizer, model, closure, **kwargs)
         return sharded_step(self, self.skips, optimizer, model, closure, **kwargs)
 
+    def state_dict(self) -> dict[str, Any]:
+        """``16-master``: torch's scaler's state (Lightning's format); ``bf16-master``: the skip counts."""
+        return super().state_dict() if self.scaler is not None else self.skips.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.scaler is not None:
+            super().load_state_dict(state_dict)
+        else:
+            self.skips.load_state_dict(state_dict)
+
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
