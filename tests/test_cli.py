@@ -196,6 +196,39 @@ def test_init_from_errors_are_clear(trained_run, tmp_path, monkeypatch):
         checkpoint_path(compose_recipe("tiny", [f"init_from={trained_run}", f"resume={trained_run}"]))
 
 
+def test_distributed_checkpoints_resume_and_initialize_runs(trained_run, tmp_path, monkeypatch):
+    """A distributed (DCP) checkpoint, the directory ``trainer=fsdp2`` writes with
+    ``trainer.strategy.save_distributed_checkpoint=true``: laid out here as Lightning's
+    ModelParallelStrategy lays it out (tensors through torch.distributed.checkpoint, the rest in
+    meta.pt), from the trained run's file checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_mp.cli import checkpoint_path
+    from lightning_mp.cli.checks import check_resume
+
+    monkeypatch.chdir(tmp_path)
+    saved = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    run = tmp_path / "sharded_run"
+    last = run / "checkpoints" / "last.ckpt"
+    dcp.save({"state_dict": saved.pop("state_dict")}, checkpoint_id=str(last))
+    torch.save(saved, last / "meta.pt")
+    # resume: found, read (its step from meta.pt, its weights' names and shapes from the shards' metadata)
+    cfg = compose_recipe("tiny", [f"resume={run}", "trainer.max_steps=5"])
+    assert checkpoint_path(cfg) == str(last.resolve())
+    model, _, _ = build(cfg)
+    check_resume(model, str(last), cfg)
+    with pytest.raises(UsageError, match="already trained 3 steps"):
+        check_resume(model, str(last), compose_recipe("tiny", [f"resume={run}", "trainer.max_steps=3"]))
+    narrow, _, _ = build(compose_recipe("tiny", [f"resume={run}", "trainer.max_steps=5", "model.d_model=32"]))
+    with pytest.raises(UsageError, match=r"do not fit this model \(model.blocks.0.*is \(64,\), the model's \(32,\)"):
+        check_resume(narrow, str(last), cfg)
+    # init_from: the weights read whole into one process, exactly
+    model, _, _ = build(compose_recipe("tiny", [f"init_from={last}"]))
+    own = model.state_dict()
+    reference = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert own.keys() == reference.keys() and all(torch.equal(own[k], v) for k, v in reference.items())
+
+
 def _command() -> list[str]:
     exe = shutil.which("lightning-mp-train", path=str(Path(sys.executable).parent))
     assert exe, "the console script is not installed"

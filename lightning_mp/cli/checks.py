@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from torch import Tensor
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -254,7 +255,7 @@ def checkpoint_path(cfg: DictConfig) -> Optional[str]:
         )
     if cfg.resume:
         path = Path(str(cfg.resume)).expanduser()
-        if not (path / LAST_CHECKPOINT).is_file():
+        if not is_checkpoint(path / LAST_CHECKPOINT):
             what = (f"no {LAST_CHECKPOINT} in that run directory" if path.is_dir() else
                     "a file: resume takes a run directory, ckpt_path a checkpoint file" if path.is_file() else
                     "no such directory")
@@ -262,10 +263,20 @@ def checkpoint_path(cfg: DictConfig) -> Optional[str]:
         return str((path / LAST_CHECKPOINT).resolve())  # through a `latest` link: the run it names now
     if cfg.ckpt_path:
         path = Path(str(cfg.ckpt_path)).expanduser()
-        if not path.is_file():
-            raise UsageError(f"ckpt_path={cfg.ckpt_path}: no such file")
+        if not is_checkpoint(path):
+            raise UsageError(f"ckpt_path={cfg.ckpt_path}: no such file (nor a distributed checkpoint's directory)")
         return str(path.resolve())
     return None
+
+
+def is_distributed(path: Path) -> bool:
+    """A distributed (DCP) checkpoint: the directory Lightning's ``ModelParallelStrategy`` writes
+    (``save_distributed_checkpoint=True``), its tensors in shards and the rest in ``meta.pt``."""
+    return path.is_dir() and (path / "meta.pt").is_file()
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_file() or is_distributed(path)
 
 
 def init_from_path(cfg: DictConfig) -> Optional[Path]:
@@ -273,16 +284,22 @@ def init_from_path(cfg: DictConfig) -> Optional[Path]:
     if not cfg.get("init_from"):
         return None
     path = Path(str(cfg.init_from)).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not is_distributed(path):
         path = path / LAST_CHECKPOINT
-    if not path.is_file():
+    if not is_checkpoint(path):
         raise UsageError(f"init_from={cfg.init_from}: no such checkpoint file (a run directory needs {LAST_CHECKPOINT})")
     return path.resolve()
 
 
 def read_checkpoint(path: Path, key: str) -> dict[str, Any]:
-    """A Lightning checkpoint's contents, or one line saying why the file is not one (``key`` names the option)."""
+    """A Lightning checkpoint's contents, or one line saying why the file is not one (``key`` names
+    the option). A distributed checkpoint's ``state_dict`` holds meta tensors: names and shapes."""
     errors = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError)
+    if is_distributed(path):
+        try:
+            return {**torch.load(path / "meta.pt", map_location="cpu", weights_only=False), "state_dict": _shapes(path)}
+        except errors as err:
+            raise UsageError(f"{key}={path}: not a distributed checkpoint, or a truncated one ({_why(err)})") from err
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -296,6 +313,33 @@ def read_checkpoint(path: Path, key: str) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UsageError(f"{key}={path}: not a Lightning checkpoint (no state_dict)")
     return checkpoint
+
+
+def _shapes(path: Path) -> dict[str, Tensor]:
+    """The model weights of a distributed checkpoint, as meta tensors (names, shapes, dtypes: no data read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "state_dict."
+    return {
+        key[len(prefix):]: torch.empty(entry.size, dtype=entry.properties.dtype, device="meta")
+        for key, entry in entries.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """Load a checkpoint's weights into ``model`` (configured): a file, or a distributed checkpoint
+    read whole into this process (no process group needed)."""
+    if not is_distributed(path):
+        model.load_state_dict(read_checkpoint(path, "init_from")["state_dict"])
+        return
+    import torch.distributed.checkpoint as dcp
+
+    state = model.state_dict()
+    dcp.load({"state_dict": state}, checkpoint_id=str(path))  # in place, into the model's tensors
+    model.load_state_dict(state)
 
 
 def _why(err: BaseException) -> str:
