@@ -122,18 +122,31 @@ def run(tmp_path: Path, name: str, **args) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(2) if (out / f"rank{r}.pt").exists()]
 
 
+# One training setup for every 2-process run: clipping, a NaN on rank 1 at the second step, 2
+# micro-batches per step of one batch of 8 per rank each (a step is one pass over the data, so a
+# resume continues the same batches).
+COMMON = dict(precision="bf16-master", optimizer="mp-adamw", clip=0.05, nan_at=1, accumulate=2, n=32)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_fp32(tmp_path_factory):
+    """The FP32-shard FSDP2 run, with the swallowed-update monitor and full checkpoints."""
+    return run(tmp_path_factory.mktemp("fsdp2"), "fp32", strategy="fsdp2", master="fp32", monitor=True,
+               full_checkpoint=True, **COMMON)
+
+
 @pytest.mark.slow
-def test_fsdp2_and_fsdp1_train_fp32_shards_as_ddp_does_and_skip_on_both_ranks(tmp_path):
+def test_fsdp2_and_fsdp1_train_fp32_shards_as_ddp_does_and_skip_on_both_ranks(fsdp2_fp32, tmp_path):
     """FSDP2 (ModelParallelStrategy) and FSDP1 (Lightning's FSDPStrategy, through a test-only
     subclass that runs it on CPU) against DDP with our plugin reducing in FP32, on the same global
-    batches, with clipping and a NaN on rank 1 at the second step. The per-rank bf16 gradients
-    agree only to rounding (a near-zero one can change sign, and Adam's first step moves its
-    weight by +-lr either way), so the updates are compared, not the bits."""
-    ddp = run(tmp_path, "ddp", precision="bf16-master", strategy="ddp", clip=0.5, nan_at=1)
+    batches. The per-rank bf16 gradients agree only to rounding (a near-zero one can change sign,
+    and Adam's first step moves its weight by +-lr either way), so the updates are compared, not
+    the bits."""
+    ddp = run(tmp_path, "ddp", strategy="ddp", **COMMON)
     torch.manual_seed(0)
     start = TinyRegressor(lr=1e-2).state_dict()
     for kind in ("fsdp2", "fsdp"):
-        sharded = run(tmp_path, kind, precision="bf16-master", strategy=kind, clip=0.5, nan_at=1)
+        sharded = fsdp2_fp32 if kind == "fsdp2" else run(tmp_path, kind, strategy=kind, **COMMON)
         assert sharded[0]["skipped"] == 1 == ddp[0]["skipped"] == ddp[1]["skipped"], kind  # a NaN on rank 1 skips both
         assert sharded[0]["lr"] == ddp[0]["lr"], kind  # the step scheduler held on the skipped step, as under DDP
         if kind == "fsdp2":  # 16-bit compute (all-gathered bf16 parameters), norms in FP32
@@ -150,18 +163,15 @@ def test_fsdp2_and_fsdp1_train_fp32_shards_as_ddp_does_and_skip_on_both_ranks(tm
 
 
 @pytest.mark.slow
-def test_fsdp2_bf16_shards_with_remainders_train_as_fp32_shards_bit_for_bit_and_resume_exactly(tmp_path):
+def test_fsdp2_bf16_shards_with_remainders_train_as_fp32_shards_bit_for_bit_and_resume_exactly(fsdp2_fp32, tmp_path):
     """``master="remainder"``: bf16 shards plus int16 remainders hold the FP32 values exactly, and
     the step uses FSDP2's FP32 reduce-scatter output (not its bf16 rounding), so the run equals
-    the FP32-shard run bit for bit (clipping, a NaN on one rank, 2 micro-batches per step; one
-    batch of 8 per rank and micro-batch, each step one pass over the data, so a resume continues the
-    same batches). Resumed from its full checkpoint of step 2, it ends equal too."""
-    common = dict(precision="bf16-master", strategy="fsdp2", optimizer="mp-adamw", clip=0.05, nan_at=1,
-                  accumulate=2, n=32, full_checkpoint=True)
-    fp32 = run(tmp_path, "fp32", master="fp32", monitor=True, **common)
-    remainder = run(tmp_path, "remainder", master="remainder", save_at=2, monitor=True, **common)
+    the FP32-shard run bit for bit. Resumed from its full checkpoint of step 2, it ends equal too."""
+    common = dict(strategy="fsdp2", master="remainder", full_checkpoint=True, **COMMON)
+    remainder = run(tmp_path, "remainder", save_at=2, monitor=True, **common)
     checkpoint = tmp_path / "remainder" / "2.ckpt"
-    resumed = run(tmp_path, "resumed", master="remainder", resume=str(checkpoint), **common)
+    resumed = run(tmp_path, "resumed", resume=str(checkpoint), **common)
+    fp32 = fsdp2_fp32
     torch.manual_seed(0)
     start = TinyRegressor(lr=1e-2).state_dict()
     assert remainder[0]["seen"] == {"inp": "torch.bfloat16", "norm": "torch.float32"}
@@ -230,6 +240,34 @@ def test_unsharded_models_and_contradicting_policies_are_refused(one_rank):
         remainder.connect(bf16, [torch.optim.AdamW(bf16.parameters())], [])
 
 
+def test_lightning_mp_optim_steps_fsdp2_shards_as_torch_steps_whole_tensors(one_rank):
+    """lightning_mp.optim.AdamW on FP32 DTensor shards (its fused kernel on each local shard)
+    against torch's AdamW on the unsharded model, in FP32: equal to FP32 round-off (the kernel
+    takes IEEE square roots, torch's CPU sqrt is 1 ulp off for some values: a few ulps)."""
+    from torch.distributed.fsdp import fully_shard
+
+    import lightning_mp
+
+    torch.manual_seed(0)
+    whole = TinyRegressor()
+    sharded = TinyRegressor()
+    start = {k: v.clone() for k, v in whole.state_dict().items()}
+    sharded.load_state_dict(start)
+    fully_shard(sharded, mesh=one_rank)
+    ours = lightning_mp.optim.AdamW(sharded.parameters(), lr=1e-2, weight_decay=0.1)
+    theirs = torch.optim.AdamW(whole.parameters(), lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    for _ in range(3):
+        for model, optimizer in ((sharded, ours), (whole, theirs)):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, p), q in zip(sharded.named_parameters(), whole.parameters()):
+        assert type(p).__name__ == "DTensor"
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=4e-7, atol=1e-8, msg=name)
+        assert (q.detach() - start[name]).abs().max() > 1e-3, name  # it trained
+
+
 @pytest.mark.slow
 def test_trainer_fsdp2_runs_the_default_recipe_on_two_processes_and_resumes_as_one_run(tmp_path):
     from lightning_mp import MoEModule
@@ -244,9 +282,9 @@ def test_trainer_fsdp2_runs_the_default_recipe_on_two_processes_and_resumes_as_o
         run = (tmp_path / "outputs" / "tiny" / "latest").resolve()
         return run, json.loads((run / "summary.json").read_text())
 
-    straight_dir, straight = train("trainer.max_steps=4")
-    train("trainer.max_steps=2")
-    _, resumed = train("trainer.max_steps=4", "resume=outputs/tiny/latest")
+    straight_dir, straight = train("trainer.max_steps=4", "callbacks.checkpoint.save_top_k=-1")  # keeps step 2's
+    _, resumed = train("trainer.max_steps=4", f"ckpt_path={straight_dir / 'checkpoints' / 'best-step=2.ckpt'}")
+    assert resumed["resumed_from"].endswith("best-step=2.ckpt")  # steps 3 and 4 only
     assert resumed["steps"] == 4 and resumed["val_loss"] == straight["val_loss"]
     assert resumed["train_loss"] == straight["train_loss"]
     # bytes per parameter per rank: FP32 shards + AdamW's moments over 2 ranks (grads freed by then)
