@@ -193,6 +193,20 @@ def test_fsdp2_bf16_shards_with_remainders_train_as_fp32_shards_bit_for_bit_and_
     assert any(not torch.equal(v, v.bfloat16().float()) for v in saved.values())  # low bits a bf16 model lacks
 
 
+@pytest.mark.slow
+def test_fsdp2_stochastic_shards_resume_from_a_distributed_checkpoint_bit_exactly(tmp_path):
+    """Stochastic rounding's noise counter travels in the plugin's state (torch's sharded optimizer
+    state dicts keep only "state" and "param_groups"): resumed from a DCP checkpoint directory,
+    the run draws the noise the straight run drew."""
+    common = dict(strategy="fsdp2", master="stochastic", **COMMON)
+    straight = run(tmp_path, "straight", save_at=2, **common)
+    checkpoint = tmp_path / "straight" / "2.ckpt"
+    assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()  # distributed: a directory of shards
+    resumed = run(tmp_path, "resumed", resume=str(checkpoint), **common)
+    for key, expected in straight[0]["state"].items():
+        assert torch.equal(resumed[0]["state"][key], expected), key
+
+
 @pytest.fixture
 def one_rank(tmp_path):
     import torch.distributed as dist

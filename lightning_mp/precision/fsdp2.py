@@ -101,6 +101,7 @@ class FSDP2MasterWeightPrecision(Precision):
         self.grads = FP32GradShards() if master != "fp32" else None
         self._module: Optional[nn.Module] = None
         self._fp32_compute: set[int] = set()  # the parameters of the modules kept in FP32
+        self._optimizers: list[Any] = []  # the lightning_mp.optim optimizers stepping bf16 shards
 
     @property
     def skipped_steps(self) -> int:
@@ -202,6 +203,7 @@ class FSDP2MasterWeightPrecision(Precision):
                         f"{type(optimizer).__qualname__}. Any optimizer works with master='fp32'."
                     )
                 optimizer.use_store(self.store)
+            self._optimizers = raw
             self.store.track(_lightning_module(model), (p for o in raw for g in o.param_groups for p in g["params"]))
         return super().connect(model, optimizers, lr_schedulers)
 
@@ -250,13 +252,18 @@ class FSDP2MasterWeightPrecision(Precision):
     def state_dict(self) -> dict[str, Any]:
         state = self.skips.state_dict()
         if self.store is not None:
-            state["store"] = self.store.state_dict()  # stochastic rounding's generators
+            # Stochastic rounding's generators and each optimizer's noise counter: torch's sharded
+            # optimizer state dicts keep only "state" and "param_groups".
+            state["store"] = self.store.state_dict()
+            state["noise_steps"] = [o._noise_step for o in self._optimizers]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skips.load_state_dict(state_dict)
         if self.store is not None and "store" in state_dict:
             self.store.load_state_dict(state_dict["store"])
+            for optimizer, count in zip(self._optimizers, state_dict.get("noise_steps", [])):
+                optimizer._noise_step = count  # after Lightning loaded the optimizers
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Give bf16 shards the exact FP32 values of a full (one-file) checkpoint. torch's
