@@ -80,9 +80,10 @@ SCRIPT = textwrap.dedent('''
                        f"{{args['out']}}/rank{{trainer.global_rank}}.pt")
 
     if args["strategy"] == "fsdp2":
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+        strategy = ModelParallelStrategy(data_parallel_size=args.get("devices", 2), tensor_parallel_size=1,
                                          save_distributed_checkpoint=not args.get("full_checkpoint"))
-        plugin = FSDP2MasterWeightPrecision(args["precision"], device="cpu", master=args.get("master", "fp32"))
+        plugin = FSDP2MasterWeightPrecision(args["precision"], device=args.get("accelerator", "cpu"),
+                                            master=args.get("master", "fp32"))
     elif args["strategy"] == "fsdp":
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         strategy = CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({{torch.nn.Linear}}), state_dict_type="sharded")
@@ -97,7 +98,8 @@ SCRIPT = textwrap.dedent('''
         from lightning.pytorch.callbacks import ModelCheckpoint
         callbacks.append(ModelCheckpoint(dirpath=args["out"], filename="{{step}}", auto_insert_metric_name=False,
                                          every_n_train_steps=args["save_at"], save_top_k=-1))
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, plugins=[plugin], max_steps=args["steps"],
+    trainer = L.Trainer(accelerator=args.get("accelerator", "cpu"), devices=args.get("devices", 2), strategy=strategy,
+                        plugins=[plugin], max_steps=args["steps"],
                         use_distributed_sampler=False, callbacks=callbacks, logger=False,
                         enable_checkpointing=bool(args.get("save_at")), default_root_dir=args["out"],
                         enable_progress_bar=False,
@@ -205,6 +207,19 @@ def test_fsdp2_stochastic_shards_resume_from_a_distributed_checkpoint_bit_exactl
     resumed = run(tmp_path, "resumed", resume=str(checkpoint), **common)
     for key, expected in straight[0]["state"].items():
         assert torch.equal(resumed[0]["state"][key], expected), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fsdp2_on_a_gpu_remainder_shards_train_as_fp32_shards_bit_for_bit(tmp_path):
+    """The CUDA path (NCCL, CUDA streams around the FP32 gradient shards) on one GPU, with the
+    optimizer's foreach ops (the same ops for both storages)."""
+    common = dict(COMMON, strategy="fsdp2", accelerator="cuda", devices=1, optimizer="mp-adamw-eager")
+    fp32 = run(tmp_path, "fp32", master="fp32", **common)
+    remainder = run(tmp_path, "remainder", master="remainder", **common)
+    assert remainder[0]["seen"] == {"inp": "torch.bfloat16", "norm": "torch.float32"}
+    for key, expected in fp32[0]["state"].items():
+        assert torch.equal(remainder[0]["state"][key].cpu(), expected.cpu()), key
 
 
 @pytest.fixture
