@@ -254,6 +254,8 @@ def test_unsharded_models_and_contradicting_policies_are_refused(one_rank):
 
     with pytest.raises(ValueError, match="stores bfloat16 shards"):
         FSDP2MasterWeightPrecision("16-master", master="remainder")
+    with pytest.raises(ValueError, match="max_consecutive_skips must be >= 1"):
+        FSDP2MasterWeightPrecision("bf16-master", max_consecutive_skips=0)
     torch.manual_seed(0)
     bf16 = TinyRegressor()
     init = {k: v.clone() for k, v in bf16.state_dict().items()}

@@ -41,10 +41,10 @@ from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, _matcher
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim.base import _StoredMasterOptimizer
 from lightning_mp.precision.fsdp2_grads import FP32GradShards
-from lightning_mp.precision.master import MASTER_DTYPES, _lightning_module, _make_scaler
+from lightning_mp.precision.master import MASTER_DTYPES, _lightning_module, _make_scaler, check_master_options
 from lightning_mp.precision.step import _unwrap
 from lightning_mp.precision.skips import SkipTracker, sharded_step, step_gradients
-from lightning_mp.storage import MASTER_POLICIES, like, local
+from lightning_mp.storage import like, local
 
 
 class FSDP2MasterWeightPrecision(Precision):
@@ -82,10 +82,7 @@ class FSDP2MasterWeightPrecision(Precision):
     ) -> None:
         if precision not in MASTER_DTYPES:
             raise ValueError(f"FSDP2MasterWeightPrecision accepts {sorted(MASTER_DTYPES)}, got {precision!r}")
-        if master not in MASTER_POLICIES:
-            raise ValueError(f"master must be one of {', '.join(MASTER_POLICIES)}, got {master!r}")
-        if master != "fp32" and precision != "bf16-master":
-            raise ValueError(f"master={master!r} stores bfloat16 shards: use it with 'bf16-master', not {precision!r}")
+        check_master_options(precision, master, max_consecutive_skips, kept="shards")
         if grad_reduce_dtype not in (None, "fp32"):
             raise ValueError(f"under FSDP2 gradients are reduce-scattered in FP32; grad_reduce_dtype={grad_reduce_dtype!r}")
         self.precision = precision  # type: ignore[assignment]
@@ -204,7 +201,7 @@ class FSDP2MasterWeightPrecision(Precision):
                     )
                 optimizer.use_store(self.store)
             self._optimizers = raw
-            self.store.track(_lightning_module(model), (p for o in raw for g in o.param_groups for p in g["params"]))
+            self.store.track(self._module, (p for o in raw for g in o.param_groups for p in g["params"]))
         return super().connect(model, optimizers, lr_schedulers)
 
     def pre_backward(self, tensor: Tensor, module: Any) -> Tensor:

@@ -100,14 +100,9 @@ class MasterWeightPrecision(Precision):
                 f"MasterWeightPrecision accepts precision {sorted(MASTER_DTYPES)}, got {precision!r}. "
                 f"For Lightning's own modes use lightning_mp.precision_plugin({precision!r})."
             )
-        if master not in MASTER_POLICIES:
-            raise ValueError(f"master must be one of {', '.join(MASTER_POLICIES)}, got {master!r}")
-        if master != "fp32" and precision != "bf16-master":
-            raise ValueError(f"master={master!r} stores bfloat16 weights: use it with 'bf16-master', not {precision!r}")
+        check_master_options(precision, master, max_consecutive_skips, kept="weights")
         if grad_reduce_dtype not in (None, "fp32"):
             raise ValueError(f"grad_reduce_dtype must be None (the 16-bit dtype) or 'fp32', got {grad_reduce_dtype!r}")
-        if max_consecutive_skips is not None and max_consecutive_skips < 1:
-            raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}")
         self.precision = precision
         self.master = master
         self.dtype = MASTER_DTYPES[precision]
@@ -349,6 +344,17 @@ def _keep_fp32_state_on_load(optimizer: Optimizer) -> list[Any]:
                     opt.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
     return [optimizer.register_load_state_dict_pre_hook(before), optimizer.register_load_state_dict_post_hook(after)]
+
+
+def check_master_options(precision: str, master: str, max_consecutive_skips: Optional[int], kept: str) -> None:
+    """The storage policy and skip limit a master-weight plugin accepts (``kept``: what holds the
+    16-bit values, weights or shards)."""
+    if master not in MASTER_POLICIES:
+        raise ValueError(f"master must be one of {', '.join(MASTER_POLICIES)}, got {master!r}")
+    if master != "fp32" and precision != "bf16-master":
+        raise ValueError(f"master={master!r} stores bfloat16 {kept}: use it with 'bf16-master', not {precision!r}")
+    if max_consecutive_skips is not None and max_consecutive_skips < 1:
+        raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}")
 
 
 def _lightning_module(model: nn.Module) -> nn.Module:
