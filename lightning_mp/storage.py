@@ -105,15 +105,20 @@ except ImportError:  # a torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
 
 
+def sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2's parameters, gradients, optimizer state)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 def local(t: Tensor) -> Tensor:
     """The elements of ``t`` this process holds: a DTensor's local shard, any other tensor itself.
     Storage, kernels and foreach ops work on these; the DTensors stay what checkpoints see."""
-    return t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
+    return t._local_tensor if sharded(t) else t
 
 
 def shard_offset(t: Tensor) -> int:
     """Where this process's elements of ``t`` start in the whole tensor (0 for a plain tensor)."""
-    if DTensor is None or not isinstance(t, DTensor):
+    if not sharded(t):
         return 0
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -124,7 +129,7 @@ def shard_offset(t: Tensor) -> int:
 def like(value: Tensor, p: Tensor) -> Tensor:
     """``value``, the local elements of a tensor shaped as ``p``, as such a tensor: a DTensor with
     ``p``'s mesh and placements (sharing ``value``'s memory) when ``p`` is one, else ``value``."""
-    if DTensor is None or not isinstance(p, DTensor) or isinstance(value, DTensor):
+    if not sharded(p) or sharded(value):
         return value
     return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
@@ -132,11 +137,11 @@ def like(value: Tensor, p: Tensor) -> Tensor:
 def as_local(value: Tensor, p: Tensor) -> Tensor:
     """``p``'s local elements of ``value``, a tensor shaped as ``p``: a DTensor (redistributed to
     ``p``'s placements if need be) or, for a DTensor ``p``, a whole tensor every rank holds."""
-    if DTensor is not None and isinstance(value, DTensor):
-        if isinstance(p, DTensor) and value.placements != p.placements:
+    if sharded(value):
+        if sharded(p) and value.placements != p.placements:
             value = value.redistribute(p.device_mesh, p.placements)
         return value.to_local()
-    if DTensor is not None and isinstance(p, DTensor) and value.shape == p.shape:
+    if sharded(p) and value.shape == p.shape:
         from torch.distributed.tensor import distribute_tensor
 
         return distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()  # no communication

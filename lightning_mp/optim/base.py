@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from lightning_mp import fused
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim import compiled
-from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, _upcast, like, local, shard_offset, stochastic_round_
+from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, _upcast, like, local, shard_offset, sharded, stochastic_round_
 
 # Elements stepped at once by the eager path (see _blocks): on a CPU 2 MiB of FP32 per
 # temporary, which stays in cache across a step's ops; elsewhere 64 MiB, which bounds the step's
@@ -115,11 +115,10 @@ class _StoredMasterOptimizer(Optimizer):
             for other in STATE_KEYS:
                 if other != key:
                     state.pop(other, None)
-            storage = self.store.storage(p)
             # Not a sharded int16 remainder: int16 travels through neither NCCL nor gloo, and the
             # model's checkpoint holds the exact FP32 values, which give the remainders back.
-            if key is not None and not (storage.dtype == torch.int16 and like(storage, p) is not storage):
-                state[key] = like(storage, p)  # a DTensor beside a DTensor parameter
+            if key is not None and not (key == "remainder" and sharded(p)):
+                state[key] = like(self.store.storage(p), p)  # a DTensor beside a DTensor parameter
 
     @torch.no_grad()
     def master_value(self, p: Tensor) -> Tensor:
