@@ -329,11 +329,12 @@ def _shapes(path: Path) -> dict[str, Tensor]:
     }
 
 
-def load_weights(model: Any, path: Path) -> None:
-    """Load a checkpoint's weights into ``model`` (configured): a file, or a distributed checkpoint
-    read whole into this process (no process group needed)."""
+def load_weights(model: Any, path: Path, checkpoint: dict[str, Any]) -> None:
+    """Load a checkpoint's weights into ``model`` (configured): those of ``checkpoint``, what
+    :func:`read_checkpoint` gave for ``path``, or for a distributed checkpoint (whose
+    ``state_dict`` there holds shapes only) its shards read whole into this process."""
     if not is_distributed(path):
-        model.load_state_dict(read_checkpoint(path, "init_from")["state_dict"])
+        model.load_state_dict(checkpoint["state_dict"])
         return
     import torch.distributed.checkpoint as dcp
 

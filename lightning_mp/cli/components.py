@@ -116,7 +116,7 @@ def build(cfg: DictConfig, terminal: Optional[bool] = None) -> tuple[L.Lightning
     if init_from is not None:
         checkpoint = read_checkpoint(init_from, "init_from")
         check_fits(model, checkpoint["state_dict"], init_from, "init_from")
-        load_weights(model, init_from)  # FP32 weights, cast by the plugin later
+        load_weights(model, init_from, checkpoint)  # FP32 weights, cast by the plugin later
     max_steps = cfg.trainer.max_steps
     every = cfg.trainer.get("log_every_n_steps", 50)
     if max_steps > 0:
