@@ -4,10 +4,12 @@
 
 Three layers on the same input, timed alternately in one process (median of per-round ratios):
 
-- ``moe``: lightning_mp's MoELayer as it runs by default (FP32 router, sorted dropless
-  dispatch, stacked SwiGLU experts: ``torch._grouped_mm`` on CUDA, one matmul per expert
-  slice on a CPU);
-- ``moe (grouped_mm)`` and ``moe (per-slice loop)``: the same layer forced onto each path;
+- ``moe (grouped_mm)`` and ``moe (sliced)``: lightning_mp's MoELayer (FP32 router, sorted
+  dropless dispatch, stacked SwiGLU experts) forced onto each of its two paths: one
+  ``torch._grouped_mm`` for all experts (the default on CUDA), or one expert at a time with the
+  gather and combine folded in (``SlicedSwiGLU``, the default elsewhere);
+- ``moe (autograd's per-slice loop)``: the same routing and experts through autograd's
+  gather, per-expert matmuls, concatenation and combine (the sliced path before ``SlicedSwiGLU``);
 - ``dense``: a SwiGLU FFN of width ``top_k * d_ff``, the same active parameters per token;
 - ``naive``: the textbook loop over experts with a boolean mask per expert (gather, run, scatter);
 - ``HF Mixtral block``: Hugging Face's ``MixtralSparseMoeBlock`` of the same shape (when
@@ -29,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_mp.experts import GroupedSwiGLU
 from lightning_mp.machine import describe
-from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
+from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU, WeightedCombine
 
 
 class NaiveMoE(nn.Module):
@@ -53,6 +56,23 @@ class NaiveMoE(nn.Module):
             out = (F.silu(xs @ ex.w1[e]) * (xs @ ex.w3[e])) @ ex.w2[e]
             y[rows] += out * (weights * mask)[rows].sum(-1, keepdim=True)
         return y
+
+
+class AutogradSlices(nn.Module):
+    """``layer``'s routing and experts, each expert's slice through autograd (dropless)."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, _, weights, idx = self.layer.route(x)
+        order = idx.reshape(-1).argsort(stable=True)
+        counts = torch.bincount(idx.reshape(-1), minlength=self.layer.config.n_experts).tolist()
+        token = order // self.layer.config.top_k
+        xs, w1, w3, w2 = self.layer.experts.compute_operands(x.index_select(0, token))
+        out = GroupedSwiGLU.forward_loop(xs, counts, w1, w3, w2)
+        return WeightedCombine.apply(out, weights.reshape(-1)[order], token, x.shape[0]).to(x.dtype)
 
 
 class HFBlock(nn.Module):
@@ -122,10 +142,10 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, n_experts=args.experts, top_k=args.top_k)
     moe = MoELayer(cfg).to(device)
+    paths = {"moe (grouped_mm)": True, "moe (sliced)": False}  # the path forced while each runs
     layers: dict[str, nn.Module] = {
-        "moe": moe,
-        "moe (grouped_mm)": moe,  # the path forced while it runs
-        "moe (per-slice loop)": moe,
+        **{name: moe for name in paths},
+        "moe (autograd's per-slice loop)": AutogradSlices(moe),
         "dense": SwiGLU(args.d_model, args.top_k * args.d_ff).to(device),
         "naive": NaiveMoE(moe),
         **{name: block.to(device) for name, block in hf_blocks(cfg).items()},
@@ -134,7 +154,7 @@ def main() -> None:
 
     def step(name: str, layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
-            moe.experts.grouped_mm = {"moe (grouped_mm)": True, "moe (per-slice loop)": False}.get(name)
+            moe.experts.grouped_mm = paths.get(name, False)
             inp = x.detach().requires_grad_()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = layer(inp)
@@ -150,13 +170,16 @@ def main() -> None:
                 times[name].append(t)
     dense = times["dense"]
     print(f"machine: {describe()}")
+    moe.experts.grouped_mm = None
+    default = "grouped_mm" if moe.experts.uses_grouped_mm(x) else "sliced"
     print(f"device: {device}, dtype {dtype}; {args.tokens} tokens, d_model {args.d_model}, {args.experts} experts "
-          f"of d_ff {args.d_ff}, top-{args.top_k}; forward + backward, {args.repeats} alternating rounds\n")
+          f"of d_ff {args.d_ff}, top-{args.top_k}; forward + backward, {args.repeats} alternating rounds; "
+          f"MoELayer's default path here: {default}\n")
     print("| layer | median ms | ratio to dense (median of per-round ratios) | saved for backward, FP32 / bf16 (MiB) |")
     print("|---|---|---|---|")
     for name, ts in times.items():
         ratio = statistics.median(t / d for t, d in zip(ts, dense))
-        moe.experts.grouped_mm = {"moe (grouped_mm)": True, "moe (per-slice loop)": False}.get(name)
+        moe.experts.grouped_mm = paths.get(name, False)
         memory = " / ".join(f"{saved_bytes(layers[name], x, d) / 2**20:.0f}" for d in (torch.float32, torch.bfloat16))
         print(f"| {name} | {1e3 * statistics.median(ts):.1f} | {ratio:.2f}x | {memory} |")
 

@@ -2,10 +2,9 @@
 
 Tokens are routed in FP32 (Switch Transformer's selective precision: the router's weights,
 matmul and softmax never see 16 bits), sorted by expert, and each expert runs once on its
-contiguous slice (dropless by default). The default experts are SwiGLU FFNs stored stacked,
-one ``(n_experts, ...)`` weight per projection, so on CUDA all of them run as one grouped
-matmul (``torch._grouped_mm``); on a CPU, where one matmul per expert slice measured faster
-(FP32 and bf16), as that. Experts from ``MoEModule.make_expert`` run one module per slice.
+contiguous slice (dropless by default). The default experts are SwiGLU FFNs stored stacked
+(:mod:`lightning_mp.experts`): on CUDA one grouped matmul, elsewhere one expert at a time with
+the gather and combine folded in. Experts from ``MoEModule.make_expert`` run one module per slice.
 """
 
 from __future__ import annotations
@@ -15,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_mp.experts import GroupedSwiGLU, SwiGLU, bucket_size
 
 
 @dataclass
@@ -81,87 +81,6 @@ class MoEConfig:
             raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
-
-
-def bucket_size(count: int, per_octave: int) -> int:
-    """``count`` rounded up to a multiple of 16 rows and, with ``per_octave`` > 0, to one of
-    ``per_octave`` sizes per power of two (a multiple of 1/``per_octave`` of the next one).
-
-    Experts then see a few matmul shapes, not one per token count: on a CPU oneDNN compiles and
-    caches a kernel per bf16 matmul shape, and a new count every step grew the process without
-    bound (measured on the ``small`` model: peak RSS 2.7 GB after 60 steps against 1.3 GB under
-    32-true, and half the tokens/s). Grouped GEMMs get 16-row-aligned groups. Padding is at most
-    1/``per_octave`` of the next power of two; its rows are zeros and their outputs are dropped.
-    """
-    if count == 0:
-        return 0
-    granule = 16 if per_octave <= 0 else max(16, (1 << (count - 1).bit_length()) // per_octave)
-    return -(-count // granule) * granule
-
-
-class SwiGLU(nn.Module):
-    """``w2(silu(w1 x) * w3 x)``: one expert, or the dense FFN and the shared expert."""
-
-    def __init__(self, d_model: int, d_ff: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(d_model, d_ff, bias=False)
-        self.w3 = nn.Linear(d_model, d_ff, bias=False)
-        self.w2 = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
-    # torch._grouped_mm needs 16-byte-aligned rows (8 bf16 / 4 fp32 elements) and one dtype.
-    if not hasattr(torch, "_grouped_mm") or any(w.dtype != x.dtype for w in weights):
-        return False
-    align = 16 // x.element_size()
-    return all(s % align == 0 for w in weights for s in w.shape[1:])
-
-
-class GroupedSwiGLU(nn.Module):
-    """All experts' SwiGLU weights stacked: ``w1, w3: (E, d_model, d_ff)``, ``w2: (E, d_ff, d_model)``.
-
-    ``grouped_mm``: ``None`` uses ``torch._grouped_mm`` on CUDA tensors and one matmul per
-    expert slice elsewhere (faster on a CPU: ``benchmarks/moe_layer.py``); ``True`` uses it
-    wherever it applies, ``False`` never.
-    """
-
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, grouped_mm: Optional[bool] = None,
-                 init_std: Optional[float] = None, out_std: Optional[float] = None) -> None:
-        super().__init__()
-        self.grouped_mm = grouped_mm
-        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
-        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
-        self.w2 = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
-        for w, fan_in, std in ((self.w1, d_model, init_std), (self.w3, d_model, init_std), (self.w2, d_ff, out_std)):
-            if std is None:
-                nn.init.uniform_(w, -(fan_in**-0.5), fan_in**-0.5)  # nn.Linear's default range
-            else:
-                nn.init.normal_(w, std=std)
-
-    def forward(self, x: Tensor, counts: Tensor, counts_list: list[int]) -> Tensor:
-        """``x``: tokens sorted by expert; ``counts[e]`` of them belong to expert ``e``."""
-        # Under autocast the weights are cast like any matmul operand; grouped_mm is not on
-        # autocast's lists, so match the dtypes by hand.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x, w1, w3, w2 = (t.to(dtype) for t in (x, self.w1, self.w3, self.w2))
-        grouped = x.device.type == "cuda" if self.grouped_mm is None else self.grouped_mm
-        if grouped and _grouped_mm_ok(x, w1, w3, w2):
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
-            return torch._grouped_mm(h, w2, offs=offs)
-        return self.forward_loop(x, counts_list, w1, w3, w2)
-
-    @staticmethod
-    def forward_loop(x: Tensor, counts_list: list[int], w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-        """Reference path: one matmul per expert on its contiguous slice."""
-        # unbind, not w1[e]: indexing gives each expert's backward a full-size (E, ...) gradient
-        # to fill, unbind's backward stacks the per-expert ones once
-        outs = [(F.silu(xs @ a) * (xs @ b)) @ c
-                for xs, a, b, c in zip(torch.split(x, counts_list), w1.unbind(0), w3.unbind(0), w2.unbind(0))]
-        return torch.cat(outs)
 
 
 class Router(nn.Module):
@@ -315,38 +234,52 @@ class MoELayer(nn.Module):
             position = torch.arange(order.numel(), device=x.device) - starts[sorted_expert]
             order = order[position < capacity]  # stable sort: earlier tokens win, as in Switch
             kept_counts = counts.clamp(max=capacity)
-        token = order // k
+        token, weight = order // k, weights.reshape(-1)[order]
         counts_list = kept_counts.tolist()  # host sync: slice sizes for the per-expert path
 
-        # index_select, not x[token]: its backward is an index_add_, not a sorting index_put_
-        xs, rows, counts_list = self._pad(x.index_select(0, token), kept_counts, counts_list)
-        if isinstance(self.experts, GroupedSwiGLU):
-            groups = kept_counts if rows is None else torch.tensor(counts_list, device=x.device)
-            out = self.experts(xs, groups, counts_list)
+        if isinstance(self.experts, GroupedSwiGLU) and not self.experts.uses_grouped_mm(x):
+            padded = self._padded_counts(x, counts_list)
+            y = self.experts.forward_sliced(x, token, weight, counts_list, padded).to(x.dtype)
         else:
-            out = torch.cat([expert(s) for expert, s in zip(self.experts, torch.split(xs, counts_list))])
-        if rows is not None:
-            out = out[rows]  # the padding rows' outputs are dropped: they get no gradient
-        y = WeightedCombine.apply(out, weights.reshape(-1)[order], token, n_tokens).to(x.dtype)
+            y = self._dispatch_and_combine(x, token, weight, kept_counts, counts_list)
         if self.shared is not None:
             y = y + self.shared(x)
 
         self._losses_and_stats(logits, scores, counts, kept_counts, n_tokens)
         return y.reshape(shape)
 
+    def _dispatch_and_combine(self, x: Tensor, token: Tensor, weight: Tensor, counts: Tensor,
+                              counts_list: list[int]) -> Tensor:
+        """Gather the assignments' rows sorted by expert, run the experts on their slices,
+        combine their outputs weighted in FP32: the path for grouped_mm and custom experts."""
+        # index_select, not x[token]: its backward is an index_add_, not a sorting index_put_
+        xs, rows, counts_list = self._pad(x.index_select(0, token), counts, counts_list)
+        if isinstance(self.experts, GroupedSwiGLU):
+            groups = counts if rows is None else torch.tensor(counts_list, device=x.device)
+            out = self.experts(xs, groups, counts_list)
+        else:
+            out = torch.cat([expert(s) for expert, s in zip(self.experts, torch.split(xs, counts_list))])
+        if rows is not None:
+            out = out[rows]  # the padding rows' outputs are dropped: they get no gradient
+        return WeightedCombine.apply(out, weight, token, x.shape[0]).to(x.dtype)
+
+    def _padded_counts(self, x: Tensor, counts_list: list[int]) -> list[int]:
+        """Each expert's token count padded to :func:`bucket_size` (unchanged where no padding applies)."""
+        per_octave = self.config.token_buckets
+        if per_octave is None:  # by device: only where it pays
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            if device == "cpu" and dtype == torch.float32:
+                return counts_list  # FP32 CPU matmuls (MKL) cache nothing per shape
+            per_octave = 4 if device == "cpu" else 0
+        elif per_octave == 0:
+            return counts_list
+        return [bucket_size(c, per_octave) for c in counts_list]
+
     def _pad(self, xs: Tensor, counts: Tensor, counts_list: list[int]) -> tuple[Tensor, Optional[Tensor], list[int]]:
         """Each expert's slice of ``xs`` padded with zero rows to :func:`bucket_size`; returns the
         padded rows, where the real ones went (``None``: no padding) and the padded counts."""
-        per_octave = self.config.token_buckets
-        if per_octave is None:  # by device: only where it pays
-            device = xs.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype
-            if device == "cpu" and dtype == torch.float32:
-                return xs, None, counts_list  # FP32 CPU matmuls (MKL) cache nothing per shape
-            per_octave = 4 if device == "cpu" else 0
-        if self.config.token_buckets == 0:
-            return xs, None, counts_list
-        padded = [bucket_size(c, per_octave) for c in counts_list]
+        padded = self._padded_counts(xs, counts_list)
         if padded == counts_list:
             return xs, None, counts_list
         shift = torch.tensor([p - c for p, c in zip(padded, counts_list)], device=xs.device).cumsum(0)

@@ -204,3 +204,16 @@ def run_cli(args, capsys, monkeypatch):
         code = exit_info.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def saved_bytes(fn):
+    """``fn()`` and the bytes of the tensors autograd saves for backward while it runs (shared storage once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(storages.values())

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_mp.moe import GroupedSwiGLU, MoEConfig, MoELayer, SwiGLU, bucket_size
+from conftest import saved_bytes
+from lightning_mp.experts import GroupedSwiGLU, SwiGLU
+from lightning_mp.moe import MoEConfig, MoELayer
 
 
 def reference_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
@@ -45,19 +47,6 @@ def test_dropless_dispatch_matches_per_token_reference(cfg, custom_experts):
     x = torch.randn(37, 16)
     torch.testing.assert_close(layer(x), reference_moe(layer, x), rtol=1e-5, atol=1e-5)
     assert layer.stats["drop_frac"].item() == 0.0
-
-
-def test_grouped_mm_path_equals_per_expert_loop():
-    layer = MoELayer(MoEConfig(d_model=16, d_ff=32, n_experts=4, top_k=2))
-    ex = layer.experts
-    x = torch.randn(50, 16)
-    counts = torch.tensor([10, 0, 25, 15])  # an expert with no tokens too
-    loop = GroupedSwiGLU.forward_loop(x, counts.tolist(), ex.w1, ex.w3, ex.w2)
-    ex.grouped_mm = True
-    torch.testing.assert_close(ex(x, counts, counts.tolist()), loop, rtol=1e-5, atol=1e-5)
-    for choice in (False, None):  # None: the loop on a CPU
-        ex.grouped_mm = choice
-        assert torch.equal(ex(x, counts, counts.tolist()), loop)
 
 
 class FixedRouter(nn.Module):
@@ -178,17 +167,6 @@ def test_bad_config_is_rejected():
         MoELayer(MoEConfig(n_experts=4), experts=[nn.Identity()])
 
 
-@pytest.mark.parametrize("per_octave", [0, 4, 16])
-def test_bucket_sizes_are_aligned_close_and_few(per_octave):
-    sizes = [bucket_size(c, per_octave) for c in range(1, 4097)]
-    assert bucket_size(0, per_octave) == 0
-    for c, b in zip(range(1, 4097), sizes):
-        assert b >= c and b % 16 == 0
-        assert b - c < max(16, (1 << (c - 1).bit_length()) // max(per_octave, 1) if per_octave else 16)
-    if per_octave:  # per_octave sizes per power of two above 16 * per_octave, multiples of 16 below
-        assert len(set(sizes)) <= per_octave + per_octave * math.log2(4096 / (16 * per_octave))
-
-
 @pytest.mark.parametrize("custom_experts", [False, True])
 def test_padded_token_groups_give_the_unpadded_layer(custom_experts):
     def layer(token_buckets):
@@ -207,36 +185,6 @@ def test_padded_token_groups_give_the_unpadded_layer(custom_experts):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_experts_see_a_bounded_set_of_token_counts(monkeypatch):
-    # routing changes every step; the experts' matmuls must not see a new shape each time
-    seen = set()
-    forward = GroupedSwiGLU.forward
-
-    def record(self, x, counts, counts_list):
-        seen.update(counts_list)
-        return forward(self, x, counts, counts_list)
-
-    monkeypatch.setattr(GroupedSwiGLU, "forward", record)
-    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, n_experts=8, top_k=2, token_buckets=4))
-    for _ in range(40):
-        layer.router.gate.weight.data.normal_()
-        layer(torch.randn(512, 16))
-    assert len(seen) <= 4 * 4 + 1 and all(c % 16 == 0 for c in seen)  # counts up to 1024: 4 octaves, and 0
-
-
-def _saved_bytes(fn):
-    """Bytes of the tensors autograd saves for backward while ``fn`` runs (shared storage once)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    return result, sum(storages.values())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weighted_combine_is_autograds_fp32_combine_without_its_fp32_copy(dtype):
     from lightning_mp.moe import WeightedCombine
@@ -251,8 +199,8 @@ def test_weighted_combine_is_autograds_fp32_combine_without_its_fp32_copy(dtype)
     def reference():
         return torch.zeros(n_tokens, d).index_add_(0, token, out.float() * w[:, None])
 
-    expected, reference_bytes = _saved_bytes(reference)
-    got, saved = _saved_bytes(lambda: WeightedCombine.apply(out, w, token, n_tokens))
+    expected, reference_bytes = saved_bytes(reference)
+    got, saved = saved_bytes(lambda: WeightedCombine.apply(out, w, token, n_tokens))
     assert torch.equal(got, expected)
     grads = torch.autograd.grad(got, (out, w), grad_y)
     expected_grads = torch.autograd.grad(expected, (out, w), grad_y)
