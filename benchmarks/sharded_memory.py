@@ -107,6 +107,9 @@ def run_one(config: str, args: argparse.Namespace) -> None:
     model = MLP(args.layers, args.width, config)
     data = TensorDataset(torch.randn(3 * 8 * args.devices, args.width), torch.randn(3 * 8 * args.devices, 1))
     trainer.fit(model, DataLoader(data, batch_size=8))
+    if torch.distributed.is_initialized():  # every rank done before any leaves (a rare abort at exit otherwise)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if trainer.global_rank == 0:
         Path(args.out).write_text(json.dumps(model.audits))
 

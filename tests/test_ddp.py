@@ -53,6 +53,9 @@ SCRIPT = textwrap.dedent('''
     mine = [i for i in range(len(dataset)) if (i // batch_size) % world == trainer.global_rank]
     data = DataLoader(Subset(dataset, mine), batch_size=batch_size)
     trainer.fit(model, data, ckpt_path=args.get("ckpt_in"))
+    if torch.distributed.is_initialized():  # every rank done before any leaves (a rare abort at exit otherwise)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if args.get("ckpt_out"):
         trainer.save_checkpoint(args["ckpt_out"])
 ''')
@@ -168,6 +171,9 @@ MOE_SCRIPT = textwrap.dedent('''
     batch_size = 4 * 2 // world  # a step's global batch: 2 micro-batches of 8 sequences over all ranks
     mine = [i for i in range(len(dataset)) if (i // batch_size) % world == trainer.global_rank]
     trainer.fit(model, DataLoader(Subset(dataset, mine), batch_size=batch_size))
+    if torch.distributed.is_initialized():  # every rank done before any leaves (a rare abort at exit otherwise)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 ''')
 
 

@@ -110,6 +110,9 @@ SCRIPT = textwrap.dedent('''
     dataset = regression_data(n=args.get("n", 64)).dataset
     mine = [i for i in range(len(dataset)) if (i // 8) % 2 == trainer.global_rank]
     trainer.fit(model, DataLoader(Subset(dataset, mine), batch_size=8), ckpt_path=args.get("resume"))
+    if torch.distributed.is_initialized():  # every rank done before any leaves (a rare abort at exit otherwise)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 ''')
 
 

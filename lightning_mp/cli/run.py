@@ -104,7 +104,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(summary, run_dir)
+    _leave_process_group()
     return summary
+
+
+def _leave_process_group() -> None:
+    """Under DDP/FSDP, every rank waits for the others, then leaves the process group. Lightning's
+    exit handler destroys it without waiting, and a 2-process CPU run was seen to abort at exit
+    ("terminate called without an active exception") after it had finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _training_state(model: L.LightningModule, trainer: L.Trainer) -> dict[str, int]:
