@@ -118,6 +118,11 @@ class GroupedSwiGLU(nn.Module):
         return SlicedSwiGLU.apply(x, w1, w3, w2, token, weight, counts_list, padded_list)
 
 
+def _padded(rows: Tensor, n_rows: int) -> Tensor:
+    """``rows`` with zero rows appended up to ``n_rows`` (no copy when there are that many)."""
+    return rows if rows.shape[0] == n_rows else F.pad(rows, (0, 0, 0, n_rows - rows.shape[0]))
+
+
 class SlicedSwiGLU(torch.autograd.Function):
     """Gather, SwiGLU expert and FP32 weighted combine, one expert's slice at a time.
 
@@ -139,7 +144,7 @@ class SlicedSwiGLU(torch.autograd.Function):
         saved: list[Tensor] = []
         for tok, w, a1, a3, a2, n, padded in zip(token.split(counts_list), weight.split(counts_list), w1.unbind(0),
                                                   w3.unbind(0), w2.unbind(0), counts_list, padded_list):
-            xs_ND = F.pad(x.index_select(0, tok).to(a1.dtype), (0, 0, 0, padded - n))
+            xs_ND = _padded(x.index_select(0, tok).to(a1.dtype), padded)
             pre1_NF, pre3_NF = xs_ND @ a1, xs_ND @ a3
             out_ND = (F.silu(pre1_NF) * pre3_NF) @ a2
             y_TD.index_add_(0, tok, out_ND[:n].float() * w[:, None])  # the combine stays FP32
@@ -171,14 +176,14 @@ class SlicedSwiGLU(torch.autograd.Function):
             grad_ND = grad_y_TD.index_select(0, tok)  # each assignment's token's gradient
             if grad_weight is not None:
                 grad_weight[start:start + n] = (grad_ND * out_ND[:n].float()).sum(-1)
-            grad_out_ND = F.pad((grad_ND * w[:, None]).to(w2.dtype), (0, 0, 0, padded - n))
+            grad_out_ND = _padded((grad_ND * w[:, None]).to(w2.dtype), padded)
             act_NF = F.silu(pre1_NF)  # recomputed: cheaper than keeping it
             if grad_w2 is not None:
                 torch.mm((act_NF * pre3_NF).t(), grad_out_ND, out=grad_w2[e])
             grad_h_NF = grad_out_ND @ w2[e].t()
             grad_pre3_NF = grad_h_NF * act_NF
             grad_pre1_NF = torch.ops.aten.silu_backward(grad_h_NF * pre3_NF, pre1_NF)
-            xs_ND = F.pad(x.index_select(0, tok).to(w1.dtype), (0, 0, 0, padded - n))
+            xs_ND = _padded(x.index_select(0, tok).to(w1.dtype), padded)
             if grad_w1 is not None:
                 torch.mm(xs_ND.t(), grad_pre1_NF, out=grad_w1[e])
             if grad_w3 is not None:
