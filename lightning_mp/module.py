@@ -199,13 +199,26 @@ class MoEModule(L.LightningModule):
         self._batch_start = time.perf_counter()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Lightning's step, then the step's routing: load and imbalance logged and the expert
-        biases moved, from the token counts of every micro-batch of the step (the last one runs
-        inside the step's closure) on every rank."""
+        """Lightning's step, then the step's routing (:meth:`_route_step`): the counts of every
+        micro-batch of the step, the last one run inside the step's closure."""
         super().optimizer_step(*args, **kwargs)
+        self._route_step()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Under manual optimization Lightning calls no ``optimizer_step`` of ours: the step's
+        routing runs here, before each ``opt.step()`` that is not skipped (a skipped step's counts
+        go to the next step; a second optimizer's step in the same batch finds none)."""
+        if not self.automatic_optimization:
+            self._route_step()
+
+    def _route_step(self) -> None:
+        """Load and imbalance logged and the expert biases moved, from every rank's token counts
+        since the last optimizer step."""
         load = self.balance_experts()
+        if not load.any():  # host sync, once per step: no training forward since the last step
+            return
         for i, counts in enumerate(load):
-            share = counts / counts.sum().clamp_min(1)
+            share = counts / counts.sum()
             for e, value in enumerate(share):
                 self.log(f"moe/layer{i}/load_expert{e}", value)
             self.log(f"moe/layer{i}/imbalance", share.max() / share.mean())

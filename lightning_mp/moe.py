@@ -180,7 +180,7 @@ class MoELayer(nn.Module):
         self.z_loss = torch.zeros(())
         self.stats: dict[str, Tensor] = {}
 
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """FP32 routing: ``(logits, scores, top-k weights, top-k expert indices)``, all ``(tokens, ...)``."""
         cfg = self.config
         with torch.autocast(x.device.type, enabled=False):

@@ -228,3 +228,44 @@ def test_expert_bias_moves_once_per_optimizer_step(corpus, accumulate):
     assert moved == [accumulate * s - 1 for s in (1, 2, 3)]  # the last micro-batch of each step
     assert watch.biases[-1].abs().max() <= 3 * 0.01 * 2  # at most 3 moves of at most 2 x rate (centred)
     assert torch.allclose(watch.biases[-1].view(2, 4).sum(-1), torch.zeros(2), atol=1e-6)  # centred per layer
+
+
+def test_expert_bias_and_load_follow_the_steps_under_manual_optimization_with_two_optimizers(corpus):
+    class ManualMoE(MoEModule):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.automatic_optimization = False
+
+        def configure_optimizers(self):
+            experts = [p for n, p in self.named_parameters() if ".experts." in n]
+            rest = [p for n, p in self.named_parameters() if ".experts." not in n]
+            return torch.optim.AdamW(experts, lr=1e-3), torch.optim.AdamW(rest, lr=1e-3)
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            for opt in self.optimizers():
+                opt.zero_grad()
+            self.manual_backward(loss)
+            for opt in self.optimizers():
+                opt.step()
+
+    class Watch(Callback):
+        def __init__(self):
+            self.biases, self.loads = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.biases.append(torch.cat([m.balance.bias.clone() for m in pl_module.moe_layers]))
+            metrics = trainer.callback_metrics
+            self.loads.append([metrics[f"moe/layer1/load_expert{e}"].item() for e in range(4)]
+                              + [metrics["moe/layer1/imbalance"].item()])
+
+    torch.manual_seed(0)
+    model = ManualMoE(d_model=32, n_layers=2, n_heads=2, n_experts=4, d_ff=32, bias_update_rate=0.01, max_seq_len=16)
+    watch = Watch()
+    trainer("bf16-master", max_steps=6, callbacks=[watch]).fit(model, data(corpus))  # 2 optimizers: 3 batches
+    before = [torch.zeros_like(watch.biases[0])] + watch.biases[:-1]
+    assert len(watch.biases) == 3
+    assert all(not torch.equal(b, a) for a, b in zip(before, watch.biases))  # moved at every batch...
+    assert watch.biases[-1].abs().max() <= 3 * 0.01 * 2  # ...once: the second optimizer's step found no counts
+    for *shares, imbalance in watch.loads:  # one batch's load, not emptied by the second optimizer's step
+        assert sum(shares) == pytest.approx(1.0) and imbalance == pytest.approx(max(shares) / 0.25)
