@@ -44,9 +44,19 @@ SCRIPT = textwrap.dedent('''
 
     class Model(TinyRegressor):
         def configure_model(self):
-            if args["strategy"] == "fsdp2":
+            if args["strategy"] == "fsdp2" and args["precision"] == "32-true":  # Lightning's own, FP32 units
+                from torch.distributed.fsdp import fully_shard
+                for unit in (self.norm, self.inp, self.out, self):  # the units plugin.shard() makes
+                    fully_shard(unit, mesh=self.device_mesh["data_parallel"])
+            elif args["strategy"] == "fsdp2":
                 self.trainer.precision_plugin.shard(self, self.device_mesh["data_parallel"],
                                                     blocks=[torch.nn.Linear])
+
+        def forward(self, x):
+            if args.get("fp32_compute"):  # under the plugin's autocast, too
+                with torch.autocast("cpu", enabled=False):
+                    return super().forward(x)
+            return super().forward(x)
 
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
@@ -75,15 +85,21 @@ SCRIPT = textwrap.dedent('''
                 if trainer.global_rank:
                     return
             monitor = [c.last for c in trainer.callbacks if hasattr(c, "every_n_steps")]
-            torch.save({{"state": state, "skipped": trainer.precision_plugin.skipped_steps, "seen": self.seen,
+            skipped = getattr(trainer.precision_plugin, "skipped_steps", 0)  # 0: Lightning's 32-true
+            torch.save({{"state": state, "skipped": skipped, "seen": self.seen,
                         "lr": trainer.optimizers[0].param_groups[0]["lr"], "monitor": monitor}},
                        f"{{args['out']}}/rank{{trainer.global_rank}}.pt")
 
     if args["strategy"] == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=args.get("devices", 2), tensor_parallel_size=1,
                                          save_distributed_checkpoint=not args.get("full_checkpoint"))
-        plugin = FSDP2MasterWeightPrecision(args["precision"], device=args.get("accelerator", "cpu"),
-                                            master=args.get("master", "fp32"))
+        keep = [lambda name, module: True] if args.get("fp32_compute") else None  # every unit FP32
+        if args["precision"] == "32-true":
+            from lightning.pytorch.plugins.precision import Precision
+            plugin = Precision()
+        else:
+            plugin = FSDP2MasterWeightPrecision(args["precision"], device=args.get("accelerator", "cpu"),
+                                                master=args.get("master", "fp32"), keep_fp32=keep)
     elif args["strategy"] == "fsdp":
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         strategy = CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({{torch.nn.Linear}}), state_dict_type="sharded")
@@ -165,6 +181,24 @@ def test_fsdp2_and_fsdp1_train_fp32_shards_as_ddp_does_and_skip_on_both_ranks(fs
             assert expected.abs().max() > 1e-3, key  # it trained
             agree = ((moved - expected).abs() <= 1e-3).float().mean()  # a tenth of an Adam step at lr 1e-2
             assert agree >= 0.9, (kind, key, agree)  # all but sign flips of near-zero bf16 gradients
+
+
+@pytest.mark.slow
+def test_fsdp2_plugin_with_fp32_compute_trains_as_lightnings_32_true_fsdp2_bit_for_bit(tmp_path):
+    """With every unit kept FP32 and the forward under no autocast, the plugin's step (the skip
+    flag all-reduced over the ranks, the held schedulers, clipping by the global norm of DTensor
+    gradients, accumulation, gradients freed after the step) is the same arithmetic as
+    Lightning's 32-true FSDP2 run with the same units and optimizer: equal bit for bit."""
+    common = dict(COMMON, strategy="fsdp2", optimizer="adamw", fp32_compute=True, nan_at=None)
+    ours = run(tmp_path, "ours", **common)
+    lightnings = run(tmp_path, "lightning", **{**common, "precision": "32-true"})
+    torch.manual_seed(0)
+    start = TinyRegressor(lr=1e-2).state_dict()
+    assert ours[0]["seen"] == lightnings[0]["seen"] == {"inp": "torch.float32", "norm": "torch.float32"}
+    assert ours[0]["skipped"] == 0 and ours[0]["lr"] == lightnings[0]["lr"]
+    for key, expected in lightnings[0]["state"].items():
+        assert (expected - start[key]).abs().max() > 1e-3, key  # it trained
+        assert torch.equal(ours[0]["state"][key], expected) and torch.equal(ours[1]["state"][key], expected), key
 
 
 @pytest.mark.slow

@@ -8,7 +8,9 @@ the FP32 masters, sharded. What it lacks, and this plugin adds, is the rest of a
 step: loss scaling for fp16, one decision on every rank to skip a step whose gradients hold an
 inf/NaN anywhere (an all-reduce of one flag), LR schedulers held on a skipped step, a limit on
 skipped steps in a row, and the loss scaler in checkpoints. Norm layers (and any ``keep_fp32``
-module) are sharded with an FP32 policy and compute in FP32.
+module) are sharded with an FP32 policy: FP32 weights, all-gathered in FP32 (norms compute in
+FP32 under autocast; a kept module's matmuls run in FP32 only where it turns autocast off, as
+the MoE router does).
 
 With ``master="remainder"`` (or ``"kahan"``, ``"stochastic"``) the shards are bf16 instead, and
 each one's FP32 value is the shard plus its storage (an int16 remainder: exact), kept by a
@@ -106,15 +108,16 @@ class FSDP2MasterWeightPrecision(Precision):
 
     # -- sharding ------------------------------------------------------------------------------
 
-    def mp_policy(self, fp32: bool = False) -> Any:
+    def mp_policy(self, fp32: bool = False, cast_forward_inputs: bool = True) -> Any:
         """FSDP2's policy: 16-bit compute (FP32 for kept modules), FP32 gradient reduction."""
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        return MixedPrecisionPolicy(param_dtype=torch.float32 if fp32 else self.dtype, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.float32 if fp32 else self.dtype, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=cast_forward_inputs)
 
     def shard(self, module: nn.Module, mesh: Any, blocks: Iterable[type] = ()) -> nn.Module:
         """``fully_shard`` ``module``: the kept (FP32) modules first, each with an FP32 policy,
-        then every instance of ``blocks`` (one FSDP unit each), then ``module`` itself. With
+        then every instance of ``blocks`` outside them (one FSDP unit each), then ``module`` itself. With
         bf16 shards (``master != "fp32"``) the other parameters are cast to bf16 first, their
         exact FP32 values kept by the store, shard by shard."""
         from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -127,10 +130,13 @@ class FSDP2MasterWeightPrecision(Precision):
         for m in kept:
             fully_shard(m, mesh=mesh, mp_policy=self.mp_policy(fp32=True))
         block_types = tuple(blocks)
+        in_kept = {id(sub) for m in kept for sub in m.modules()}  # FP32 units already, whole
         for m in reversed(list(module.modules())):  # inner blocks before the blocks holding them
-            if block_types and isinstance(m, block_types) and m is not module:
+            if block_types and isinstance(m, block_types) and m is not module and id(m) not in in_kept:
                 fully_shard(m, mesh=mesh, mp_policy=self.mp_policy())
-        sharded = fully_shard(module, mesh=mesh, mp_policy=self.mp_policy())
+        # The root leaves the model's inputs as they come, as autocast does on one device: cast to
+        # 16 bits there, float inputs would reach a kept FP32 first layer rounded.
+        sharded = fully_shard(module, mesh=mesh, mp_policy=self.mp_policy(cast_forward_inputs=False))
         self._fp32_compute.update(id(p) for m in kept for p in m.parameters())
         if self.store is not None:
             for name, p in module.named_parameters():
