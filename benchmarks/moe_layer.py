@@ -1,8 +1,11 @@
 """One MoE layer's forward + backward against a dense FFN of equal active parameters and a naive loop.
 
-    python benchmarks/moe_layer.py [--tokens 4096] [--d-model 512] [--d-ff 1024] [--experts 8] [--top-k 2]
+    python benchmarks/moe_layer.py [--tokens 4096] [--d-model 512] [--repeats 15]
+    python benchmarks/moe_layer.py --experts 16 --top-k 4 --d-ff 512     # one shape of your own
 
-Three layers on the same input, timed alternately in one process (median of per-round ratios):
+By default two shapes with the same active parameters per token: 8 experts of d_ff 1024, top-2,
+and 64 experts of d_ff 256, top-8. At each, these layers run on the same input, timed
+alternately in one process (median of per-round ratios):
 
 - ``moe (grouped_mm)`` and ``moe (sliced)``: lightning_mp's MoELayer (FP32 router, sorted
   dropless dispatch, stacked SwiGLU experts) forced onto each of its two paths: one
@@ -127,26 +130,24 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--d-ff", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args()
+# (experts, top_k, d_ff): 8 experts top-2 (Mixtral's routing) and 64 experts top-8 (Qwen3-MoE's), the
+# same active parameters per token at d_ff 1024 and 256
+SHAPES = ((8, 2, 1024), (64, 8, 256))
+TARGETS = "targets: MoELayer's default path at most 1.5x dense at 64 experts top-8 and no slower than HF's " \
+    "grouped_mm block at either shape; the sliced path at most 1.3x the grouped_mm one"
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def run_shape(args: argparse.Namespace, n_experts: int, top_k: int, d_ff: int, device: torch.device) -> None:
+    """Time every layer at one shape, alternating them, and print the table and the target ratios."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    cfg = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, n_experts=args.experts, top_k=args.top_k)
+    cfg = MoEConfig(d_model=args.d_model, d_ff=d_ff, n_experts=n_experts, top_k=top_k)
     moe = MoELayer(cfg).to(device)
     paths = {"moe (grouped_mm)": True, "moe (sliced)": False}  # the path forced while each runs
     layers: dict[str, nn.Module] = {
         **{name: moe for name in paths},
         "moe (autograd's per-slice loop)": AutogradSlices(moe),
-        "dense": SwiGLU(args.d_model, args.top_k * args.d_ff).to(device),
+        "dense": SwiGLU(args.d_model, top_k * d_ff).to(device),
         "naive": NaiveMoE(moe),
         **{name: block.to(device) for name, block in hf_blocks(cfg).items()},
     }
@@ -168,20 +169,43 @@ def main() -> None:
             t = timed(step(name, layer), device)
             if i >= 2:
                 times[name].append(t)
-    dense = times["dense"]
-    print(f"machine: {describe()}")
     moe.experts.grouped_mm = None
-    default = "grouped_mm" if moe.experts.uses_grouped_mm(x) else "sliced"
-    print(f"device: {device}, dtype {dtype}; {args.tokens} tokens, d_model {args.d_model}, {args.experts} experts "
-          f"of d_ff {args.d_ff}, top-{args.top_k}; forward + backward, {args.repeats} alternating rounds; "
-          f"MoELayer's default path here: {default}\n")
+    default = "moe (grouped_mm)" if moe.experts.uses_grouped_mm(x) else "moe (sliced)"
+    print(f"\n## {n_experts} experts of d_ff {d_ff}, top-{top_k}\n")
+    print(f"device: {device}, dtype {dtype}; {args.tokens} tokens, d_model {args.d_model}; forward + backward, "
+          f"{args.repeats} alternating rounds; MoELayer's default path here: {default}\n")
+
+    def ratio(name: str, base: str) -> float:
+        return statistics.median(t / b for t, b in zip(times[name], times[base]))
+
     print("| layer | median ms | ratio to dense (median of per-round ratios) | saved for backward, FP32 / bf16 (MiB) |")
     print("|---|---|---|---|")
     for name, ts in times.items():
-        ratio = statistics.median(t / d for t, d in zip(ts, dense))
         moe.experts.grouped_mm = paths.get(name, False)
         memory = " / ".join(f"{saved_bytes(layers[name], x, d) / 2**20:.0f}" for d in (torch.float32, torch.bfloat16))
-        print(f"| {name} | {1e3 * statistics.median(ts):.1f} | {ratio:.2f}x | {memory} |")
+        print(f"| {name} | {1e3 * statistics.median(ts):.1f} | {ratio(name, 'dense'):.2f}x | {memory} |")
+    hf = "HF Mixtral block (grouped_mm)"
+    versus_hf = f", vs {hf} {ratio(default, hf):.2f}x" if hf in times else ""
+    print(f"\nMoELayer's default path: {ratio(default, 'dense'):.2f}x dense{versus_hf}; sliced path vs grouped_mm "
+          f"path {ratio('moe (sliced)', 'moe (grouped_mm)'):.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--experts", type=int, help="one shape only (with --top-k and --d-ff); default: both shapes")
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"machine: {describe()}")
+    print(TARGETS)
+    shapes = SHAPES if args.experts is None else ((args.experts, args.top_k, args.d_ff),)
+    for shape in shapes:
+        run_shape(args, *shape, device)
 
 
 if __name__ == "__main__":
