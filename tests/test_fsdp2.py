@@ -93,11 +93,11 @@ SCRIPT = textwrap.dedent('''
     if args["strategy"] == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=args.get("devices", 2), tensor_parallel_size=1,
                                          save_distributed_checkpoint=not args.get("full_checkpoint"))
-        keep = [lambda name, module: True] if args.get("fp32_compute") else None  # every unit FP32
         if args["precision"] == "32-true":
             from lightning.pytorch.plugins.precision import Precision
             plugin = Precision()
         else:
+            keep = [lambda name, module: True] if args.get("fp32_compute") else None  # every unit FP32
             plugin = FSDP2MasterWeightPrecision(args["precision"], device=args.get("accelerator", "cpu"),
                                                 master=args.get("master", "fp32"), keep_fp32=keep)
     elif args["strategy"] == "fsdp":
