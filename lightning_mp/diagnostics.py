@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple, Optional
@@ -374,7 +375,9 @@ def _fp32_updates(optimizer: Optimizer, values: list[list[Tensor]]) -> Optional[
         copies.append(params)
     try:
         shadow = type(optimizer)(groups)
-        shadow.load_state_dict(optimizer.state_dict())  # casts the state to the FP32 copies
+        # A deep copy: load_state_dict keeps a tensor that needs no cast (Adam's `step`, FP32
+        # moments) as the very same object, and the shadow's step would advance the real optimizer's.
+        shadow.load_state_dict(copy.deepcopy(optimizer.state_dict()))
         shadow.step()
     except (TypeError, ValueError, RuntimeError, KeyError):
         return None

@@ -1,7 +1,7 @@
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import Dot, regression_data, trainer
+from conftest import Dot, TinyRegressor, fp32_values, inverse_step, regression_data, trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -170,3 +170,78 @@ def test_storage_policies_keep_the_updates_their_weights_cannot(master):
     assert monitor.last["precision/swallowed_frac"] == 0.0  # the remainder (compensation) took each update
     assert monitor.last["precision/swallowed_without_masters"] == 1.0  # the bf16 weight alone could not
     assert monitor.last["precision/update_ratio"] == pytest.approx(1e-4, rel=0.02)
+
+
+# -- watching never changes training: a run with the monitor at every step against one without --
+
+WATCHED = [
+    *[(p, None, o) for p in ("32-true", "bf16-mixed") for o in ("adamw", "adamw-fused", "sgd", "adagrad", "mp-adamw")],
+    *[("bf16-true", None, o) for o in ("adamw", "adamw-fused", "sgd", "adagrad", "sign")],
+    *[("bf16-master", "fp32", o) for o in ("adamw", "adamw-fused", "sgd", "adagrad", "sign", "mp-adamw")],
+    *[("bf16-master", m, o) for m in ("remainder", "kahan", "stochastic") for o in ("mp-adamw", "mp-sgd", "mp-adamw-bf16")],
+    *[("16-master", "fp32", o) for o in ("adamw", "adamw-fused", "sgd")],
+]
+
+
+class Watched(TinyRegressor):
+    def configure_optimizers(self):
+        if self.hparams.optimizer != "mp-adamw-bf16":
+            return super().configure_optimizers()
+        opt = lightning_mp.optim.AdamW(self.parameters(), lr=self.hparams.lr, moment_dtype=torch.bfloat16)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, inverse_step)}
+
+
+def _bits(x):
+    """``x`` with every tensor as its raw bytes (so -0.0 and 0.0, or two NaNs, compare by their bits)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().reshape(-1).view(torch.uint8).clone() if x.dtype != torch.bool else x.clone()
+    if isinstance(x, dict):
+        return {k: _bits(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_bits(v) for v in x]
+    return x
+
+
+def _assert_same_bits(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_bits(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_bits(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _train(precision, master, optimizer, callbacks):
+    torch.manual_seed(0)
+    plugin = {"master": master, **({"init_scale": 2.0**8} if precision == "16-master" else {})} if master else None
+    model = Watched(optimizer=optimizer, scheduler=True)
+    t = trainer(precision, plugin, max_steps=4, callbacks=callbacks)
+    t.fit(model, regression_data())
+    observed = {
+        "weights": dict(model.named_parameters()),  # as stored: 16-bit under bf16-true and *-master
+        "values": fp32_values(t, model),  # what the run holds: its FP32 masters under *-master
+        "optimizer": t.optimizers[0].state_dict(),
+        "scheduler": t.lr_scheduler_configs[0].scheduler.state_dict(),
+        "plugin": t.precision_plugin.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    return _bits(observed)
+
+
+@pytest.mark.parametrize("precision, master, optimizer", WATCHED, ids=["-".join(filter(None, c)) for c in WATCHED])
+def test_the_monitor_leaves_the_run_bit_identical(precision, master, optimizer):
+    monitor = SwallowedUpdateMonitor(every_n_steps=1)
+    watched = _train(precision, master, optimizer, [monitor])
+    assert monitor.last, "the monitor measured nothing"
+    _assert_same_bits(watched, _train(precision, master, optimizer, []))
+
+
+def test_the_memory_audit_leaves_the_run_bit_identical():
+    watched = _train("bf16-master", "stochastic", "mp-adamw-bf16", [Audit()])
+    _assert_same_bits(watched, _train("bf16-master", "stochastic", "mp-adamw-bf16", []))
