@@ -135,3 +135,32 @@ def test_ctrl_c_says_how_to_continue_and_the_resumed_run_ends_as_one(tmp_path, c
     code, _, err = run_cli([a for a in command[1:] if "stop" not in a], capsys, monkeypatch)  # as printed, no Ctrl-C
     assert code == 0, err
     assert summary(tmp_path / "outputs" / "tiny" / "latest")["steps"] == 6
+
+
+def test_the_first_run_does_not_count_the_kernel_build_as_training(tmp_path, capsys, monkeypatch):
+    """On a fresh machine the fused step is built once before the run's clock starts: the summary's
+    time and tokens/s are those of the last step line."""
+    import re
+    import time
+
+    from lightning_mp import fused
+
+    build = fused._build
+
+    def slow_build():  # a cold build takes seconds (13 s on a 2-core AMD EPYC)
+        time.sleep(3.0)
+        return build()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fused, "_build", slow_build)
+    monkeypatch.setattr(fused, "_library", None)
+    monkeypatch.setattr(fused, "_tried", False)  # this process has not loaded the kernel yet
+    code, out, err = run_cli(["trainer.max_steps=10", "trainer.log_every_n_steps=10", "trainer.limit_val_batches=1",
+                              "callbacks=none"], capsys, monkeypatch)
+    assert code == 0, err
+    s = summary(tmp_path / "outputs" / "tiny" / "latest")
+    assert s["fit_seconds"] < 3.0  # the build is not training time
+    last = re.search(r"step 10/10 \| .* \| ([\d.]+k?) tok/s \| (\d+:\d\d) elapsed", out)
+    done = re.search(r"done: 10 steps, (\d+:\d\d), ([\d.]+k?) tok/s", out)
+    assert last and done, out
+    assert (last.group(1), last.group(2)) == (done.group(2), done.group(1))  # the same clock, the same numbers

@@ -92,7 +92,7 @@ class Progress(ProgressBar):
         self.every_n_steps = max(int(every_n_steps), 1)
         self.terminal = sys.stdout.isatty() if terminal is None else terminal
         self._enabled = True
-        self._start = 0.0
+        self._start = self._last = 0.0
         self._first_step = 0
         self._tokens = 0
         self._drawn = 0.0
@@ -106,16 +106,23 @@ class Progress(ProgressBar):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start, self._first_step, self._tokens = time.perf_counter(), trainer.global_step, 0
+        self._last = self._start
+
+    @property
+    def seconds(self) -> float:
+        """Seconds from the start of training to the end of the last step: the clock of the step lines."""
+        return self._last - self._start
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
         self._tokens += getattr(inputs, "numel", lambda: 0)() * trainer.world_size
+        self._last = time.perf_counter()
         if not self._enabled or not trainer.is_global_zero:
             return
         step = trainer.global_step
         last = step == trainer.max_steps
-        now = time.perf_counter()
+        now = self._last
         if self.terminal and (now - self._drawn > 0.1 or last):
             self._drawn = now
             sys.stdout.write("\r\033[K" + self.status(trainer))
@@ -126,7 +133,7 @@ class Progress(ProgressBar):
 
     def status(self, trainer: L.Trainer) -> str:
         step, total = trainer.global_step, trainer.max_steps
-        elapsed = time.perf_counter() - self._start
+        elapsed = self.seconds
         done = step - self._first_step
         parts = [f"step {step}/{total}" if total > 0 else f"step {step}"]
         loss = trainer.callback_metrics.get("train/loss")
