@@ -94,6 +94,28 @@ class TinyRegressor(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class LinearLoss(TinyRegressor):
+    """TinyRegressor's parameters and optimizers with loss = sum_p s * (p . r_p): s the batch's mean input,
+    r_p fixed. Each gradient is s * r_p whatever the weights are, so two runs whose optimizers round
+    apart still get the same gradients, and their difference is the optimizers' round-off alone
+    (roundoff.adamw_bound with :meth:`gradients`)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        g = torch.Generator().manual_seed(1)
+        self.coefficients = {n: torch.randn(p.shape, generator=g) for n, p in self.named_parameters()}
+
+    def training_step(self, batch, batch_idx):
+        s = batch[0].mean()
+        return sum(s * (p.float() * self.coefficients[n]).sum() for n, p in self.named_parameters())
+
+    def gradients(self, data, accumulate: int = 1) -> dict[str, list[torch.Tensor]]:
+        """Each optimizer step's FP32 gradient sum (before clipping or unscaling), by parameter name."""
+        means = [x.mean().double() for x, _ in data]
+        steps = [sum(means[i:i + accumulate]) for i in range(0, len(means) - accumulate + 1, accumulate)]
+        return {n: [s * r.double() for s in steps] for n, r in self.coefficients.items()}
+
+
 def inverse_step(step: int) -> float:
     return 1.0 / (1 + step)
 

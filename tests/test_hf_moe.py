@@ -24,10 +24,15 @@ def tiny(kind: str, **extra):
     else:
         config = transformers.Qwen3MoeConfig(**TINY, moe_intermediate_size=48, num_experts=4, head_dim=8, **extra)
     config._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    config._experts_implementation = "eager"  # HF's loop over experts: it runs in float64 (grouped_mm does not)
+    # float64, so that the two implementations' different summation orders move the logits by at most
+    # gamma_n(2**-53) of the sums' magnitudes (n <= 96 terms: under 1e-12). MoELayer routes in float32 by
+    # design: a few float32 roundings (2**-24 relative) of router probabilities below 1, which reach the
+    # logits (below 10 here) through two layers: atol 1e-6. A weight in the wrong place moves them by > 1e-3.
+    model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
     with torch.no_grad():  # HF's own init leaves the routers at zero: every token would tie
         for p in model.parameters():
-            p.normal_(std=0.1)
+            p.copy_(p.normal_(std=0.1).float())  # float32 values, so a float32 copy of them is exact
     return model
 
 
@@ -40,22 +45,22 @@ def test_import_and_export_keep_the_logits(kind, extra):
     tokens = torch.randint(0, 96, (2, 24))
     with torch.no_grad():
         expected = reference(input_ids=tokens).logits
-    module = MoEModule.from_hf(copy.deepcopy(reference)).eval()
+    module = MoEModule.from_hf(copy.deepcopy(reference)).double().eval()
     assert len(module.moe_layers) == 2 and all(isinstance(m, MoELayer) for m in module.moe_layers)
     with torch.no_grad():
         ours = module(tokens)
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
-    exported = to_hf(module)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    exported = to_hf(module).double()
     assert type(exported) is type(reference)
     with torch.no_grad():
-        torch.testing.assert_close(exported(input_ids=tokens).logits, ours, rtol=0, atol=1e-5)
+        torch.testing.assert_close(exported(input_ids=tokens).logits, ours, rtol=0, atol=1e-6)
     for key, value in reference.state_dict().items():
         assert torch.equal(exported.state_dict()[key], value), key  # every weight back where it was
 
 
 @pytest.mark.slow
 def test_a_bf16_master_fine_tune_of_an_imported_model_trains_and_exports(tmp_path):
-    reference = tiny("qwen3_moe")
+    reference = tiny("qwen3_moe").float()
     module = MoEModule.from_hf(copy.deepcopy(reference), lr=1e-3, warmup_steps=1, decay_steps=10)
     torch.manual_seed(1)
     tokens = torch.randint(0, 96, (16, 17))

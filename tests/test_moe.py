@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import saved_bytes
+from roundoff import U, assert_within, gamma, swiglu_error
 from lightning_mp.experts import GroupedSwiGLU, SwiGLU
 from lightning_mp.moe import MoEConfig, MoELayer
 
@@ -29,6 +30,34 @@ def reference_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def moe_error(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Bound on one float32 evaluation's distance from the exact layer output, both evaluations taking the
+    same routing: each chosen expert's SwiGLU error times its weight, plus the combine's sum of
+    top_k + 1 terms (gamma of its length times the terms' magnitudes, the weights' product included)."""
+    _, _, weights, idx = layer.route(x)
+    x64 = x.detach().double()
+    error = torch.zeros_like(x64)
+    magnitude = torch.zeros_like(x64)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t].detach().double(), idx[t]):
+            ws = _expert_weights(layer.experts, e)
+            error[t] += w.abs() * swiglu_error(x[t : t + 1], *ws)[0]
+            h = F.silu(x64[t] @ ws[0].detach().double()) * (x64[t] @ ws[1].detach().double())
+            magnitude[t] += (w * (h @ ws[2].detach().double())).abs()
+    if layer.shared is not None:
+        w1, w3, w2 = (w.detach().double() for w in _expert_weights([layer.shared], 0))
+        error += swiglu_error(x, w1, w3, w2)
+        magnitude += (F.silu(x64 @ w1) * (x64 @ w3)).abs() @ w2.abs()
+    return error + gamma(layer.config.top_k + 2) * (magnitude + error)
+
+
+def _expert_weights(experts, e):
+    """Expert ``e``'s (w1, w3, w2) as ``x @ w`` operands."""
+    if isinstance(experts, GroupedSwiGLU):
+        return experts.w1[e], experts.w3[e], experts.w2[e]
+    return experts[e].w1.weight.T, experts[e].w3.weight.T, experts[e].w2.weight.T
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -45,7 +74,7 @@ def test_dropless_dispatch_matches_per_token_reference(cfg, custom_experts):
     experts = [SwiGLU(16, 24) for _ in range(config.n_experts)] if custom_experts else None
     layer = MoELayer(config, experts=experts)
     x = torch.randn(37, 16)
-    torch.testing.assert_close(layer(x), reference_moe(layer, x), rtol=1e-5, atol=1e-5)
+    assert_within(layer(x), reference_moe(layer, x), 2 * moe_error(layer, x), "dispatch against the reference")
     assert layer.stats["drop_frac"].item() == 0.0
 
 
@@ -172,17 +201,20 @@ def test_padded_token_groups_give_the_unpadded_layer(custom_experts):
     def layer(token_buckets):
         torch.manual_seed(0)  # the same weights in both
         experts = [SwiGLU(16, 24) for _ in range(4)] if custom_experts else None
-        return MoELayer(MoEConfig(d_model=16, d_ff=24, n_experts=4, top_k=2, token_buckets=token_buckets), experts=experts)
+        return MoELayer(MoEConfig(d_model=16, d_ff=24, n_experts=4, top_k=2, token_buckets=token_buckets),
+                        experts=experts).double()
 
-    x = torch.randn(53, 16, requires_grad=True)
+    # float64: padding changes the matmuls' shapes and so their summation order; two orders differ by at
+    # most 2 gamma_n(2**-53) of the terms' magnitudes, under 1e-13 here (sums of at most 53 terms below 10)
+    x = torch.randn(53, 16, dtype=torch.float64, requires_grad=True)
     results = []
     for m in (layer(4), layer(0)):
         y = m(x)
         results.append((y, torch.autograd.grad(y.square().sum(), [x, *m.parameters()])))
     (y1, g1), (y2, g2) = results
-    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=1e-12)
     for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -204,8 +236,12 @@ def test_weighted_combine_is_autograds_fp32_combine_without_its_fp32_copy(dtype)
     assert torch.equal(got, expected)
     grads = torch.autograd.grad(got, (out, w), grad_y)
     expected_grads = torch.autograd.grad(expected, (out, w), grad_y)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
+    # d/d out: one product per element (its bf16 rounding, of the same value, is the same); d/d w: a dot
+    # product over d in any order, within gamma_d of its magnitudes, for each of the two
+    terms = grad_y[token].abs() * out.detach().float().abs()
+    bounds = (2 * U * (grad_y[token] * w.detach()[:, None]).abs(), 2 * gamma(d) * terms.sum(-1))
+    for g, e, bound in zip(grads, expected_grads, bounds):
+        assert_within(g, e, bound.to(g.dtype).float(), "combine gradient")
     assert saved == out.numel() * out.element_size() + w.numel() * 4 + token.numel() * 8
     if dtype == torch.bfloat16:  # autograd's version keeps an FP32 copy of the expert outputs
         assert reference_bytes - saved >= out.numel() * 2
