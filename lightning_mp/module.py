@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import HalfPrecision, Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from lightning_mp.convert import is_norm_layer
 from lightning_mp.model import Block, MoETransformer, TransformerConfig
@@ -85,6 +86,11 @@ class MoEModule(L.LightningModule):
         )
         self.model: Optional[nn.Module] = None
         self._batch_start: Optional[float] = None
+        # Validation and test losses per token: each batch's mean weighted by its tokens, summed in
+        # float64 and over the ranks (torchmetrics' all-reduce at the epoch's end), so uneven last
+        # batches and uneven ranks count each token once.
+        self.val_token_loss = MeanMetric().set_dtype(torch.float64)
+        self.test_token_loss = MeanMetric().set_dtype(torch.float64)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, **kwargs: Any) -> "MoEModule":
@@ -183,15 +189,21 @@ class MoEModule(L.LightningModule):
         self.log("moe/drop_frac", torch.stack([m.stats["drop_frac"] for m in layers]).mean())
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss = self._lm_loss(batch)
+        self.val_token_loss.update(self._lm_loss(batch), weight=batch[1].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_token_loss.compute()  # one all-reduce under DDP: the same value on every rank
+        self.val_token_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", loss.exp())
-        self.log("val/bits_per_byte", loss / math.log(2))
+        self.log_dict({"val/ppl": loss.exp(), "val/bits_per_byte": loss / math.log(2)})
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss = self._lm_loss(batch)
-        self.log("test/loss", loss)
-        self.log("test/bits_per_byte", loss / math.log(2))
+        self.test_token_loss.update(self._lm_loss(batch), weight=batch[1].numel())
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_token_loss.compute()
+        self.test_token_loss.reset()
+        self.log_dict({"test/loss": loss, "test/bits_per_byte": loss / math.log(2)})
 
     # -- throughput and balancing -------------------------------------------------------------
 
