@@ -8,7 +8,7 @@ of clean steps, so it hovers just below the overflow point.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -31,8 +31,11 @@ class LossScaler:
     Static policy (``dynamic=False``): the scale never changes; overflowing steps are skipped.
 
     Scales are kept as Python floats: ``loss * scale`` needs no device tensor and the policy
-    advances on the host once the step's overflow flag is known there (see the plugin's
-    ``sync_free`` for when that is one step later).
+    advances on the host once the step's overflow flag is known there. A sync-free step (the
+    plugin's ``sync_free``) reads its flag only one step later, so it also advances a copy of
+    the policy on the device (:meth:`advance_on_device`) from the flag itself: the next loss is
+    scaled, and its gradients unscaled, by the scale the synced path would use, with no host sync;
+    :meth:`update` brings the host's floats level when the flag arrives.
     """
 
     def __init__(
@@ -68,14 +71,57 @@ class LossScaler:
         self.scale = float(init_scale)
         self.growth_tracker = 0
         self.hysteresis_tracker = hysteresis
+        # (scale, growth tracker, hysteresis tracker) in float64 on the device, ahead of the floats
+        # above by the sync-free steps whose flags the host has not read yet; None when level
+        self._device_state: Optional[Tensor] = None
 
     def scale_loss(self, loss: Tensor) -> Tensor:
-        """The loss to call ``backward`` on."""
+        """The loss to call ``backward`` on (the float32 product a Python-float scale gives)."""
+        if self._device_state is not None:
+            return loss * self._device_state[0].to(loss.dtype)
         return loss * self.scale
 
     def inv_scale(self, device: torch.device) -> Tensor:
         """``1 / scale`` as a 0-dim float32 tensor, computed in float64 as ``torch.amp.GradScaler`` does."""
+        if self._device_state is not None:
+            return (1.0 / self._device_state[0]).float().to(device)
         return torch.tensor(1.0 / self.scale, dtype=torch.float64).float().to(device)
+
+    def current(self) -> Union[float, Tensor]:
+        """The scale the next backward uses: the host's float, or the device's ahead of it."""
+        return self.scale if self._device_state is None else self._device_state[0]
+
+    def host_inv_scale(self) -> float:
+        """``1 / scale`` as a float for kernels that take one. Reads the device's scale where it is
+        ahead only on a CPU (free); a CUDA one would cost a host sync, and CPU kernels do not see
+        CUDA gradients."""
+        state = self._device_state
+        return 1.0 / (float(state[0]) if state is not None and state.device.type == "cpu" else self.scale)
+
+    def advance_on_device(self, found_inf: Tensor) -> None:
+        """Advance the device's copy of the policy by one step whose flag ``found_inf`` (a 0-dim
+        tensor) stays on the device: the same rules as :meth:`update`, as tensor ops. At the minimum
+        scale it stays there; the host raises :class:`LossScaleError` when it reads the flag."""
+        if not self.dynamic:
+            return
+        state = self._device_state
+        if state is None:
+            state = torch.tensor([self.scale, self.growth_tracker, self.hysteresis_tracker], dtype=torch.float64,
+                                 device=found_inf.device)
+        scale, growth, hysteresis = state.unbind()
+        clean = found_inf == 0
+        growth = torch.where(clean, growth + 1, 0.0)
+        grow = clean & (growth == self.growth_interval)
+        growth = torch.where(grow, 0.0, growth)
+        hysteresis = torch.where(grow, float(self.hysteresis), torch.where(clean, hysteresis, (hysteresis - 1).clamp(min=0)))
+        back_off = ~clean & (hysteresis == 0)
+        scale = torch.where(grow, scale * self.growth_factor,
+                            torch.where(back_off, (scale * self.backoff_factor).clamp(min=self.min_scale), scale))
+        self._device_state = torch.stack([scale, growth, hysteresis])
+
+    def level(self) -> None:
+        """The host's floats are the policy again (every flag read, or a synced step taken)."""
+        self._device_state = None
 
     def update(self, found_inf: bool) -> None:
         """Advance the policy after one optimizer step (``found_inf``: the step was skipped)."""
@@ -109,6 +155,7 @@ class LossScaler:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._device_state = None
         self.scale = float(state_dict["scale"])
         self.growth_tracker = int(state_dict["growth_tracker"])
         self.hysteresis_tracker = int(state_dict["hysteresis_tracker"])

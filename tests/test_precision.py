@@ -338,6 +338,44 @@ def test_sync_free_steps_equal_synced_steps_bit_for_bit():
     assert runs[0].precision_plugin.state_dict() == runs[1].precision_plugin.state_dict()
 
 
+class ScaledOverflow(TinyRegressor):
+    """Overflows (an inf loss) at steps 2 and 3 (hysteresis 2: the second backs off) and 6."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx in (2, 3, 6) else loss
+
+    def configure_optimizers(self):
+        cls = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.SGD
+        return cls(self.parameters(), lr=self.hparams.lr, fused=True)  # fused: skips on the device
+
+
+class LossScales(Callback):
+    def __init__(self):
+        self.scales = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.scales.append(float(trainer.precision_plugin.scaler.current()))  # the scale this step's loss gets
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_sync_free_steps_equal_synced_steps_bit_for_bit_while_the_scale_changes(optimizer):
+    # growth every clean step, two overflows in a row (hysteresis, then a back-off), recovery, one more
+    runs, scales = [], []
+    for sync_free in (False, True):
+        torch.manual_seed(0)
+        watch = LossScales()
+        plugin = MasterWeightPrecision("16-master", init_scale=4.0, growth_interval=1, sync_free=sync_free)
+        t = trainer(plugin, max_steps=10, callbacks=[watch])
+        t.fit(ScaledOverflow(optimizer=optimizer), regression_data(n=80))
+        runs.append(t)
+        scales.append(watch.scales)
+    assert scales[0] == scales[1] == [4, 8, 16, 16, 8, 16, 32, 32, 64, 128]  # step 6: hysteresis only
+    assert _same(masters(runs[0]), masters(runs[1]))
+    assert _same(runs[0].optimizers[0].state_dict(), runs[1].optimizers[0].state_dict())
+    assert runs[0].precision_plugin.state_dict() == runs[1].precision_plugin.state_dict()
+
+
 def test_sync_free_is_for_cuda_and_fused_optimizers_by_default():
     runner = MasterWeightPrecision("bf16-master", device="cpu").step_runner
     fused = torch.optim.AdamW([nn.Parameter(torch.ones(2))], fused=True)

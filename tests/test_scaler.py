@@ -72,3 +72,25 @@ def test_state_dict_round_trip_keeps_hysteresis():
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         LossScaler(**kwargs)
+
+
+@pytest.mark.parametrize("growth_interval, hysteresis, backoff", [(1, 1, 0.5), (3, 2, 0.5), (2, 3, 0.25)])
+def test_the_device_policy_follows_the_host_policy_step_for_step(growth_interval, hysteresis, backoff):
+    """Sync-free steps advance the policy on the device from the flag alone; the host's floats,
+    advanced when the flag is read, agree after every step (growths, hysteresis, back-offs, the floor)."""
+    g = torch.Generator().manual_seed(growth_interval + hysteresis)
+    flags = (torch.rand(200, generator=g) < 0.3).tolist()
+    host = LossScaler(2.0**6, growth_interval=growth_interval, hysteresis=hysteresis, backoff_factor=backoff,
+                      min_scale=1.0)
+    device = LossScaler(2.0**6, growth_interval=growth_interval, hysteresis=hysteresis, backoff_factor=backoff,
+                        min_scale=1.0)
+    for flag in flags:
+        device.advance_on_device(torch.tensor(float(flag)))
+        try:
+            host.update(flag)
+        except LossScaleError:  # the host raises at the floor; the device stays there
+            assert float(device.current()) == host.min_scale
+            return
+        assert float(device.current()) == host.scale  # trackers included: a wrong one shows in a later scale
+        assert device.scale_loss(torch.tensor(3.0)).item() == host.scale_loss(torch.tensor(3.0)).item()
+        assert torch.equal(device.inv_scale(torch.device("cpu")), host.inv_scale(torch.device("cpu")))

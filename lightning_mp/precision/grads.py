@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -123,9 +123,10 @@ class FP32Grads:
                 self._taken.add(p)
         return out, done, found
 
-    def give_back(self, scale: Optional[float] = None) -> None:
-        """Another backward before the step: the taken sums accumulate again (re-scaled if unscaled)."""
-        if scale is not None and scale != 1.0:
+    def give_back(self, scale: Union[float, Tensor, None] = None) -> None:
+        """Another backward before the step: the taken sums accumulate again (re-scaled if unscaled;
+        ``scale`` a float or a 0-dim tensor)."""
+        if scale is not None and not (isinstance(scale, float) and scale == 1.0):
             taken = [self._sums[p] for p in self._taken if p in self._sums]
             if taken:
                 torch._foreach_mul_(taken, scale)

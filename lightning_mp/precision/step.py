@@ -102,7 +102,7 @@ class MasterStep:
             if not stored:
                 self.store.ensure(half, "fp32")  # a parameter joining late gets its master, from its exact value
             upcast = not stored or self.reducer is not None
-            scale = None if stored or self.reducer is not None else (1.0 if self.scaler is None else 1.0 / self.scaler.scale)
+            scale = None if stored or self.reducer is not None else (1.0 if self.scaler is None else self.scaler.host_inv_scale())
             fp32, done, found = self.grads.take(half, upcast=upcast, inv_scale=scale)
         prepared = Prepared(params, fp32, torch.zeros(()), stored=stored, unscaled=not stored)
         grads = prepared.grads()
@@ -121,7 +121,7 @@ class MasterStep:
         """Another backward before the step: prepared gradients go back to accumulating."""
         if self._prepared and self.grads is not None:
             unscaled = any(p.unscaled for p in self._prepared.values())
-            self.grads.give_back(self.scaler.scale if unscaled and self.scaler is not None else None)
+            self.grads.give_back(self.scaler.current() if unscaled and self.scaler is not None else None)
         self._prepared.clear()
 
     # -- 3a. clipping -------------------------------------------------------------------------
@@ -177,6 +177,8 @@ class MasterStep:
                     finally:
                         del optimizer.found_inf, optimizer.grad_scale
                 self.skips.defer(optimizer, prepared.found_inf)
+                if self.scaler is not None:  # the next loss's scale, from the flag, on the device
+                    self.scaler.advance_on_device(prepared.found_inf)
             else:
                 overflowed = bool(prepared.found_inf.item())  # the step's one host sync
                 if not overflowed:
@@ -185,6 +187,8 @@ class MasterStep:
                         self._hand_transforms(optimizer, prepared)
                         optimizer.step(**kwargs)
                 self.skips.record(optimizer, overflowed, lambda: self.describe(prepared))
+                if self.scaler is not None:
+                    self.scaler.level()  # settled above and recorded: the host's floats are the policy
         finally:
             self.release(optimizer, prepared, keep_grads)
 
