@@ -308,7 +308,9 @@ def _sum_over_ranks(groups: list["_Counts"]) -> None:
     """Every rank's counts summed (one all-reduce); the medians stay this rank's samples."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or not groups:
         return
-    device = next((r.device for c in groups for r in c.ratios), torch.device("cpu"))
+    from lightning_mp.precision.skips import collective_device  # a circular import at module level
+
+    device = next((r.device for c in groups for r in c.ratios), None) or collective_device()
     counts = torch.tensor([[c.moved, c.swallowed, c.without_masters] for c in groups], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(counts)
     for c, (moved, swallowed, without) in zip(groups, counts.tolist()):

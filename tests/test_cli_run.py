@@ -98,6 +98,7 @@ def test_logger_none_runs(tmp_path, capsys, monkeypatch):
 def test_each_sweep_job_reports_its_own_peak_memory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(["--multirun", "data.batch_size=768,4", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+                            "trainer.accelerator=cpu",  # the process RSS: a CPU run's memory, on any machine
                         "data.max_bytes=400000", "callbacks=none", "model.d_model=128"], capsys, monkeypatch)
     assert code == 0, err
     sweep = (tmp_path / "multirun" / "tiny" / "latest").resolve()
@@ -164,3 +165,15 @@ def test_the_first_run_does_not_count_the_kernel_build_as_training(tmp_path, cap
     done = re.search(r"done: 10 steps, (\d+:\d\d), ([\d.]+k?) tok/s", out)
     assert last and done, out
     assert (last.group(1), last.group(2)) == (done.group(2), done.group(1))  # the same clock, the same numbers
+
+
+def test_a_cpu_run_on_a_gpu_machine_reports_its_own_memory(tmp_path, capsys, monkeypatch):
+    """summary.json's peak memory is the run's device's: a CPU run on a machine with CUDA reports its
+    process RSS, not CUDA's counter (about 0 for it)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the CLI asks
+    code, _, err = run_cli(["trainer.accelerator=cpu", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+                            "data.max_bytes=100000", "callbacks=none"], capsys, monkeypatch)
+    assert code == 0, err
+    s = summary(tmp_path / "outputs" / "tiny" / "latest")
+    assert s["peak_memory_kind"] == "process peak RSS during this run" and s["peak_memory_bytes"] > 100e6

@@ -47,6 +47,7 @@ class Probe(Callback):
         self.optimizer_dtypes = {p.dtype for g in trainer.optimizers[0].param_groups for p in g["params"]}
         for name in ("inp", "norm"):
             layer = getattr(pl_module, name)
+            layer = getattr(layer, "module", layer)  # inside an FSDP wrapper, whose own hook runs before unsharding
             layer.register_forward_pre_hook(lambda m, args, name=name: self.seen.setdefault(name, m.weight.dtype))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

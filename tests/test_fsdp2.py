@@ -370,3 +370,17 @@ def test_trainer_fsdp2_runs_the_default_recipe_on_two_processes_and_resumes_as_o
     plain = MoEModule(**{k: v for k, v in checkpoint["hyper_parameters"].items()})
     plain.configure_model()
     plain.load_state_dict(state)  # a plain FP32 model, unsharded
+
+
+def test_autocast_device_is_the_runs_not_the_machines(one_rank, monkeypatch):
+    """On a GPU machine a CPU run (a CPU mesh) still autocasts the CPU: the device comes from the mesh."""
+    from lightning_mp.precision import FSDP2MasterWeightPrecision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the plugin asks
+    plugin = FSDP2MasterWeightPrecision("bf16-master")
+    model = TinyRegressor()
+    plugin.shard(model, one_rank)
+    plugin.convert_module(model)
+    with plugin.forward_context():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert model(torch.randn(2, 8)).dtype == torch.bfloat16  # computed in bf16, not silently FP32

@@ -137,3 +137,19 @@ def test_fp16_endless_overflow_ends_at_the_minimum_scale_naming_the_loss():
     plugin = mode_plugin(("16-master", "fp32"), init_scale=2.0**4, min_scale=1.0)
     with pytest.raises(LossScaleError, match="minimum loss scale.*What went non-finite: the loss is nan"):
         trainer(plugin, max_steps=40).fit(model, regression_data(n=8, batch_size=1))
+
+
+def test_collectives_take_the_process_groups_device(monkeypatch):
+    """A rank with no gradients still joins the all-reduce, with a tensor on the group's device:
+    NCCL's GPU (a CPU tensor fails there), gloo's CPU."""
+    import torch.distributed as dist
+
+    from lightning_mp.precision.skips import collective_device
+
+    assert collective_device() == torch.device("cpu")  # no process group
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert collective_device() == torch.device("cpu")

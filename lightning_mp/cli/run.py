@@ -72,9 +72,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validations = _Validations()
     trainer.callbacks += [validations, _Interrupted(run_dir)]
     progress = next(c for c in trainer.callbacks if isinstance(c, Progress))
-    if trainer.strategy.root_device.type == "cpu":
+    device = trainer.strategy.root_device.type  # the run's device, not the machine's
+    if device == "cpu":
         fused.available()  # the one-time build of the CPU step kernel, before the run's clock starts
-    memory_kind = _reset_peak_memory()
+    memory_kind = _reset_peak_memory(device)
     trainer.fit(model, datamodule, ckpt_path=ckpt)
     elapsed = progress.seconds  # the step lines' clock: the summary agrees with the last one
     if trainer.is_global_zero:  # after training: processes Lightning starts during fit resolve `latest` too
@@ -97,7 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "skipped_steps": metrics.get("precision/skipped_steps", 0.0),
         "tokens_per_sec": progress.tokens / elapsed if elapsed > 0 else None,
         "fit_seconds": elapsed,
-        "peak_memory_bytes": _peak_memory(),
+        "peak_memory_bytes": _peak_memory(device),
         "peak_memory_kind": memory_kind,
         "n_params": sum(p.numel() for p in model.parameters()),
         "bytes_per_param": bytes_per_param(_training_state(model, trainer))["total"],
@@ -169,9 +170,9 @@ def _point_latest(run_dir: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _reset_peak_memory() -> str:
-    """Start measuring this job's peak (a --multirun runs its jobs in one process)."""
-    if torch.cuda.is_available():
+def _reset_peak_memory(device: str) -> str:
+    """Start measuring this job's peak on ``device`` (a --multirun runs its jobs in one process)."""
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return "cuda max_memory_allocated"
     gc.collect()  # the previous job's tensors, and (glibc) the freed memory malloc still holds
@@ -186,8 +187,8 @@ def _reset_peak_memory() -> str:
         return "process peak RSS since the process started"
 
 
-def _peak_memory() -> int:
-    if torch.cuda.is_available():
+def _peak_memory(device: str) -> int:
+    if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

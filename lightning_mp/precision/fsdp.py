@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from lightning_mp.convert import _TORCH_NORMS
 from lightning_mp.model import RMSNorm
-from lightning_mp.precision.master import MASTER_DTYPES
+from lightning_mp.precision.master import MASTER_DTYPES, device_type
 from lightning_mp.precision.skips import SkipTracker, sharded_step
 
 
@@ -79,7 +79,7 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             scaler = ShardedGradScaler(
-                device=device or "cuda",  # its default is CUDA, and on another device it disables itself
+                device=device or "cuda",  # rebuilt in connect for the run's device when none is given
                 init_scale=init_scale,
                 growth_factor=growth_factor,
                 backoff_factor=backoff_factor,
@@ -92,7 +92,7 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         self.precision = precision  # type: ignore[assignment]
         self.dtype = MASTER_DTYPES[precision]
         self.keep_fp32 = tuple(keep_fp32)
-        self.device = device or "cuda"
+        self.device = device  # None: the run's, from the wrapped model in connect
         self._root: Optional[nn.Module] = None
         self.skips = SkipTracker(None, max_consecutive_skips)  # bf16-master's skips; 16-master: the scaler's
 
@@ -108,12 +108,20 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         )
 
     def forward_context(self) -> AbstractContextManager:
-        return torch.autocast(self.device, dtype=self.dtype)
+        return torch.autocast(self.device or "cpu", dtype=self.dtype)
 
     def connect(
         self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
         self._root = model  # the root FSDP module, whose clip_grad_norm_ sees every shard
+        if self.device is None:
+            self.device = device_type(model)
+            if self.scaler is not None and self.device != "cuda":  # torch's scaler disables itself off its device
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                s = self.scaler
+                self.scaler = ShardedGradScaler(device=self.device, init_scale=s._init_scale, growth_factor=s._growth_factor,
+                                                backoff_factor=s._backoff_factor, growth_interval=s._growth_interval)
         self.skips.watch_schedulers(model, lr_schedulers)
         return super().connect(model, optimizers, lr_schedulers)
 

@@ -43,7 +43,8 @@ from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, _matcher
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim.base import _StoredMasterOptimizer
 from lightning_mp.precision.fsdp2_grads import FP32GradShards
-from lightning_mp.precision.master import MASTER_DTYPES, _lightning_module, _make_scaler, check_master_options
+from lightning_mp.precision.master import (MASTER_DTYPES, _lightning_module, _make_scaler, check_master_options,
+                                          device_type)
 from lightning_mp.precision.step import _unwrap
 from lightning_mp.precision.skips import SkipTracker, sharded_step, step_gradients
 from lightning_mp.storage import like, local
@@ -90,7 +91,7 @@ class FSDP2MasterWeightPrecision(Precision):
         self.precision = precision  # type: ignore[assignment]
         self.dtype = MASTER_DTYPES[precision]
         self.keep_fp32 = tuple(DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device  # None: the run's, from the mesh (shard) or the sharded model (convert_module)
         self.scaler = _make_scaler(precision, loss_scale, init_scale, growth_factor, backoff_factor,
                                    growth_interval, hysteresis, min_scale)
         self.skips = SkipTracker(self.scaler, max_consecutive_skips)
@@ -122,6 +123,7 @@ class FSDP2MasterWeightPrecision(Precision):
         exact FP32 values kept by the store, shard by shard."""
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        self.device = self.device or mesh.device_type
         matchers = [_matcher(entry) for entry in self.keep_fp32]
         kept = [m for name, m in module.named_modules() if name and (getattr(m, "keep_fp32", False) is True
                                                                       or any(f(name, m) for f in matchers))]
@@ -186,10 +188,11 @@ class FSDP2MasterWeightPrecision(Precision):
             if p.dtype != torch.float32 and not kept:
                 raise ValueError(f"a {p.dtype} parameter: under {self.precision} with master={self.master!r} the "
                                  "sharded parameters are the FP32 masters; shard with plugin.shard()")
+        self.device = self.device or device_type(module)
         return module
 
     def forward_context(self) -> AbstractContextManager:
-        return torch.autocast(self.device, dtype=self.dtype)
+        return torch.autocast(self.device or "cpu", dtype=self.dtype)
 
     # -- the step --------------------------------------------------------------------------------
 

@@ -153,9 +153,7 @@ class MasterWeightPrecision(Precision):
         self.store.track(module, (p for o in raw for g in o.param_groups for p in g["params"]))
         if self.master == "fp32":
             self.grads.attach(p for p in self.store.params() if p.requires_grad)  # also for a raw loss.backward()
-        if self.device is None:
-            param = next(model.parameters(), None)
-            self.device = param.device.type if param is not None else "cpu"
+        self.device = self.device or device_type(model)
         self.step_runner.device = self.device
         self.skips.watch_schedulers(module, lr_schedulers)
         if isinstance(model, DistributedDataParallel):
@@ -194,7 +192,7 @@ class MasterWeightPrecision(Precision):
 
     def forward_context(self) -> AbstractContextManager:
         """Autocast to the 16-bit dtype, so the op-level FP32 lists (softmax, losses, norms) apply."""
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = self.device or (device_type(self._module) if self._module is not None else "cpu")
         return torch.autocast(device, dtype=self.dtype)
 
     def pre_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
@@ -355,6 +353,13 @@ def check_master_options(precision: str, master: str, max_consecutive_skips: Opt
         raise ValueError(f"master={master!r} stores bfloat16 {kept}: use it with 'bf16-master', not {precision!r}")
     if max_consecutive_skips is not None and max_consecutive_skips < 1:
         raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}")
+
+
+def device_type(model: nn.Module) -> str:
+    """Where ``model`` runs (its first parameter's device type; a DTensor's is its mesh's): the
+    autocast device of a plugin not given one, taken from the run rather than from the machine."""
+    param = next(model.parameters(), None)
+    return param.device.type if param is not None else "cpu"
 
 
 def _lightning_module(model: nn.Module) -> nn.Module:

@@ -124,7 +124,7 @@ def any_rank_nonfinite(grads: list[Tensor]) -> bool:
     """Whether any gradient on any rank holds an inf or NaN: one all-reduce of one flag, one host
     sync (sharded gradients, FSDP's and DTensors, are checked shard by shard)."""
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-    device = local[0].device if local else torch.device("cpu")
+    device = local[0].device if local else collective_device()  # a rank with no gradients still takes part
     flag = torch.zeros((), device=device)
     for g in local:
         if g.numel():
@@ -132,6 +132,14 @@ def any_rank_nonfinite(grads: list[Tensor]) -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def collective_device() -> torch.device:
+    """The device the default process group's collectives take tensors on: NCCL's GPU, else the CPU."""
+    if (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_backend() == "nccl"):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def step_gradients(optimizer: Optimizer, held: Optional[dict[Tensor, Tensor]] = None) -> dict[Tensor, Tensor]:
