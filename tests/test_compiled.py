@@ -83,3 +83,64 @@ def test_the_step_compiles_once_per_kind_never_per_step_size_or_group(monkeypatc
 def test_compiled_adamw_under_fp32_masters_trains_as_torchs():
     # accumulated micro-batches (FP32 sums), clipping by norm: the compiled step on the plugin's masters
     assert_trains_as_torchs_adamw("bf16-master", ("mp-adamw-compiled",))
+
+
+def _two_groups(compile, moment_dtype=torch.bfloat16):
+    """bf16 weights of 1 and 40 elements in a minimizing and a maximizing group."""
+    torch.manual_seed(0)
+    params = [torch.zeros(s, dtype=BF16, requires_grad=True) for s in ((1,), (40,), (1,), (8, 5))]
+    opt = AdamW([{"params": params[:2]}, {"params": params[2:], "maximize": True}], lr=1e-2, master="remainder",
+                moment_dtype=moment_dtype, compile=compile)
+    for p in params:
+        opt.set_master(p, torch.randn(p.shape))
+    return params, opt
+
+
+def test_compiled_variants_stay_under_dynamos_recompile_limit(monkeypatch):
+    # Four variants of one step (maximize or not, a one-element tensor or not): one compiled function
+    # each, so none recompiles past a limit of 2 (dynamo's default is 8; with fullgraph it raises)
+    from roundoff import adamw_bound
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    results, grads, values = [], [], []
+    for compile in (False, True):
+        params, opt = _two_groups(compile, moment_dtype=torch.float32)
+        for _ in range(3):
+            if not compile:
+                values.append([opt.master_value(p).clone() for p in params])
+            for p in params:
+                p.grad = torch.randn(p.shape).to(BF16)
+                if not compile:
+                    grads.append(p.grad.float())
+            opt.step()
+        results.append([opt.master_value(p) for p in params])
+    for k, (eager, fast) in enumerate(zip(*results)):
+        bound = adamw_bound([grads[4 * t + k] for t in range(3)], [values[t][k] for t in range(3)], lr=1e-2,
+                            weight_decay=1e-2)  # (lightning_mp's AdamW default)
+        assert_within(fast, eager, bound, f"parameter {k}")
+        assert not torch.equal(eager, values[0][k])  # it trained
+
+
+def test_a_compile_that_fails_falls_back_to_the_eager_step_with_one_warning(monkeypatch):
+    def broken(op, variant):
+        def fail(*args):
+            raise RuntimeError("no working C compiler for Triton's launcher\nmore detail")
+        return fail
+
+    monkeypatch.setattr(compiled, "_compiled", broken)
+    monkeypatch.setattr(compiled, "_CHECKED", {})
+    runs = []
+    for compile in (False, True):
+        params, opt = _two_groups(compile)
+        with pytest.warns(UserWarning) as record:
+            import warnings
+            warnings.warn("a marker", UserWarning)  # pytest.warns needs one warning in any case
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.ones(p.shape, dtype=BF16)
+                opt.step()
+        fallbacks = [w for w in record if "torch.compile could not build the adamw step" in str(w.message)]
+        assert len(fallbacks) == (2 if compile else 0)  # one per variant tried (maximize or not), then silent
+        assert all("\n" not in str(w.message) and "no working C compiler" in str(w.message) for w in fallbacks)
+        runs.append([opt.master_value(p) for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))  # the eager step, untouched by the failed compiles

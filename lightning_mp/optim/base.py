@@ -233,8 +233,8 @@ class _StoredMasterOptimizer(Optimizer):
     ) -> bool:
         """Step ``items`` (one device and dtype) through the fused kernel; ``False`` where it does
         not apply (``compile=False``, no compiler, CUDA or non-contiguous tensors): nothing was done."""
-        if self.compile is not None or not fused.available():
-            return False
+        if self.compile is not None or items[0].param.device.type != "cpu" or not fused.available():
+            return False  # (the kernel is built only for a step on CPU tensors)
         kind = self._policy(items[0].param)  # one per bucket: the parameters share a dtype
         code = fused.F32_PARAM if kind is None else fused.KIND[kind]
         calls: dict[torch.dtype, list[fused.Segment]] = {}
@@ -276,9 +276,9 @@ class _StoredMasterOptimizer(Optimizer):
         if factor is not None:
             hf[:, 0] = factor.to(device)  # stays on the device: no host sync
         hi = compiled.noise_keys(self.seed, self._noise_step, [item.first for item in items], device)
-        step = compiled.compiled(self._kernel)
         signature = (type(self).__name__, kind, items[0].param.dtype, self.moment_dtype, device.type)
         start = None if signature in compiled.REPORTED else time.perf_counter()
+        calls = []
         for item, f, i in zip(items, hf.unbind(0), hi):
             p = item.param
             s = None if kind is None else self.store.storage(p)
@@ -286,7 +286,12 @@ class _StoredMasterOptimizer(Optimizer):
             args = self._compiled_args(kind, group, local(p), s, local(item.grad), state, f, i)
             if all(a.is_contiguous() for a in args if isinstance(a, Tensor)):  # flat: one graph for every shape
                 args = tuple(compiled.flat(a) if isinstance(a, Tensor) else a for a in args)
-            step(*args)
+            calls.append(args)
+        # every tensor's variant compiled (on copies) before any is stepped: a failure leaves all to the eager path
+        if not all(compiled.check(self._kernel, args) for args in calls):
+            return False
+        for args in calls:
+            compiled.step(self._kernel, args)
         if start is not None:
             compiled.report(signature, time.perf_counter() - start)
         return True

@@ -13,6 +13,9 @@ additions wrap as the C++ kernel's do; noise is a 32-bit hash of (key, element i
 
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
 from functools import cache
 from typing import Callable, Optional
 
@@ -130,9 +133,43 @@ def _sgd(kind: Optional[str], maximize: bool, decays: bool, nesterov: bool, w: T
 
 
 @cache
-def compiled(op: str) -> Callable[..., None]:
-    """The compiled AdamW (``"adamw"``) or SGD step over one tensor (compiled lazily, at its first call)."""
+def _compiled(op: str, variant: tuple) -> Callable[..., None]:
+    """One compiled step per ``variant`` (storage kind, flags, each argument's dtype and rank): dynamo
+    then only specializes sizes 0, 1 and the rest, three graphs, under its recompile limit of 8 that
+    one shared function with every variant would hit (and, with ``fullgraph``, raise at)."""
     return torch.compile(_adamw if op == "adamw" else _sgd, dynamic=True, fullgraph=True)
+
+
+_CHECKED: dict[tuple, bool] = {}  # (op, variant, size class) -> whether it compiled and ran
+
+
+def _key(op: str, args: tuple) -> tuple[str, tuple, int]:
+    variant = tuple((a.dtype, a.dim()) if isinstance(a, Tensor) else a for a in args)
+    weight = next(a for a in args if isinstance(a, Tensor))
+    return op, variant, min(weight.numel(), 2)  # dynamo specializes sizes 0 and 1
+
+
+def check(op: str, args: tuple) -> bool:
+    """Whether the compiled ``op`` runs on arguments like ``args`` (one tensor's). A variant's first
+    check compiles it and runs it on copies of the tensors, so a compile that fails (a missing host
+    compiler, a Triton error) leaves the optimizer's state untouched; the caller then steps with
+    the eager path, after one warning."""
+    key = _key(op, args)
+    if key not in _CHECKED:
+        try:
+            _compiled(op, key[1])(*(a.clone() if isinstance(a, Tensor) else a for a in args))
+            _CHECKED[key] = True
+        except Exception as err:  # dynamo, inductor and Triton raise many kinds: any failure falls back
+            _CHECKED[key] = False
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            warnings.warn(f"lightning-mp: torch.compile could not build the {op} step ({first}); this optimizer "
+                          "steps with torch's foreach ops instead", stacklevel=4)
+    return _CHECKED[key]
+
+
+def step(op: str, args: tuple) -> None:
+    """The compiled ``op`` on one tensor's ``args`` (after :func:`check`)."""
+    _compiled(op, _key(op, args)[1])(*args)
 
 
 def flat(t: Tensor) -> Tensor:
@@ -142,11 +179,13 @@ def flat(t: Tensor) -> Tensor:
 
 
 def available(device: torch.device) -> bool:
-    """Whether ``torch.compile`` can generate code for ``device`` here (Triton on CUDA, a C++ compiler on CPU)."""
+    """Whether ``torch.compile`` can generate code for ``device`` here: Triton and the host C compiler
+    it builds its launchers with on CUDA, a C++ compiler on CPU (a first compile that still fails
+    falls back, see :func:`step`)."""
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
-        return has_triton()
+        return has_triton() and any(shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c)
     if device.type == "cpu":
         from lightning_mp import fused
 
