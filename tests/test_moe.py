@@ -300,3 +300,25 @@ def test_global_balancing_loss_is_the_micro_batchs_in_one_process():
     assert torch.equal(local.aux_loss, glob.aux_loss)  # across ranks: tests/test_ddp.py
     with pytest.raises(ValueError, match="aux_loss_scope"):
         MoEConfig(aux_loss_scope="batch")
+
+
+def test_a_moe_layer_syncs_with_the_host_once_per_forward(monkeypatch):
+    """The per-expert slice sizes are the layer's one host sync (documented at the tolist); the
+    backward and the losses and statistics add none. Counted by instrumenting the ways a tensor
+    reaches the host."""
+    calls = []
+    for name in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for cfg in (dict(), dict(capacity_factor=1.0), dict(n_shared_experts=1, token_buckets=4)):
+        layer = MoELayer(MoEConfig(d_model=16, d_ff=24, n_experts=4, top_k=2, **cfg))
+        x = torch.randn(37, 16, requires_grad=True)
+        calls.clear()
+        y = layer(x)
+        (y.square().sum() + layer.aux_loss + layer.z_loss).backward()
+        assert calls == ["tolist"], (cfg, calls)

@@ -272,7 +272,7 @@ class _StoredMasterOptimizer(Optimizer):
         kind = self._policy(items[0].param)
         factor, clamp = transform
         rows = [[1.0, math.inf if clamp is None else clamp, *self._compiled_row(group, scalar)] for scalar in scalars]
-        hf = torch.tensor(rows, dtype=torch.float32).to(device)  # every step's numbers: one copy, no recompile
+        hf = compiled.to_device(torch.tensor(rows, dtype=torch.float32), device)  # every step's numbers: one copy
         if factor is not None:
             hf[:, 0] = factor.to(device)  # stays on the device: no host sync
         hi = compiled.noise_keys(self.seed, self._noise_step, [item.first for item in items], device)

@@ -197,11 +197,19 @@ def available(device: torch.device) -> bool:
     return False
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A step's small host tensor (numbers, keys) on ``device``: on CUDA through pinned memory and
+    ``non_blocking``, so the host does not wait for the GPU's queue (a pageable copy would)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def noise_keys(seed: int, counter: int, firsts: list[int], device: torch.device) -> list[Tensor]:
     """Per tensor the int64 row (weight key, moment key, first element), for :func:`_lanes`."""
     key = _mix(seed ^ _mix(counter))
     a, b = key & _MASK, key >> 32
-    return list(torch.tensor([[a, b, f & _MASK] for f in firsts], dtype=torch.int64).to(device).unbind(0))
+    return list(to_device(torch.tensor([[a, b, f & _MASK] for f in firsts], dtype=torch.int64), device).unbind(0))
 
 
 def _mix(x: int) -> int:
