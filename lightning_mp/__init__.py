@@ -10,6 +10,7 @@ _torch.sqrt(_torch.ones(8))
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, is_norm_layer
 from lightning_mp.data import ByteTextDataModule
+from lightning_mp.loading import UnsafeCheckpointError
 from lightning_mp.diagnostics import SwallowedUpdateMonitor, bytes_per_param, estimate_memory, memory_audit
 from lightning_mp.masters import MasterStore
 from lightning_mp.module import MoEModule
@@ -31,6 +32,7 @@ __all__ = [
     "SkippedStepsError",
     "SwallowedUpdateMonitor",
     "Trainer",
+    "UnsafeCheckpointError",
     "bytes_per_param",
     "estimate_memory",
     "is_norm_layer",

@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lightning_mp import loading
 from lightning_mp.convert import is_norm_layer
 from lightning_mp.model import Block, MoETransformer, TransformerConfig
 from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
@@ -91,6 +92,14 @@ class MoEModule(L.LightningModule):
         # batches and uneven ranks count each token once.
         self.val_token_loss = MeanMetric().set_dtype(torch.float64)
         self.test_token_loss = MeanMetric().set_dtype(torch.float64)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, weights_only: Optional[bool] = None,
+                             **kwargs: Any) -> "MoEModule":  # type: ignore[override]
+        """Lightning's, after checking the file holds plain data only (one line naming what it holds
+        otherwise; ``weights_only=False`` loads a file you trust)."""
+        loading.check(checkpoint_path, trust=weights_only is False)
+        return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, **kwargs: Any) -> "MoEModule":

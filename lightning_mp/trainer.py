@@ -8,6 +8,7 @@ import lightning.pytorch as L
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+from lightning_mp import loading
 from lightning_mp.precision import precision_plugin
 from lightning_mp.precision.master import MASTER_DTYPES
 
@@ -33,6 +34,29 @@ class Trainer(L.Trainer):
             kind = "fsdp2" if isinstance(strategy, ModelParallelStrategy) else "fsdp" if fsdp else None
             plugins, precision = [*given, precision_plugin(str(precision), strategy=kind)], None
         super().__init__(*args, precision=precision, plugins=plugins, **kwargs)
+
+    # A checkpoint file is checked to hold plain data before Lightning reads it (torch refuses the rest
+    # too, in a page of text): one line naming the file, what it holds, and weights_only=False.
+    def fit(self, *args: Any, ckpt_path: Optional[Any] = None, weights_only: Optional[bool] = None, **kwargs: Any) -> None:
+        _check(ckpt_path, weights_only)
+        return super().fit(*args, ckpt_path=ckpt_path, weights_only=weights_only, **kwargs)
+
+    def validate(self, *args: Any, ckpt_path: Optional[Any] = None, weights_only: Optional[bool] = None, **kwargs: Any) -> Any:
+        _check(ckpt_path, weights_only)
+        return super().validate(*args, ckpt_path=ckpt_path, weights_only=weights_only, **kwargs)
+
+    def test(self, *args: Any, ckpt_path: Optional[Any] = None, weights_only: Optional[bool] = None, **kwargs: Any) -> Any:
+        _check(ckpt_path, weights_only)
+        return super().test(*args, ckpt_path=ckpt_path, weights_only=weights_only, **kwargs)
+
+    def predict(self, *args: Any, ckpt_path: Optional[Any] = None, weights_only: Optional[bool] = None, **kwargs: Any) -> Any:
+        _check(ckpt_path, weights_only)
+        return super().predict(*args, ckpt_path=ckpt_path, weights_only=weights_only, **kwargs)
+
+
+def _check(ckpt_path: Optional[Any], weights_only: Optional[bool]) -> None:
+    if ckpt_path is not None:
+        loading.check(ckpt_path, trust=weights_only is False)
 
 
 class FSDP2Strategy(ModelParallelStrategy):

@@ -19,6 +19,8 @@ from torch import Tensor
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lightning_mp import loading
+
 
 class UsageError(Exception):
     """A mistake in the run's configuration: reported in one line, exit status 2."""
@@ -291,25 +293,30 @@ def init_from_path(cfg: DictConfig) -> Optional[Path]:
     return path.resolve()
 
 
-def read_checkpoint(path: Path, key: str) -> dict[str, Any]:
+def read_checkpoint(path: Path, key: str, trust: bool = False) -> dict[str, Any]:
     """A Lightning checkpoint's contents, or one line saying why the file is not one (``key`` names
-    the option). A distributed checkpoint's ``state_dict`` holds meta tensors: names and shapes."""
+    the option). A distributed checkpoint's ``state_dict`` holds meta tensors: names and shapes.
+    Only plain data is loaded (tensors, containers): a file that holds more is refused before
+    anything in it runs, unless ``trust`` (``trust_checkpoint=true``)."""
     errors = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError)
-    if is_distributed(path):
-        try:
-            return {**torch.load(path / "meta.pt", map_location="cpu", weights_only=False), "state_dict": _shapes(path)}
-        except errors as err:
-            raise UsageError(f"{key}={path}: not a distributed checkpoint, or a truncated one ({_why(err)})") from err
+    opt_in = "trust_checkpoint=true"
     try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as err:
-            if "weights only load failed" not in str(err).lower():
+        if is_distributed(path):
+            try:
+                meta = loading.load(path / "meta.pt", trust=trust, opt_in=opt_in)
+            except loading.UnsafeCheckpointError:
                 raise
-            # objects beyond tensors and containers (another program's callbacks): Lightning unpickles them too
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except errors as err:
-        raise UsageError(f"{key}={path}: not a Lightning checkpoint, or a truncated one ({_why(err)})") from err
+            except errors as err:
+                raise UsageError(f"{key}={path}: not a distributed checkpoint, or a truncated one ({_why(err)})") from err
+            return {**meta, "state_dict": _shapes(path)}
+        try:
+            checkpoint = loading.load(path, trust=trust, opt_in=opt_in, mmap=True)
+        except loading.UnsafeCheckpointError:
+            raise
+        except errors as err:
+            raise UsageError(f"{key}={path}: not a Lightning checkpoint, or a truncated one ({_why(err)})") from err
+    except loading.UnsafeCheckpointError as err:
+        raise UsageError(f"{key}={err}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UsageError(f"{key}={path}: not a Lightning checkpoint (no state_dict)")
     return checkpoint
@@ -368,7 +375,7 @@ def check_fits(model: Any, state: dict[str, Any], path: Path, key: str) -> None:
 def check_resume(model: Any, path: str, cfg: DictConfig) -> None:
     """A checkpoint to continue must load, fit the model, and leave steps to train."""
     key = "resume" if cfg.resume else "ckpt_path"
-    checkpoint = read_checkpoint(Path(path), key)
+    checkpoint = read_checkpoint(Path(path), key, trust=cfg.get("trust_checkpoint", False))
     check_fits(model, checkpoint["state_dict"], Path(path), key)
     done, limit = int(checkpoint.get("global_step", 0)), cfg.trainer.max_steps
     if limit != -1 and done >= limit:

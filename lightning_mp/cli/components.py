@@ -114,7 +114,7 @@ def build(cfg: DictConfig, terminal: Optional[bool] = None) -> tuple[L.Lightning
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks += [_LastAtEnd(c) for c in callbacks if isinstance(c, ModelCheckpoint) and c.save_last]
     if init_from is not None:
-        checkpoint = read_checkpoint(init_from, "init_from")
+        checkpoint = read_checkpoint(init_from, "init_from", trust=cfg.get("trust_checkpoint", False))
         check_fits(model, checkpoint["state_dict"], init_from, "init_from")
         load_weights(model, init_from, checkpoint)  # FP32 weights, cast by the plugin later
     max_steps = cfg.trainer.max_steps

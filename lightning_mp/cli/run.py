@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if device == "cpu":
         fused.available()  # the one-time build of the CPU step kernel, before the run's clock starts
     memory_kind = _reset_peak_memory(device)
-    trainer.fit(model, datamodule, ckpt_path=ckpt)
+    trainer.fit(model, datamodule, ckpt_path=ckpt, weights_only=not cfg.get("trust_checkpoint", False))
     elapsed = progress.seconds  # the step lines' clock: the summary agrees with the last one
     if trainer.is_global_zero:  # after training: processes Lightning starts during fit resolve `latest` too
         _point_latest(run_dir)

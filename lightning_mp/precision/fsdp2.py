@@ -43,6 +43,7 @@ from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, _matcher
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim.base import _StoredMasterOptimizer
 from lightning_mp.precision.fsdp2_grads import FP32GradShards
+from lightning_mp import loading
 from lightning_mp.precision.master import (MASTER_DTYPES, _lightning_module, _make_scaler, check_master_options,
                                           device_type)
 from lightning_mp.precision.step import _unwrap
@@ -279,7 +280,7 @@ class FSDP2MasterWeightPrecision(Precision):
         path = getattr(getattr(module, "_trainer", None), "ckpt_path", None)
         if self.store is None or path is None or not Path(path).is_file():
             return
-        saved = torch.load(path, mmap=True, map_location="cpu", weights_only=False)["state_dict"]
+        saved = loading.load(path, mmap=True)["state_dict"]  # plain data only, as Lightning's own load of it
         for name, p in module.named_parameters():  # type: ignore[union-attr]
             if name in saved and self.store.kind(p) is not None:
                 self.store.set_value(p, saved[name])  # this rank's shard of it, no communication
