@@ -12,6 +12,7 @@ list, whatever its number of tensors. :mod:`lightning_mp.masters` keeps a model'
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -188,7 +189,19 @@ def split_(values: list[Tensor], weights: list[Tensor], remainders: list[Tensor]
     ints = _ints(values)
     torch._foreach_copy_(remainders, ints)  # int32 -> int16 keeps the low 16 bits, read as signed
     torch._foreach_sub_(ints, remainders)  # a multiple of 2**16: the rounded value, low bits zero
-    torch._foreach_copy_(weights, values)  # exact, nothing left to round
+    for w, i in zip(weights, ints):
+        high = _high_halves(i)
+        if high is not None and w.is_contiguous():  # the bits themselves: a NaN's payload survives too
+            w.view(torch.int16).view(w.shape).copy_(high)
+        else:
+            w.copy_(i.view(torch.float32))  # exact for every number (a NaN becomes the canonical one)
+
+
+def _high_halves(ints: Tensor) -> Optional[Tensor]:
+    """The high 16 bits of each int32 of a contiguous ``ints``, as int16 (a strided view, no copy)."""
+    if not ints.is_contiguous() or sys.byteorder != "little":
+        return None
+    return ints.view(torch.int16).view(*ints.shape, 2)[..., 1]
 
 
 @torch.no_grad()
