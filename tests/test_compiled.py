@@ -96,12 +96,11 @@ def _two_groups(compile, moment_dtype=torch.bfloat16):
     return params, opt
 
 
-def test_compiled_variants_stay_under_dynamos_recompile_limit(monkeypatch):
+def test_compiled_variants_stay_under_dynamos_recompile_limit():
     # Four variants of one step (maximize or not, a one-element tensor or not): one compiled function
     # each, so none recompiles past a limit of 2 (dynamo's default is 8; with fullgraph it raises)
     from roundoff import adamw_bound
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     results, grads, values = [], [], []
     for compile in (False, True):
         params, opt = _two_groups(compile, moment_dtype=torch.float32)
@@ -112,7 +111,8 @@ def test_compiled_variants_stay_under_dynamos_recompile_limit(monkeypatch):
                 p.grad = torch.randn(p.shape).to(BF16)
                 if not compile:
                     grads.append(p.grad.float())
-            opt.step()
+            with torch._dynamo.config.patch(recompile_limit=2):  # (dynamo's own, restored after)
+                opt.step()
         results.append([opt.master_value(p) for p in params])
     for k, (eager, fast) in enumerate(zip(*results)):
         bound = adamw_bound([grads[4 * t + k] for t in range(3)], [values[t][k] for t in range(3)], lr=1e-2,
