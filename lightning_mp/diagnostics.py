@@ -95,7 +95,7 @@ def estimate_memory(
     precision: str,
     optimizer: str = "adamw",
     n_tensors: int = 0,
-    master: str = "fp32",
+    master: str = "auto",
     moment_dtype: str = "float32",
 ) -> dict[str, int]:
     """What :func:`memory_audit` measures after a step, predicted from the parameter count alone.
@@ -104,9 +104,11 @@ def estimate_memory(
     handful of parameters, are FP32 in the ``*-master`` modes). ``optimizer``: ``adamw``,
     ``adam``, ``sgd`` (with momentum), ``sgd-no-momentum`` or ``adagrad``; ``n_tensors``, the
     number of parameter tensors, adds Adam's and Adagrad's 4-byte ``step`` counter per tensor.
-    ``master`` (``bf16-master`` only) is the storage policy: ``"remainder"`` and ``"kahan"`` keep
-    2 bytes beside the weight, ``"stochastic"`` none; their bf16 gradients are freed inside the
-    step. ``moment_dtype="bfloat16"`` halves the optimizer state (:mod:`lightning_mp.optim`).
+    ``master`` is the storage policy: ``"auto"`` (the plugin's default) is ``"remainder"`` under
+    ``bf16-master`` for AdamW, Adam and SGD, ``"fp32"`` otherwise; ``"remainder"`` and ``"kahan"``
+    keep 2 bytes beside the weight, ``"stochastic"`` none (``bf16-master`` only). Gradients are
+    freed inside the step. ``moment_dtype="bfloat16"`` halves the optimizer state
+    (:mod:`lightning_mp.optim`).
     """
     from lightning_mp.precision import PRECISION_NAMES  # a circular import at module level
 
@@ -114,8 +116,10 @@ def estimate_memory(
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_NAMES)}")
     if optimizer not in _OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(_OPTIMIZER_STATES)}")
-    if master != "fp32" and precision != "bf16-master":
+    if master not in ("auto", "fp32") and precision != "bf16-master":
         raise ValueError(f"master={master!r} applies to bf16-master only, not {precision!r}")
+    if master == "auto":  # what MasterWeightPrecision picks (lightning_mp.optim.adopt)
+        master = "remainder" if precision == "bf16-master" and optimizer in ("adamw", "adam", "sgd", "sgd-no-momentum") else "fp32"
     has_masters = precision.endswith("-master")
     weight = {"64-true": 8, "bf16-true": 2, "16-true": 2}.get(precision, 2 if has_masters else 4)
     state_dtype = 4 if has_masters else weight  # a *-true optimizer keeps 16-bit state; masters keep FP32

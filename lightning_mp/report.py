@@ -44,10 +44,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def run_label(summary: dict[str, Any], with_seed: bool = False) -> str:
-    """A run's precision, with its master storage policy when that is not a separate FP32 master,
-    and its seed when the sweep has several."""
+    """A run's precision, with its master storage policy when one was forced (not the default
+    ``auto``), and its seed when the sweep has several."""
     master = summary.get("master")
-    label = summary["precision"] + (f" master={master}" if master not in (None, "fp32") else "")
+    label = summary["precision"] + (f" master={master}" if master not in (None, "auto") else "")
     return label + (f" seed={summary.get('seed')}" if with_seed else "")
 
 

@@ -156,11 +156,13 @@ def test_the_first_run_does_not_count_the_kernel_build_as_training(tmp_path, cap
     monkeypatch.setattr(fused, "_build", slow_build)
     monkeypatch.setattr(fused, "_library", None)
     monkeypatch.setattr(fused, "_tried", False)  # this process has not loaded the kernel yet
+    start = time.perf_counter()
     code, out, err = run_cli(["trainer.max_steps=10", "trainer.log_every_n_steps=10", "trainer.limit_val_batches=1",
                               "callbacks=none"], capsys, monkeypatch)
+    wall = time.perf_counter() - start
     assert code == 0, err
     s = summary(tmp_path / "outputs" / "tiny" / "latest")
-    assert s["fit_seconds"] < 3.0  # the build is not training time
+    assert s["fit_seconds"] <= wall - 3.0  # the build's 3 s are not training time (on a machine of any speed)
     last = re.search(r"step 10/10 \| .* \| ([\d.]+k?) tok/s \| (\d+:\d\d) elapsed", out)
     done = re.search(r"done: 10 steps, (\d+:\d\d), ([\d.]+k?) tok/s", out)
     assert last and done, out

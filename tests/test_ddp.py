@@ -135,7 +135,7 @@ def test_torchrun_launch_line_writes_one_run_directory(tmp_path):
     assert result.stdout.count("done: 4 steps") == 1  # rank 0 alone prints
     assert result.stdout.count("run directory:") == 2  # first and last, rank 0's
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["master"] == "fp32"
+    assert summary["steps"] == 4 and summary["master"] == "auto"  # the default storage
 
 
 MOE_SCRIPT = textwrap.dedent('''

@@ -37,7 +37,7 @@ STEPS = 2 * 4  # AdamW's two FP32 scalar `step` tensors
         ("32-true", 4 * N, 0, 4 * N, 8 * N + STEPS),
         ("bf16-mixed", 4 * N, 0, 4 * N, 8 * N + STEPS),
         ("bf16-true", 2 * N, 0, 2 * N, 4 * N + STEPS),  # Adam moments in bf16 too
-        ("bf16-master", 2 * N, 4 * N, 0, 8 * N + STEPS),  # grads freed inside the step
+        ("bf16-master", 2 * N, 2 * N, 0, 8 * N + STEPS),  # int16 remainders (the default); grads freed in the step
         ("16-master", 2 * N, 4 * N, 0, 8 * N + STEPS),
     ],
 )

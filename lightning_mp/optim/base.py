@@ -64,6 +64,11 @@ class _StoredMasterOptimizer(Optimizer):
         if moment_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
         super().__init__(params, defaults)
+        self._setup(master, moment_dtype, seed, compile)
+
+    def _setup(self, master: Optional[str], moment_dtype: torch.dtype, seed: int, compile: Optional[bool]) -> None:
+        """What this class keeps beside torch's ``Optimizer`` (also for a torch optimizer it adopts:
+        :mod:`lightning_mp.optim.adopt`)."""
         self.master = master
         self.moment_dtype = moment_dtype
         self.seed = seed
@@ -245,6 +250,8 @@ class _StoredMasterOptimizer(Optimizer):
             p, g = local(item.param), local(item.grad)
             if not fused.applies(p, g, s, m, v):
                 return False
+            if any(t is not None and t.dtype != self.moment_dtype for t in (m, v)):  # the kernel reads moment_dtype
+                raise TypeError(f"{type(self).__name__}'s moments are {self.moment_dtype}, found {m.dtype} state")
             calls.setdefault(g.dtype, []).append(fused.segment(p, s, g, m, v, item.first, *self._segment(scalar)))
         factor, clamp = transform
         h = fused.hyper(**self._hyper(group), factor=0.0 if factor is None else float(factor),

@@ -5,11 +5,9 @@ is right for one micro-batch per step in the 16-bit dtype. The plugin takes the 
 when DDP's would be wrong or lossy:
 
 - micro-batches accumulate in FP32 sums that DDP does not see (``accumulate_grad_batches > 1``,
-  manual optimization, a ``GradientAccumulationScheduler``), or ``grad_reduce_dtype="fp32"``,
-  under ``master="fp32"``: DDP's hook becomes a no-op and the plugin all-reduces the FP32 sums
-  once per step (in FP32 or the 16-bit dtype), no longer overlapped with the backward;
-- ``grad_reduce_dtype="fp32"`` under the storage policies (bf16 gradients): a DDP hook sums each
-  bucket in FP32 and rounds the result once.
+  manual optimization, a ``GradientAccumulationScheduler``), or ``grad_reduce_dtype="fp32"``:
+  DDP's hook becomes a no-op and the plugin all-reduces the FP32 sums once per step (in FP32 or
+  the 16-bit dtype), no longer overlapped with the backward, under every storage policy.
 """
 
 from __future__ import annotations
@@ -47,10 +45,8 @@ class GradReducer:
             torch._foreach_copy_(chunk, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in chunk]), chunk)])
 
 
-def takes_over(trainer: Any, master: str, grad_reduce_dtype: Optional[str]) -> bool:
-    """Whether the plugin must reduce ``master="fp32"`` gradients itself (see the module docstring)."""
-    if master != "fp32":
-        return False
+def takes_over(trainer: Any, grad_reduce_dtype: Optional[str]) -> bool:
+    """Whether the plugin must reduce the FP32 gradient sums itself (see the module docstring)."""
     if grad_reduce_dtype == "fp32" or trainer is None:
         return grad_reduce_dtype == "fp32"
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
@@ -59,11 +55,6 @@ def takes_over(trainer: Any, master: str, grad_reduce_dtype: Optional[str]) -> b
     manual = module is not None and not module.automatic_optimization
     scheduled = any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks)
     return manual or scheduled or trainer.accumulate_grad_batches > 1
-
-
-def fp32_bucket_hook(ddp: DistributedDataParallel) -> None:
-    """Make DDP sum each 16-bit bucket in FP32 and round the average once."""
-    ddp.register_comm_hook(ddp.process_group, _fp32_allreduce)
 
 
 @torch.no_grad()
@@ -75,7 +66,7 @@ def broadcast(tensors: list[Tensor], group: Any) -> None:
 
 
 # DDP checks a comm hook's annotations as objects, which `from __future__ import annotations`
-# turns into strings: the two hooks below leave `bucket` and the result unannotated.
+# turns into strings: the hook below leaves `bucket` and the result unannotated.
 
 
 def _leave_bucket(state: Any, bucket):  # type: ignore[no-untyped-def]
@@ -83,15 +74,3 @@ def _leave_bucket(state: Any, bucket):  # type: ignore[no-untyped-def]
     future: torch.futures.Future = torch.futures.Future()
     future.set_result(bucket.buffer())
     return future
-
-
-def _fp32_allreduce(group: Any, bucket):  # type: ignore[no-untyped-def]
-    """A DDP comm hook that averages a 16-bit bucket in FP32 and rounds the result once."""
-    buffer = bucket.buffer()
-    total = buffer.float().div_(dist.get_world_size(group))
-
-    def back(future: torch.futures.Future) -> Tensor:
-        buffer.copy_(future.value()[0])
-        return buffer
-
-    return dist.all_reduce(total, group=group, async_op=True).get_future().then(back)

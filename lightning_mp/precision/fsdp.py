@@ -53,7 +53,7 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         *,
         keep_fp32: Sequence[type] = (*_TORCH_NORMS, RMSNorm),
         device: Optional[str] = None,
-        master: str = "fp32",
+        master: str = "auto",
         loss_scale: Optional[str] = "dynamic",
         init_scale: float = 2.0**16,
         growth_factor: float = 2.0,
@@ -66,7 +66,7 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
     ) -> None:
         if grad_reduce_dtype not in (None, "fp32"):
             raise ValueError(f"under FSDP gradients are reduce-scattered in FP32; grad_reduce_dtype={grad_reduce_dtype!r}")
-        if master != "fp32":
+        if master not in ("auto", "fp32"):  # auto: the FP32 shards, FSDP1's only storage
             raise ValueError(f"under FSDP the sharded FP32 parameters are the masters: master={master!r} is not supported")
         if loss_scale != "dynamic" or hysteresis != 2 or min_scale != 1.0 or max_consecutive_skips != 10:
             raise ValueError("under FSDP the loss scale is torch's ShardedGradScaler: dynamic, no hysteresis, no minimum, no skip limit")

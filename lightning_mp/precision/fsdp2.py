@@ -73,7 +73,7 @@ class FSDP2MasterWeightPrecision(Precision):
         *,
         keep_fp32: Optional[Sequence[KeepFP32]] = None,
         device: Optional[str] = None,
-        master: str = "fp32",
+        master: str = "auto",
         grad_reduce_dtype: Optional[str] = None,
         loss_scale: Any = None,
         init_scale: float = 2.0**16,
@@ -96,6 +96,7 @@ class FSDP2MasterWeightPrecision(Precision):
         self.scaler = _make_scaler(precision, loss_scale, init_scale, growth_factor, backoff_factor,
                                    growth_interval, hysteresis, min_scale)
         self.skips = SkipTracker(self.scaler, max_consecutive_skips)
+        master = "fp32" if master == "auto" else master  # auto: FP32 shards (bf16 shards need lightning_mp.optim)
         self.master = master
         # bf16 shards (master != "fp32"): where their FP32 values live, and their FP32 gradients
         self.store = MasterStore(torch.bfloat16, master) if master != "fp32" else None

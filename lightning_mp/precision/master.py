@@ -10,7 +10,6 @@ on those values, and every checkpoint path reads and writes them through the mod
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional, Union
@@ -24,7 +23,9 @@ from torch.optim import Optimizer
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, cast_module_
 from lightning_mp.masters import MasterStore, check_finite
+from lightning_mp import messages
 from lightning_mp.optim import _StoredMasterOptimizer
+from lightning_mp.optim.adopt import adopt, why_not
 from lightning_mp.precision import ddp
 from lightning_mp.precision.averaging import average_fp32
 from lightning_mp.precision.grads import FP32Grads
@@ -55,11 +56,16 @@ class MasterWeightPrecision(Precision):
         sync_free: skip overflowing steps without a host sync, for optimizers that skip on the
             device (torch's ``fused=True`` Adam, AdamW, SGD...). ``None`` (default): on CUDA;
             ``True``: on any device; ``False``: never.
-        master: where the FP32 value of each bf16 weight lives (``bf16-master`` only):
-            ``"fp32"`` (default; a separate FP32 master, any ``torch.optim.Optimizer``, micro-batch
-            gradients summed in FP32), ``"remainder"`` (an int16 remainder, exact), ``"kahan"`` (a
-            bf16 compensation) or ``"stochastic"`` (nothing; stochastic rounding). The last three
-            need :class:`lightning_mp.optim.AdamW` or :class:`~lightning_mp.optim.SGD`.
+        master: where the FP32 value of each 16-bit weight lives. ``"auto"`` (default): the
+            cheapest exact storage each optimizer allows. Under ``bf16-master`` that is an int16
+            remainder beside the weight (2 bytes per parameter) for :mod:`lightning_mp.optim` and
+            for torch's own ``AdamW``, ``Adam`` and ``SGD``, which keep their object and state
+            format (:mod:`lightning_mp.optim.adopt`); a separate FP32 master (4 bytes) for any
+            other optimizer, and under ``16-master``. One line at the start says which each
+            optimizer got. ``"fp32"``, ``"remainder"`` (exact), ``"kahan"`` (a bf16 compensation)
+            or ``"stochastic"`` (nothing; stochastic rounding) force one for every optimizer (the
+            last three ``bf16-master`` only, with an optimizer that can step them). Micro-batch
+            gradients are summed in FP32 under every one.
         grad_reduce_dtype: under DDP, ``None`` (default) all-reduces gradients in the 16-bit
             dtype, as DDP does; ``"fp32"`` all-reduces them in FP32 (see
             :mod:`lightning_mp.precision.ddp`).
@@ -91,7 +97,7 @@ class MasterWeightPrecision(Precision):
         min_scale: float = 1.0,
         device: Optional[str] = None,
         sync_free: Optional[bool] = None,
-        master: str = "fp32",
+        master: str = "auto",
         grad_reduce_dtype: Optional[Literal["fp32"]] = None,
         max_consecutive_skips: Optional[int] = 10,
     ) -> None:
@@ -114,13 +120,12 @@ class MasterWeightPrecision(Precision):
                 raise ValueError(f"max_consecutive_skips={max_consecutive_skips} must exceed hysteresis={hysteresis}")
         self.grad_reduce_dtype = grad_reduce_dtype
         self.device = device
-        self.store = MasterStore(self.dtype, master)
+        self.store = MasterStore(self.dtype, _store_policy(master, self.dtype))
         self.skips = SkipTracker(self.scaler, max_consecutive_skips)
-        self.grads = FP32Grads() if master == "fp32" else None
+        self.grads = FP32Grads()  # micro-batches summed in FP32 under every storage policy
         self.step_runner = MasterStep(self.store, self.grads, self.scaler, self.skips, sync_free)
         self._module: Optional[nn.Module] = None
         self._hooks: list[Any] = []
-        self._warned_accumulation = False
 
     @property
     def skipped_steps(self) -> int:
@@ -148,11 +153,12 @@ class MasterWeightPrecision(Precision):
         self._module = module
         trainer = getattr(module, "_trainer", None)
         raw = [_unwrap(o) for o in optimizers]
-        for optimizer in raw:
-            self._attach(optimizer)
+        kinds = [self._attach(optimizer) for optimizer in raw]
+        if kinds:
+            messages.info(f"lightning-mp: {self.precision} keeps each weight's FP32 value "
+                          + "; ".join(f"for {_name(o)} {kind}" for o, kind in zip(raw, kinds)))
         self.store.track(module, (p for o in raw for g in o.param_groups for p in g["params"]))
-        if self.master == "fp32":
-            self.grads.attach(p for p in self.store.params() if p.requires_grad)  # also for a raw loss.backward()
+        self.grads.attach(p for p in self.store.params() if p.requires_grad)  # also for a raw loss.backward()
         self.device = self.device or device_type(model)
         self.step_runner.device = self.device
         self.skips.watch_schedulers(module, lr_schedulers)
@@ -162,31 +168,34 @@ class MasterWeightPrecision(Precision):
             average_fp32(callback, self.store)  # SWA and EMA average the FP32 values
         return model, optimizers, lr_schedulers
 
-    def _attach(self, optimizer: Optimizer) -> None:
-        """A lightning_mp.optim optimizer steps the 16-bit weights through the store (every policy);
-        a torch optimizer steps FP32 masters (``master="fp32"`` only), its state kept FP32."""
-        if isinstance(optimizer, _StoredMasterOptimizer):
+    def _attach(self, optimizer: Optimizer) -> str:
+        """How ``optimizer`` keeps its FP32 values, in words: through the store's storage (a
+        :mod:`lightning_mp.optim` optimizer, or a torch one it adopts), or as FP32 masters it steps
+        itself (its state kept FP32)."""
+        policy = self.store.policy
+        if isinstance(optimizer, _StoredMasterOptimizer) or (policy != "fp32" and adopt(optimizer, policy)):
             optimizer.use_store(self.store)
-            return
-        if self.master != "fp32":
+            return _STORAGE[policy]
+        if self.master not in ("auto", "fp32"):
             raise TypeError(
                 f"master={self.master!r} needs an optimizer that steps the bf16 weights with their "
-                f"{self.master} storage: lightning_mp.optim.AdamW or lightning_mp.optim.SGD, not "
-                f"{type(optimizer).__module__}.{type(optimizer).__qualname__}. Any optimizer works with master='fp32'."
+                f"{self.master} storage: lightning_mp.optim.AdamW or SGD, or torch's AdamW, Adam or SGD "
+                f"(not {type(optimizer).__module__}.{type(optimizer).__qualname__}: {why_not(optimizer)}). "
+                "Any optimizer works with master='fp32'."
             )
         _upcast_state(optimizer)
         self._hooks += _keep_fp32_state_on_load(optimizer)
+        reason = "" if policy == "fp32" else f" ({why_not(optimizer)})"
+        return _STORAGE["fp32"] + reason
 
     def _setup_ddp(self, model: DistributedDataParallel, trainer: Any) -> None:
         """Rank 0's FP32 values on every rank (DDP broadcast only the 16-bit weights); who reduces."""
         params = self.store.params()
         ddp.broadcast([p.data for p in params] + list(self.store.tensors()), model.process_group)
         self.store.record(params)
-        if ddp.takes_over(trainer, self.master, self.grad_reduce_dtype):
+        if ddp.takes_over(trainer, self.grad_reduce_dtype):
             dtype = torch.float32 if self.grad_reduce_dtype == "fp32" else self.dtype
             self.step_runner.reducer = ddp.GradReducer(model, dtype)
-        elif self.grad_reduce_dtype == "fp32":
-            ddp.fp32_bucket_hook(model)
 
     # -- compute -----------------------------------------------------------------------------
 
@@ -197,29 +206,15 @@ class MasterWeightPrecision(Precision):
 
     def pre_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
         self.step_runner.before_backward()
-        if self.grads is not None:  # parameters unfrozen since the last backward get their FP32 sums too
-            self.grads.attach(p for p in self.store.params() if p.requires_grad)
+        self.grads.attach(p for p in self.store.params() if p.requires_grad)  # parameters unfrozen since
         if self.scaler is not None:
             tensor = self.scaler.scale_loss(tensor)
         return super().pre_backward(tensor, module)
 
     def post_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
-        if self.grads is not None:  # DDP may have rewritten the 16-bit grads with their reduced values
-            for p in self.store.params():
-                self.grads.record(p)
-        else:
-            self._warn_bf16_accumulation(module)
+        for p in self.store.params():  # DDP may have rewritten the 16-bit grads with their reduced values
+            self.grads.record(p)
         return super().post_backward(tensor, module)
-
-    def _warn_bf16_accumulation(self, module: "pl.LightningModule") -> None:
-        trainer = getattr(module, "_trainer", None)
-        if trainer is not None and trainer.accumulate_grad_batches > 1 and not self._warned_accumulation:
-            self._warned_accumulation = True
-            warnings.warn(
-                f"master={self.master!r} keeps bf16 gradients, so accumulate_grad_batches="
-                f"{trainer.accumulate_grad_batches} sums micro-batches in bf16; master='fp32' sums them in FP32.",
-                stacklevel=3,
-            )
 
     # -- the step (lightning_mp.precision.step) -------------------------------------------------
 
@@ -344,12 +339,31 @@ def _keep_fp32_state_on_load(optimizer: Optimizer) -> list[Any]:
     return [optimizer.register_load_state_dict_pre_hook(before), optimizer.register_load_state_dict_post_hook(after)]
 
 
+_STORAGE = {
+    "fp32": "as an FP32 master (4 bytes per parameter)",
+    "remainder": "as an int16 remainder beside the weight (exact, 2 bytes per parameter)",
+    "kahan": "as a bf16 Kahan compensation (about 16 bits, 2 bytes per parameter)",
+    "stochastic": "in the bf16 weight alone, rounded stochastically (0 bytes)",
+}
+
+
+def _store_policy(master: str, dtype: torch.dtype) -> str:
+    """The store's policy: ``"auto"`` is the cheapest exact one for the weights' dtype."""
+    if master == "auto":
+        return "remainder" if dtype == torch.bfloat16 else "fp32"
+    return master
+
+
+def _name(optimizer: Optimizer) -> str:
+    return type(optimizer).__qualname__
+
+
 def check_master_options(precision: str, master: str, max_consecutive_skips: Optional[int], kept: str) -> None:
     """The storage policy and skip limit a master-weight plugin accepts (``kept``: what holds the
     16-bit values, weights or shards)."""
-    if master not in MASTER_POLICIES:
-        raise ValueError(f"master must be one of {', '.join(MASTER_POLICIES)}, got {master!r}")
-    if master != "fp32" and precision != "bf16-master":
+    if master not in ("auto", *MASTER_POLICIES):
+        raise ValueError(f"master must be 'auto' or one of {', '.join(MASTER_POLICIES)}, got {master!r}")
+    if master not in ("auto", "fp32") and precision != "bf16-master":
         raise ValueError(f"master={master!r} stores bfloat16 {kept}: use it with 'bf16-master', not {precision!r}")
     if max_consecutive_skips is not None and max_consecutive_skips < 1:
         raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}")
