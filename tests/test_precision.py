@@ -670,3 +670,26 @@ def test_16_mixed_on_a_cpu_is_fp16_or_refused(monkeypatch):
     monkeypatch.setattr(factory, "fp16_supported", lambda device: False)
     with pytest.raises(ValueError, match="needs fp16 autocast.*use 'bf16-mixed'"):
         precision_plugin("16-mixed", device="cpu")
+
+
+def test_a_sync_free_step_reads_only_the_previous_steps_flag(monkeypatch):
+    """Host reads inside lightning-mp during sync-free steps, counted by instrumenting the ways a
+    tensor reaches the host: the previous step's overflow flag (on CUDA copied a step earlier
+    through pinned memory) and, on a CPU only, the device's loss scale for the CPU kernel."""
+    import traceback
+
+    reads = []
+    for name in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            frame = traceback.extract_stack(limit=2)[0]
+            if "lightning_mp" in frame.filename:
+                reads.append(frame.name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    plugin = MasterWeightPrecision("16-master", init_scale=2.0**8, sync_free=True, master="fp32")
+    trainer(plugin, max_steps=4).fit(TinyRegressor(optimizer="adamw-fused"), regression_data())
+    assert set(reads) <= {"settle", "host_inv_scale"}, reads
+    assert reads.count("settle") == 4  # one flag per step, read a step later (the last at the end)
