@@ -12,10 +12,12 @@ Sections, each timed and recorded even when it fails (an exception is a result t
    and the host syncs it reports are counted.
 3. The optimizer step: ``lightning_mp.optim.AdamW`` under every storage policy and moment dtype against
    torch's ``AdamW(fused=True)`` on FP32 and on bf16 parameters of the same shapes, median ms.
-4. Whole runs of ``recipe=gpu-100m`` for a fixed number of steps under ``32-true``, ``bf16-mixed``,
+4. The compiled step against the eager one per storage policy: ulps of the update, dynamo's graph
+   and recompile counts.
+5. Whole runs of ``recipe=gpu-100m`` for a fixed number of steps under ``32-true``, ``bf16-mixed``,
    ``bf16-true``, ``bf16-master`` (default and ``master=remainder``) and ``16-master``: tokens/s,
    peak memory, final loss, from each run's ``summary.json``.
-5. One MoE layer in bf16, forward and backward, against a dense SwiGLU of the same active width.
+6. One MoE layer in bf16, forward and backward, against a dense SwiGLU of the same active width.
 
 Writes ``--out`` (JSON, one entry per section) and prints a Markdown table of each section.
 """
@@ -156,6 +158,42 @@ def _ours(dims, master, moments, device):
     return opt
 
 
+def compiled_vs_eager(device: str, dry: bool) -> dict[str, Any]:
+    """One AdamW step from the same state, compiled (Triton on CUDA) against eager (torch's foreach
+    ops), per storage policy: the largest difference in ulps of the update, and dynamo's graph and
+    recompile counts over a few steps (Triton's division may be approximate: this measures it)."""
+    from torch._dynamo.utils import counters
+
+    from lightning_mp.optim import AdamW
+
+    policies = ["remainder"] if dry else ["fp32", "remainder", "kahan", "stochastic"]
+    rows = {}
+    for master in policies:
+        counters.clear()
+        runs = []
+        for compile in (False, True):
+            torch.manual_seed(0)
+            params = [torch.zeros(s, device=device, dtype=torch.bfloat16, requires_grad=True) for s in ((257, 33), (1,), (40,))]
+            opt = AdamW(params, lr=1e-2, master=master, compile=compile)
+            for p in params:
+                opt.set_master(p, torch.randn(p.shape, device=device))
+            before = [opt.master_value(p).clone() for p in params]
+            for p in params:
+                p.grad = torch.randn(p.shape, device=device).to(torch.bfloat16)
+            opt.step()  # one step from the same state
+            runs.append((before, [opt.master_value(p).clone() for p in params]))
+        (before, eager), (_, fast) = runs
+        update = max(float(((e - f).abs() / _ulp(e - b)).max()) for b, e, f in zip(before, eager, fast))
+        rows[master] = {"max_ulps_of_the_update": round(update, 2),
+                        "graphs": counters["stats"]["unique_graphs"], "recompiles": sum(counters["recompiles"].values())}
+    return {"rows": rows}
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    exponent = torch.frexp(x.abs())[1]
+    return torch.where(x != 0, torch.ldexp(torch.ones_like(x), exponent - 24), torch.full_like(x, 2.0**-149))
+
+
 def whole_runs(device: str, dry: bool) -> dict[str, Any]:
     """``lightning-mp-train`` per precision, each in its own process: summary.json's numbers."""
     base = (["recipe=tiny", "trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.limit_val_batches=1",
@@ -209,7 +247,7 @@ def _sync(device: str) -> None:
 
 
 SECTIONS = {"gpu_tests": gpu_tests, "sync_free": sync_free, "optimizer_step": optimizer_step,
-            "whole_runs": whole_runs, "moe_layer": moe_layer}
+            "compiled_vs_eager": compiled_vs_eager, "whole_runs": whole_runs, "moe_layer": moe_layer}
 
 
 def main(argv: list[str] | None = None) -> int:

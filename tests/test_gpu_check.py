@@ -19,10 +19,12 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["dry_run"] is True and "torch" in results["machine"]
-    for section in ("gpu_tests", "sync_free", "optimizer_step", "whole_runs", "moe_layer"):
+    for section in ("gpu_tests", "sync_free", "optimizer_step", "compiled_vs_eager", "whole_runs", "moe_layer"):
         assert "error" not in results[section], results[section]
     assert results["gpu_tests"]["exit_status"] in (0, 5) and "skipped" in results["gpu_tests"]["summary"]  # no CUDA
-    assert isinstance(results["sync_free"]["bit_exact"], bool)
+    assert results["sync_free"]["bit_exact"] is True  # the device's loss scale: bit for bit with the synced path
+    compiled = results["compiled_vs_eager"]["rows"]["remainder"]
+    assert compiled["recompiles"] == 0 and compiled["max_ulps_of_the_update"] >= 0
     assert len(results["sync_free"]["scales_synced"]) == len(results["sync_free"]["scales_sync_free"]) == 12
     rows = results["optimizer_step"]["rows"]
     assert len(rows) == 2 + 4 * 2 and rows["torch AdamW(fused=True), FP32"]["vs_fused_fp32"] == 1.0
