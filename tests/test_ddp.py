@@ -76,6 +76,15 @@ def run(tmp_path: Path, name: str, **args) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(args["devices"])]
 
 
+def launch(script: Path, out: Path, **args) -> Path:
+    """Run ``script`` with ``args`` (JSON, plus ``out``) in one process that starts its ranks; its output folder."""
+    out.mkdir()
+    result = subprocess.run([sys.executable, str(script), json.dumps({"out": str(out), **args})], cwd=script.parent,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def equal_masters(a: dict, b: dict) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a["masters"], b["masters"]))
 
@@ -183,16 +192,8 @@ MOE_SCRIPT = textwrap.dedent('''
 def test_expert_bias_and_global_balancing_loss_are_the_global_batchs_on_every_rank(tmp_path):
     script = tmp_path / "moe_ddp.py"
     script.write_text(MOE_SCRIPT)
-    runs = {}
-    for world, scope in ((1, "global"), (2, "global")):
-        out = tmp_path / f"world{world}-{scope}"
-        out.mkdir()
-        result = subprocess.run([sys.executable, str(script), json.dumps({"out": str(out), "devices": world,
-                                                                          "scope": scope})],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[world, scope] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
-    (single,), (rank0, rank1) = runs[1, "global"], runs[2, "global"]
+    outs = {world: launch(script, tmp_path / f"world{world}-global", devices=world, scope="global") for world in (1, 2)}
+    (single,), (rank0, rank1) = ([torch.load(out / f"rank{r}.pt") for r in range(world)] for world, out in outs.items())
     assert single["bias"].abs().max() > 0  # it moved
     assert torch.equal(rank0["bias"], rank1["bias"]) and torch.equal(rank0["bias"], single["bias"])
     # E * sum_i f_i * P_i with f over both ranks: the ranks' mean is the single process's loss on both halves
@@ -241,15 +242,9 @@ VALIDATION_SCRIPT = textwrap.dedent('''
 def test_validation_loss_is_token_weighted_over_uneven_batches_and_ranks(tmp_path):
     script = tmp_path / "validate.py"
     script.write_text(VALIDATION_SCRIPT)
-    runs = {}
-    for world in (1, 2):
-        out = tmp_path / f"world{world}"
-        out.mkdir()
-        result = subprocess.run([sys.executable, str(script), json.dumps({"out": str(out), "devices": world})],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[world] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-    (single,), (rank0, rank1) = runs[1], runs[2]
+    outs = {world: launch(script, tmp_path / f"world{world}", devices=world) for world in (1, 2)}
+    (single,), (rank0, rank1) = ([json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+                                 for world, out in outs.items())
     # every rank logs the same value: the one process's, each batch's float32 mean loss weighted by its
     # tokens and summed in float64 (two orders of 4 terms: within gamma_4(2**-53))
     assert rank0["val/loss"] == rank1["val/loss"]
