@@ -35,28 +35,14 @@ class Trainer(L.Trainer):
             plugins, precision = [*given, precision_plugin(str(precision), strategy=kind)], None
         super().__init__(*args, precision=precision, plugins=plugins, **kwargs)
 
-    # A checkpoint file is checked to hold plain data before Lightning reads it (torch refuses the rest
-    # too, in a page of text): one line naming the file, what it holds, and weights_only=False.
-    def fit(self, *args: Any, ckpt_path: Optional[Any] = None, weights_only: Optional[bool] = None, **kwargs: Any) -> None:
-        _check(ckpt_path, weights_only)
-        return super().fit(*args, ckpt_path=ckpt_path, weights_only=weights_only, **kwargs)
-
-    def validate(self, *args: Any, ckpt_path: Optional[Any] = None, weights_only: Optional[bool] = None, **kwargs: Any) -> Any:
-        _check(ckpt_path, weights_only)
-        return super().validate(*args, ckpt_path=ckpt_path, weights_only=weights_only, **kwargs)
-
-    def test(self, *args: Any, ckpt_path: Optional[Any] = None, weights_only: Optional[bool] = None, **kwargs: Any) -> Any:
-        _check(ckpt_path, weights_only)
-        return super().test(*args, ckpt_path=ckpt_path, weights_only=weights_only, **kwargs)
-
-    def predict(self, *args: Any, ckpt_path: Optional[Any] = None, weights_only: Optional[bool] = None, **kwargs: Any) -> Any:
-        _check(ckpt_path, weights_only)
-        return super().predict(*args, ckpt_path=ckpt_path, weights_only=weights_only, **kwargs)
-
-
-def _check(ckpt_path: Optional[Any], weights_only: Optional[bool]) -> None:
-    if ckpt_path is not None:
-        loading.check(ckpt_path, trust=weights_only is False)
+    def _run(self, model: Any, ckpt_path: Optional[Any] = None, weights_only: Optional[bool] = None) -> Any:
+        """Where ``fit``, ``validate``, ``test`` and ``predict`` meet, with ``ckpt_path`` resolved
+        (``"last"``, ``"best"``): a checkpoint file is checked to hold plain data before Lightning
+        reads it (torch would refuse the rest too, in a page of text), in one line naming the file,
+        what it holds and ``weights_only=False``, the opt-in for a file you trust."""
+        if ckpt_path is not None:
+            loading.check(ckpt_path, trust=weights_only is False)
+        return super()._run(model, ckpt_path=ckpt_path, weights_only=weights_only)
 
 
 class FSDP2Strategy(ModelParallelStrategy):

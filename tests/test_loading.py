@@ -153,3 +153,16 @@ def test_the_message_names_what_is_not_plain_data(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
     assert torch.equal(loading.load(tmp_path / "legacy.ckpt")["w"], torch.ones(2))  # the old format is data too
     assert not (tmp_path / "m").exists()
+
+
+def test_ckpt_path_last_is_checked_once_lightning_resolves_it(regressor_checkpoint, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    (tmp_path / "ck").mkdir()
+    marker = hostile(regressor_checkpoint, tmp_path / "ck" / "last.ckpt")
+    t = lightning_mp.Trainer(precision="bf16-master", max_steps=3, accelerator="cpu", logger=False,
+                             callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)],
+                             enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(UnsafeCheckpointError, match=r"last\.ckpt: holds"):
+        t.fit(TinyRegressor(), regression_data(), ckpt_path="last")
+    assert not marker.exists()
