@@ -86,7 +86,8 @@ SCRIPT = textwrap.dedent('''
                     return
             monitor = [c.last for c in trainer.callbacks if hasattr(c, "every_n_steps")]
             skipped = getattr(trainer.precision_plugin, "skipped_steps", 0)  # 0: Lightning's 32-true
-            torch.save({{"state": state, "skipped": skipped, "seen": self.seen,
+            dtypes = {{n: str(p.dtype) for n, p in pl_module.named_parameters()}}  # as stored (the shards)
+            torch.save({{"state": state, "skipped": skipped, "seen": self.seen, "dtypes": dtypes,
                         "lr": trainer.optimizers[0].param_groups[0]["lr"], "monitor": monitor}},
                        f"{{args['out']}}/rank{{trainer.global_rank}}.pt")
 
@@ -384,3 +385,14 @@ def test_autocast_device_is_the_runs_not_the_machines(one_rank, monkeypatch):
     with plugin.forward_context():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         assert model(torch.randn(2, 8)).dtype == torch.bfloat16  # computed in bf16, not silently FP32
+
+
+@pytest.mark.slow
+def test_fsdp2_default_keeps_bf16_shards_with_remainders_for_torchs_own_adamw(fsdp2_fp32, tmp_path):
+    """The default storage under FSDP2: the user's torch AdamW is adopted and steps bf16 shards with
+    int16 remainders, the same arithmetic as lightning_mp's AdamW on FP32 shards, bit for bit."""
+    auto = run(tmp_path, "auto", strategy="fsdp2", **{**COMMON, "master": "auto", "optimizer": "adamw"})
+    assert auto[0]["dtypes"]["inp.weight"] == "torch.bfloat16" and auto[0]["dtypes"]["norm.weight"] == "torch.float32"
+    assert fsdp2_fp32[0]["dtypes"]["inp.weight"] == "torch.float32"  # master="fp32": FP32 shards
+    for key, expected in fsdp2_fp32[0]["state"].items():
+        assert torch.equal(auto[0]["state"][key], expected) and torch.equal(auto[1]["state"][key], expected), key

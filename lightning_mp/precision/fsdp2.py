@@ -43,9 +43,10 @@ from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, _matcher
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim.base import _StoredMasterOptimizer
 from lightning_mp.precision.fsdp2_grads import FP32GradShards
-from lightning_mp import loading
-from lightning_mp.precision.master import (MASTER_DTYPES, _lightning_module, _make_scaler, check_master_options,
-                                          device_type)
+from lightning_mp import loading, messages
+from lightning_mp.optim.adopt import adopt, why_not
+from lightning_mp.precision.master import (_STORAGE, MASTER_DTYPES, _lightning_module, _make_scaler, _store_policy,
+                                          check_master_options, device_type)
 from lightning_mp.precision.step import _unwrap
 from lightning_mp.precision.skips import SkipTracker, sharded_step, step_gradients
 from lightning_mp.storage import like, local
@@ -58,11 +59,14 @@ class FSDP2MasterWeightPrecision(Precision):
         precision: ``"bf16-master"`` or ``"16-master"`` (fp16 compute, dynamic loss scaling).
         keep_fp32: modules that compute in FP32 (default: every normalization layer), as in
             :class:`~lightning_mp.MasterWeightPrecision`; :meth:`shard` gives them an FP32 policy.
-        device: the device type for ``torch.autocast`` (default: CUDA when available, else CPU).
-        master: ``"fp32"`` (FP32 shards, any optimizer) or ``"remainder"``, ``"kahan"``,
-            ``"stochastic"`` (bf16 shards with that storage, ``bf16-master`` and
-            ``lightning_mp.optim`` only); grad_reduce_dtype: ``None`` or ``"fp32"``, both FP32 (the
-            policy's ``reduce_dtype``).
+        device: the device type for ``torch.autocast`` (default: the mesh's, from :meth:`shard`).
+        master: ``"auto"`` (default: bf16 shards with int16 remainders under ``bf16-master``, for
+            ``lightning_mp.optim`` and torch's own AdamW, Adam and SGD, which it adopts; FP32 shards
+            under ``16-master``), ``"fp32"`` (FP32 shards, any optimizer) or ``"remainder"``,
+            ``"kahan"``, ``"stochastic"`` (bf16 shards with that storage, ``bf16-master`` only).
+            The shards are cast in :meth:`shard`, before the optimizer exists: an optimizer that
+            cannot step bf16 shards is refused at the start, naming ``master="fp32"``.
+        grad_reduce_dtype: ``None`` or ``"fp32"``, both FP32 (the policy's ``reduce_dtype``).
         loss_scale, init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
         min_scale, max_consecutive_skips: as :class:`~lightning_mp.MasterWeightPrecision`'s.
     """
@@ -96,7 +100,8 @@ class FSDP2MasterWeightPrecision(Precision):
         self.scaler = _make_scaler(precision, loss_scale, init_scale, growth_factor, backoff_factor,
                                    growth_interval, hysteresis, min_scale)
         self.skips = SkipTracker(self.scaler, max_consecutive_skips)
-        master = "fp32" if master == "auto" else master  # auto: FP32 shards (bf16 shards need lightning_mp.optim)
+        self.forced = master != "auto"  # auto: bf16 shards with int16 remainders under bf16-master (see connect)
+        master = _store_policy(master, self.dtype)
         self.master = master
         # bf16 shards (master != "fp32"): where their FP32 values live, and their FP32 gradients
         self.store = MasterStore(torch.bfloat16, master) if master != "fp32" else None
@@ -204,13 +209,17 @@ class FSDP2MasterWeightPrecision(Precision):
         if self.store is not None:
             raw = [_unwrap(o) for o in optimizers]
             for optimizer in raw:
-                if not isinstance(optimizer, _StoredMasterOptimizer):
+                if not (isinstance(optimizer, _StoredMasterOptimizer) or adopt(optimizer, self.master)):
+                    chosen = f"master={self.master!r}" if self.forced else "the default (master='auto')"
                     raise TypeError(
-                        f"master={self.master!r} needs an optimizer that steps bf16 shards with their {self.master} "
-                        f"storage: lightning_mp.optim.AdamW or SGD, not {type(optimizer).__module__}."
-                        f"{type(optimizer).__qualname__}. Any optimizer works with master='fp32'."
+                        f"{chosen} keeps bf16 shards with their {self.master} storage, which needs "
+                        f"lightning_mp.optim.AdamW or SGD, or torch's AdamW, Adam or SGD (not {type(optimizer).__module__}."
+                        f"{type(optimizer).__qualname__}: {why_not(optimizer)}); pass master='fp32' for FP32 shards, "
+                        "which any optimizer steps."
                     )
                 optimizer.use_store(self.store)
+            messages.info(f"lightning-mp: {self.precision} keeps each shard's FP32 value " + "; ".join(
+                f"for {type(o).__qualname__} {_STORAGE[self.master]}" for o in raw))
             self._optimizers = raw
             self.store.track(self._module, (p for o in raw for g in o.param_groups for p in g["params"]))
         return super().connect(model, optimizers, lr_schedulers)
