@@ -275,7 +275,7 @@ def test_unsharded_models_and_contradicting_policies_are_refused(one_rank):
 
     from lightning_mp.precision import FSDP2MasterWeightPrecision
 
-    plugin = FSDP2MasterWeightPrecision("bf16-master", device="cpu")
+    plugin = FSDP2MasterWeightPrecision("bf16-master", device="cpu", master="fp32")  # FP32 shards
     with pytest.raises(ValueError, match="needs a model sharded in configure_model"):
         plugin.convert_module(TinyRegressor())
     fp16 = TinyRegressor()
