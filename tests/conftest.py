@@ -164,6 +164,7 @@ def _seed():
 # -- the five (precision, master) modes, for tests that hold under each --------------------------
 
 MODES = [
+    ("bf16-master", "auto"),  # the default: torch's own optimizers, adopted, with int16 remainders
     ("bf16-master", "fp32"),
     ("bf16-master", "remainder"),
     ("bf16-master", "kahan"),
@@ -184,13 +185,14 @@ def mode_plugin(mode, **kwargs):
 
 
 def mode_sgd(mode, params, **kwargs):
-    """SGD that steps ``mode``'s weights: torch's for FP32 masters, lightning_mp's for the storage policies."""
-    cls = torch.optim.SGD if mode[1] == "fp32" else lightning_mp.optim.SGD
+    """SGD that steps ``mode``'s weights: torch's for FP32 masters and the default (which adopts it),
+    lightning_mp's for the forced storage policies."""
+    cls = torch.optim.SGD if mode[1] in ("fp32", "auto") else lightning_mp.optim.SGD
     return cls(params, **kwargs)
 
 
 def mode_adamw(mode, params, **kwargs):
-    cls = torch.optim.AdamW if mode[1] == "fp32" else lightning_mp.optim.AdamW
+    cls = torch.optim.AdamW if mode[1] in ("fp32", "auto") else lightning_mp.optim.AdamW
     return cls(params, **kwargs)
 
 

@@ -226,7 +226,7 @@ class StartValues(Callback):
 
 
 def _regressor(mode):
-    return TinyRegressor(optimizer="adamw" if mode[1] == "fp32" else "mp-adamw", lr=1e-2)
+    return TinyRegressor(optimizer="adamw" if mode[1] in ("fp32", "auto") else "mp-adamw", lr=1e-2)
 
 
 @modes
@@ -248,7 +248,7 @@ def test_fit_after_the_tuner_starts_from_the_fp32_values_and_trains_as_a_plain_f
     (plain_start, plain_end), (tuned_start, tuned_end) = runs
     init = {n: p.detach() for n, p in _init_weights(mode).items()}
     assert all(torch.equal(plain_start[n], tuned_start[n]) for n in init)
-    if mode[1] in ("fp32", "remainder"):
+    if mode[1] in ("fp32", "remainder", "auto"):
         assert all(torch.equal(tuned_start[n], init[n]) for n in init)  # the exact FP32 initial values
     if tune == "lr_find":  # the same training as without the tuner, bit for bit
         assert all(torch.equal(plain_end[n], tuned_end[n]) for n in init)
@@ -385,7 +385,7 @@ def test_activation_checkpointing_is_bit_exact(mode):
     for cls in (TinyRegressor, Checkpointed):
         torch.manual_seed(0)
         t = trainer(mode_plugin(mode), max_steps=5)
-        t.fit(cls(optimizer="adamw" if mode[1] == "fp32" else "mp-adamw"), regression_data())
+        t.fit(cls(optimizer="adamw" if mode[1] in ("fp32", "auto") else "mp-adamw"), regression_data())
         runs.append(fp32_values(t))
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
 
@@ -401,7 +401,7 @@ class Evaluated(TinyRegressor):
 @modes
 def test_validate_test_predict_from_a_checkpoint_load_the_fp32_values(mode, tmp_path):
     torch.manual_seed(0)
-    model = Evaluated(optimizer="adamw" if mode[1] == "fp32" else "mp-adamw")
+    model = Evaluated(optimizer="adamw" if mode[1] in ("fp32", "auto") else "mp-adamw")
     t = trainer(mode_plugin(mode), max_steps=4, limit_val_batches=2)
     t.fit(model, regression_data())
     t.save_checkpoint(tmp_path / "a.ckpt")
@@ -513,7 +513,7 @@ class Kill(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 torch.manual_seed(0)
-model = TinyRegressor(optimizer="adamw" if mode[1] == "fp32" else "mp-adamw", scheduler=True)
+model = TinyRegressor(optimizer="adamw" if mode[1] in ("fp32", "auto") else "mp-adamw", scheduler=True)
 ckpt = ModelCheckpoint(dirpath={out!r}, save_last=True, every_n_train_steps=1)
 t = trainer(mode_plugin(mode), max_steps=8, callbacks=[ckpt, Kill()], enable_checkpointing=True)
 t.fit(model, regression_data(n=8, batch_size=8))
@@ -540,7 +540,7 @@ def test_sigkill_mid_run_then_resume_from_last_ckpt_is_bit_exact_in_every_mode(t
         results = []
         for ckpt_path in (None, out / "last.ckpt"):
             torch.manual_seed(0)
-            model = TinyRegressor(optimizer="adamw" if mode[1] == "fp32" else "mp-adamw", scheduler=True)
+            model = TinyRegressor(optimizer="adamw" if mode[1] in ("fp32", "auto") else "mp-adamw", scheduler=True)
             t = trainer(mode_plugin(mode), max_steps=8)
             t.fit(model, regression_data(n=8, batch_size=8), ckpt_path=ckpt_path)
             results.append((fp32_values(t), model.state_dict(), t.optimizers[0].state_dict()))

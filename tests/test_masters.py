@@ -78,7 +78,7 @@ def test_load_state_dict_sets_the_fp32_values(mode):
     got = model.state_dict()
     for name, value in got.items():
         stepped = name != "frozen.weight" and "norm" not in name
-        if mode[1] in ("fp32", "remainder") or not stepped:  # exact FP32 values (frozen: an exact remainder)
+        if mode[1] in ("fp32", "remainder", "auto") or not stepped:  # exact FP32 values (frozen: an exact remainder)
             assert torch.equal(value, target[name]), name
         elif mode[1] == "kahan":  # weight and compensation: about 16 significant bits
             assert torch.allclose(value, target[name], rtol=2.0**-15, atol=1e-30), name
@@ -152,7 +152,7 @@ def test_resume_is_bit_exact_weights_and_storage(mode, tmp_path):
 
 class WithRotaryBuffer(TinyRegressor):
     def __init__(self, mode=None):
-        super().__init__(optimizer="mp-adamw" if mode and mode[1] != "fp32" else "adamw")
+        super().__init__(optimizer="mp-adamw" if mode and mode[1] not in ("fp32", "auto") else "adamw")
         self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
 
     def training_step(self, batch, batch_idx):
@@ -177,7 +177,7 @@ def test_buffers_keep_fp32_so_rotary_angles_equal_bf16_mixed(mode):
 @modes
 def test_a_weight_written_in_place_becomes_the_value(mode):
     torch.manual_seed(0)
-    model = TinyRegressor(optimizer="adamw" if mode[1] == "fp32" else "mp-adamw")
+    model = TinyRegressor(optimizer="adamw" if mode[1] in ("fp32", "auto") else "mp-adamw")
     t = trainer(mode_plugin(mode), max_steps=2)
     t.fit(model, regression_data())
     new = torch.full_like(model.inp.weight, 0.375)

@@ -16,7 +16,7 @@ class NaNAt(TinyRegressor):
     """NaN loss at the batches in ``bad``; optimizer per mode."""
 
     def __init__(self, mode, bad=(2,), manual=False):
-        super().__init__(optimizer="adamw" if mode[1] == "fp32" else "mp-adamw")
+        super().__init__(optimizer="adamw" if mode[1] in ("fp32", "auto") else "mp-adamw")
         self.mode, self.bad = mode, set(bad)
         self.automatic_optimization = not manual
 
