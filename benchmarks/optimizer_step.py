@@ -22,6 +22,7 @@ import torch
 from lightning_mp import fused
 from lightning_mp.machine import describe
 from lightning_mp.optim import AdamW
+from lightning_mp.optim.adopt import adopt
 
 BF16 = torch.bfloat16
 
@@ -31,6 +32,7 @@ ROWS = [
     ("torch `AdamW(foreach=True)`, FP32", "torch-foreach", 16 + 12),
     ("`lightning_mp.optim.AdamW`, `master=\"fp32\"` (bf16 weights, FP32 masters)", ("fp32", torch.float32, None), 14 + 14),
     ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`", ("remainder", torch.float32, None), 14 + 12),
+    ("torch `AdamW` adopted by the default storage (`master=\"auto\"`: int16 remainders)", "adopted", 14 + 12),
     ("`lightning_mp.optim.AdamW`, `master=\"kahan\"`", ("kahan", torch.float32, None), 14 + 12),
     ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`", ("stochastic", torch.float32, None), 12 + 10),
     ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`, bf16 moments", ("stochastic", BF16, None), 8 + 6),
@@ -45,6 +47,14 @@ def shapes(layers: int, width: int) -> list[tuple[int, ...]]:
 
 def build(kind, dims: list[tuple[int, ...]]):
     g = torch.Generator().manual_seed(0)
+    if kind == "adopted":  # a user's torch.optim.AdamW on bf16 weights, as MasterWeightPrecision adopts it
+        params = [torch.zeros(s, dtype=BF16, requires_grad=True) for s in dims]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+        adopt(opt, "remainder")
+        for p in params:
+            opt.set_master(p, torch.randn(p.shape, generator=g) * 0.02)
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(BF16)
+        return opt
     if isinstance(kind, str):  # torch's AdamW on FP32 parameters
         params = [(torch.randn(s, generator=g) * 0.02).requires_grad_() for s in dims]
         for p in params:
