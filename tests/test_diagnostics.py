@@ -177,7 +177,7 @@ def test_storage_policies_keep_the_updates_their_weights_cannot(master):
 WATCHED = [
     *[(p, None, o) for p in ("32-true", "bf16-mixed") for o in ("adamw", "adamw-fused", "sgd", "adagrad", "mp-adamw")],
     *[("bf16-true", None, o) for o in ("adamw", "adamw-fused", "sgd", "adagrad", "sign")],
-    *[("bf16-master", "fp32", o) for o in ("adamw", "adamw-fused", "sgd", "adagrad", "sign", "mp-adamw")],
+    *[("bf16-master", m, o) for m in ("auto", "fp32") for o in ("adamw", "adamw-fused", "sgd", "adagrad", "sign", "mp-adamw")],
     *[("bf16-master", m, o) for m in ("remainder", "kahan", "stochastic") for o in ("mp-adamw", "mp-sgd", "mp-adamw-bf16")],
     *[("16-master", "fp32", o) for o in ("adamw", "adamw-fused", "sgd")],
 ]
