@@ -299,24 +299,17 @@ def read_checkpoint(path: Path, key: str, trust: bool = False) -> dict[str, Any]
     Only plain data is loaded (tensors, containers): a file that holds more is refused before
     anything in it runs, unless ``trust`` (``trust_checkpoint=true``)."""
     errors = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError)
-    opt_in = "trust_checkpoint=true"
+    distributed = is_distributed(path)
     try:
-        if is_distributed(path):
-            try:
-                meta = loading.load(path / "meta.pt", trust=trust, opt_in=opt_in)
-            except loading.UnsafeCheckpointError:
-                raise
-            except errors as err:
-                raise UsageError(f"{key}={path}: not a distributed checkpoint, or a truncated one ({_why(err)})") from err
-            return {**meta, "state_dict": _shapes(path)}
-        try:
-            checkpoint = loading.load(path, trust=trust, opt_in=opt_in, mmap=True)
-        except loading.UnsafeCheckpointError:
-            raise
-        except errors as err:
-            raise UsageError(f"{key}={path}: not a Lightning checkpoint, or a truncated one ({_why(err)})") from err
-    except loading.UnsafeCheckpointError as err:
+        if distributed:
+            return {**loading.load(path / "meta.pt", trust=trust, opt_in="trust_checkpoint=true"),
+                    "state_dict": _shapes(path)}
+        checkpoint = loading.load(path, trust=trust, opt_in="trust_checkpoint=true", mmap=True)
+    except loading.UnsafeCheckpointError as err:  # (an UnpicklingError: before the general case)
         raise UsageError(f"{key}={err}") from None
+    except errors as err:
+        kind = "a distributed checkpoint" if distributed else "a Lightning checkpoint"
+        raise UsageError(f"{key}={path}: not {kind}, or a truncated one ({_why(err)})") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UsageError(f"{key}={path}: not a Lightning checkpoint (no state_dict)")
     return checkpoint

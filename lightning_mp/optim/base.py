@@ -295,10 +295,14 @@ class _StoredMasterOptimizer(Optimizer):
                 args = tuple(compiled.flat(a) if isinstance(a, Tensor) else a for a in args)
             calls.append(args)
         # every tensor's variant compiled (on copies) before any is stepped: a failure leaves all to the eager path
-        if not all(compiled.check(self._kernel, args) for args in calls):
-            return False
+        steps = []
         for args in calls:
-            compiled.step(self._kernel, args)
+            step = compiled.checked(self._kernel, args)
+            if step is None:
+                return False  # (at the first variant that fails: one warning)
+            steps.append(step)
+        for step, args in zip(steps, calls):
+            step(*args)
         if start is not None:
             compiled.report(signature, time.perf_counter() - start)
         return True

@@ -149,27 +149,23 @@ def _key(op: str, args: tuple) -> tuple[str, tuple, int]:
     return op, variant, min(weight.numel(), 2)  # dynamo specializes sizes 0 and 1
 
 
-def check(op: str, args: tuple) -> bool:
-    """Whether the compiled ``op`` runs on arguments like ``args`` (one tensor's). A variant's first
-    check compiles it and runs it on copies of the tensors, so a compile that fails (a missing host
-    compiler, a Triton error) leaves the optimizer's state untouched; the caller then steps with
-    the eager path, after one warning."""
+def checked(op: str, args: tuple) -> Optional[Callable[..., None]]:
+    """The compiled ``op`` for arguments like ``args`` (one tensor's), or ``None`` where it cannot be
+    compiled here. A variant's first call compiles it and runs it on copies of the tensors, so a
+    compile that fails (a missing host compiler, a Triton error) leaves the optimizer's state
+    untouched; the caller then steps with the eager path, after one warning."""
     key = _key(op, args)
+    fn = _compiled(op, key[1])
     if key not in _CHECKED:
         try:
-            _compiled(op, key[1])(*(a.clone() if isinstance(a, Tensor) else a for a in args))
+            fn(*(a.clone() if isinstance(a, Tensor) else a for a in args))
             _CHECKED[key] = True
         except Exception as err:  # dynamo, inductor and Triton raise many kinds: any failure falls back
             _CHECKED[key] = False
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             warnings.warn(f"lightning-mp: torch.compile could not build the {op} step ({first}); this optimizer "
                           "steps with torch's foreach ops instead", stacklevel=4)
-    return _CHECKED[key]
-
-
-def step(op: str, args: tuple) -> None:
-    """The compiled ``op`` on one tensor's ``args`` (after :func:`check`)."""
-    _compiled(op, _key(op, args)[1])(*args)
+    return fn if _CHECKED[key] else None
 
 
 def flat(t: Tensor) -> Tensor:
@@ -181,7 +177,7 @@ def flat(t: Tensor) -> Tensor:
 def available(device: torch.device) -> bool:
     """Whether ``torch.compile`` can generate code for ``device`` here: Triton and the host C compiler
     it builds its launchers with on CUDA, a C++ compiler on CPU (a first compile that still fails
-    falls back, see :func:`step`)."""
+    falls back, see :func:`checked`)."""
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 

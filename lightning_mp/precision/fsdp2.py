@@ -43,10 +43,10 @@ from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, _matcher
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim.base import _StoredMasterOptimizer
 from lightning_mp.precision.fsdp2_grads import FP32GradShards
-from lightning_mp import loading, messages
+from lightning_mp import loading
 from lightning_mp.optim.adopt import adopt, why_not
 from lightning_mp.precision.master import (_STORAGE, MASTER_DTYPES, _lightning_module, _make_scaler, _store_policy,
-                                          check_master_options, device_type)
+                                          check_master_options, device_type, report_storage)
 from lightning_mp.precision.step import _unwrap
 from lightning_mp.precision.skips import SkipTracker, sharded_step, step_gradients
 from lightning_mp.storage import like, local
@@ -218,8 +218,7 @@ class FSDP2MasterWeightPrecision(Precision):
                         "which any optimizer steps."
                     )
                 optimizer.use_store(self.store)
-            messages.info(f"lightning-mp: {self.precision} keeps each shard's FP32 value " + "; ".join(
-                f"for {type(o).__qualname__} {_STORAGE[self.master]}" for o in raw))
+            report_storage(self.precision, "shard", raw, [_STORAGE[self.master]] * len(raw))
             self._optimizers = raw
             self.store.track(self._module, (p for o in raw for g in o.param_groups for p in g["params"]))
         return super().connect(model, optimizers, lr_schedulers)

@@ -153,10 +153,7 @@ class MasterWeightPrecision(Precision):
         self._module = module
         trainer = getattr(module, "_trainer", None)
         raw = [_unwrap(o) for o in optimizers]
-        kinds = [self._attach(optimizer) for optimizer in raw]
-        if kinds:
-            messages.info(f"lightning-mp: {self.precision} keeps each weight's FP32 value "
-                          + "; ".join(f"for {_name(o)} {kind}" for o, kind in zip(raw, kinds)))
+        report_storage(self.precision, "weight", raw, [self._attach(optimizer) for optimizer in raw])
         self.store.track(module, (p for o in raw for g in o.param_groups for p in g["params"]))
         self.grads.attach(p for p in self.store.params() if p.requires_grad)  # also for a raw loss.backward()
         self.device = self.device or device_type(model)
@@ -206,7 +203,8 @@ class MasterWeightPrecision(Precision):
 
     def pre_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
         self.step_runner.before_backward()
-        self.grads.attach(p for p in self.store.params() if p.requires_grad)  # parameters unfrozen since
+        # parameters unfrozen since the last backward get their FP32 sums too
+        self.grads.attach(p for p in self.store.params() if p.requires_grad)
         if self.scaler is not None:
             tensor = self.scaler.scale_loss(tensor)
         return super().pre_backward(tensor, module)
@@ -251,8 +249,7 @@ class MasterWeightPrecision(Precision):
 
     def teardown(self) -> None:
         self.skips.settle()
-        if self.grads is not None:
-            self.grads.detach()
+        self.grads.detach()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -354,8 +351,11 @@ def _store_policy(master: str, dtype: torch.dtype) -> str:
     return master
 
 
-def _name(optimizer: Optimizer) -> str:
-    return type(optimizer).__qualname__
+def report_storage(precision: str, what: str, optimizers: list[Optimizer], storage: list[str]) -> None:
+    """One line at the start: how each optimizer's 16-bit ``what`` (weight, shard) keeps its FP32 value."""
+    if optimizers:
+        messages.info(f"lightning-mp: {precision} keeps each {what}'s FP32 value "
+                      + "; ".join(f"for {type(o).__qualname__} {kind}" for o, kind in zip(optimizers, storage)))
 
 
 def check_master_options(precision: str, master: str, max_consecutive_skips: Optional[int], kept: str) -> None:

@@ -3,8 +3,8 @@
 One optimizer step of :class:`~lightning_mp.MasterWeightPrecision`, in named phases (as
 Megatron-LM's ``MixedPrecisionOptimizer.step``):
 
-1. :meth:`MasterStep.prepare`: the FP32 gradient of each parameter (``master="fp32"``: the FP32
-   sum of its micro-batches), all-reduced when the plugin reduces under DDP, unscaled, and one
+1. :meth:`MasterStep.prepare`: the FP32 gradient of each parameter (the FP32 sum of its
+   micro-batches, under every storage), all-reduced when the plugin reduces under DDP, unscaled, and one
    fused inf/NaN check. Manual clipping before ``opt.step()`` prepares early; the step reuses it.
 2. skip: an overflowing step is dropped whole (weights, optimizer state, LR schedulers).
 3. clip and step: under ``master="fp32"`` the optimizer holds the FP32 masters for the step,
@@ -66,7 +66,7 @@ class MasterStep:
     def __init__(
         self,
         store: MasterStore,
-        grads: Optional[FP32Grads],
+        grads: FP32Grads,
         scaler: Optional[LossScaler],
         skips: SkipTracker,
         sync_free: Optional[bool],
@@ -95,15 +95,12 @@ class MasterStep:
         half = [p for p in params if p.dtype in HALF]
         stored = isinstance(optimizer, _StoredMasterOptimizer)
         inv_scale = None if self.scaler is None else self.scaler.inv_scale
-        fp32: dict[Tensor, Tensor] = {}
-        done: set[Tensor] = set()
-        found = False
-        if self.grads is not None:  # master="fp32": micro-batch sums, and FP32 gradients for a torch optimizer
-            if not stored:
-                self.store.ensure(half, "fp32")  # a parameter joining late gets its master, from its exact value
-            upcast = not stored or self.reducer is not None
-            scale = None if stored or self.reducer is not None else (1.0 if self.scaler is None else self.scaler.host_inv_scale())
-            fp32, done, found = self.grads.take(half, upcast=upcast, inv_scale=scale)
+        if not stored:  # a torch optimizer stepping FP32 masters
+            self.store.ensure(half, "fp32")  # a parameter joining late gets its master, from its exact value
+        # the FP32 micro-batch sums, and for FP32 masters (or a reduction here) every FP32 gradient
+        upcast = not stored or self.reducer is not None
+        scale = None if stored or self.reducer is not None else (1.0 if self.scaler is None else self.scaler.host_inv_scale())
+        fp32, done, found = self.grads.take(half, upcast=upcast, inv_scale=scale)
         prepared = Prepared(params, fp32, torch.zeros(()), stored=stored, unscaled=not stored)
         grads = prepared.grads()
         if self.reducer is not None:
@@ -119,7 +116,7 @@ class MasterStep:
 
     def before_backward(self) -> None:
         """Another backward before the step: prepared gradients go back to accumulating."""
-        if self._prepared and self.grads is not None:
+        if self._prepared:
             unscaled = any(p.unscaled for p in self._prepared.values())
             self.grads.give_back(self.scaler.current() if unscaled and self.scaler is not None else None)
         self._prepared.clear()
@@ -230,8 +227,7 @@ class MasterStep:
         """Drop the step's gradients, or (``keep_grads``) leave them on the parameters, 16-bit."""
         self._prepared.pop(id(optimizer), None)
         half = [p for p in prepared.params if p.dtype in HALF]
-        if self.grads is not None:
-            self.grads.release(half, keep=self.store.dtype if keep_grads else None)
+        self.grads.release(half, keep=self.store.dtype if keep_grads else None)
         if not keep_grads:
             for p in prepared.params:
                 p.grad = None
