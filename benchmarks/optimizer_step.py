@@ -8,7 +8,7 @@ down the list, so that no step always follows the same one); the table gives the
 time and the median of the per-round ratios to ``torch.optim.AdamW(fused=True)`` on FP32
 parameters of the same shapes (with quartiles). Bytes moved per parameter count what a step must
 read and write (a bf16 weight and gradient are 2 bytes, FP32 moments and masters 4, a remainder or
-compensation 2); the floor is those bytes at the machine's in-place streaming rate, measured here.
+compensation 2, 8-bit moments 1 each, their block scales rounded away); the floor is those bytes at the machine's in-place streaming rate, measured here.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ ROWS = [
     ("`lightning_mp.optim.AdamW`, `master=\"kahan\"`", ("kahan", torch.float32, None), 14 + 12),
     ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`", ("stochastic", torch.float32, None), 12 + 10),
     ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`, bf16 moments", ("stochastic", BF16, None), 8 + 6),
+    ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`, 8-bit moments", ("remainder", "8bit", None), 8 + 8),
+    ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`, 8-bit moments", ("stochastic", "8bit", None), 6 + 4),
     ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`, `compile=True` (torch.compile, inductor's C++)", ("remainder", torch.float32, True), 14 + 12),
     ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`, `compile=False` (torch's foreach ops)", ("remainder", torch.float32, False), 14 + 12),
 ]

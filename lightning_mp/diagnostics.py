@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple, Optional
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_mp.masters import MasterStore
+from lightning_mp.optim.quant import BLOCK
 from lightning_mp.storage import local
 
 CATEGORIES = ("weights", "masters", "gradients", "optimizer_state", "loss_scaler")
@@ -107,8 +109,9 @@ def estimate_memory(
     ``master`` is the storage policy: ``"auto"`` (the plugin's default) is ``"remainder"`` under
     ``bf16-master`` for AdamW, Adam and SGD, ``"fp32"`` otherwise; ``"remainder"`` and ``"kahan"``
     keep 2 bytes beside the weight, ``"stochastic"`` none (``bf16-master`` only). Gradients are
-    freed inside the step. ``moment_dtype="bfloat16"`` halves the optimizer state
-    (:mod:`lightning_mp.optim`).
+    freed inside the step. ``moment_dtype="bfloat16"`` halves the optimizer state, ``"8bit"``
+    keeps 1 byte per moment plus an FP32 scale per 256 (:mod:`lightning_mp.optim`; per-tensor
+    rounding up of the blocks is left out).
     """
     from lightning_mp.precision import PRECISION_NAMES  # a circular import at module level
 
@@ -122,15 +125,21 @@ def estimate_memory(
         master = "remainder" if precision == "bf16-master" and optimizer in ("adamw", "adam", "sgd", "sgd-no-momentum") else "fp32"
     has_masters = precision.endswith("-master")
     weight = {"64-true": 8, "bf16-true": 2, "16-true": 2}.get(precision, 2 if has_masters else 4)
-    state_dtype = 4 if has_masters else weight  # a *-true optimizer keeps 16-bit state; masters keep FP32
+    state_dtype: float = 4 if has_masters else weight  # a *-true optimizer keeps 16-bit state; masters keep FP32
     if moment_dtype == "bfloat16":
         state_dtype = 2
+    elif moment_dtype == "8bit":  # a code per element and an FP32 scale per block
+        if optimizer not in ("adamw", "adam"):
+            raise ValueError(f"moment_dtype='8bit' applies to adamw and adam, not {optimizer!r}")
+        state_dtype = 1 + 4 / BLOCK
+    elif moment_dtype != "float32":
+        raise ValueError(f"unknown moment_dtype {moment_dtype!r}; choose float32, bfloat16 or 8bit")
     master_bytes = {"fp32": 4, "remainder": 2, "kahan": 2, "stochastic": 0}[master] if has_masters else 0
     sizes = {
         "weights": weight * n_params,
         "masters": master_bytes * n_params,
         "gradients": 0 if has_masters else weight * n_params,  # *-master grads die with the step
-        "optimizer_state": _OPTIMIZER_STATES[optimizer] * state_dtype * n_params
+        "optimizer_state": math.ceil(_OPTIMIZER_STATES[optimizer] * state_dtype * n_params)
         + (4 * n_tensors if optimizer in _STEP_COUNTERS else 0),
         "loss_scaler": 8 if precision == "16-mixed" else 0,  # GradScaler: float32 scale + int32 tracker
     }

@@ -38,7 +38,7 @@ from lightning_mp import messages
 
 F32_PARAM, F32_MASTER, REMAINDER, KAHAN, STOCHASTIC = range(5)
 KIND = {"fp32": F32_MASTER, "remainder": REMAINDER, "kahan": KAHAN, "stochastic": STOCHASTIC}
-DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "8bit": 3}  # "8bit": moments (optim.quant)
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 
 
@@ -46,7 +46,7 @@ class Segment(ctypes.Structure):
     _fields_ = [
         ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("g", ctypes.c_void_p), ("m", ctypes.c_void_p),
         ("v", ctypes.c_void_p), ("n", ctypes.c_int64), ("index", ctypes.c_int64), ("a", ctypes.c_float),
-        ("b", ctypes.c_float),
+        ("b", ctypes.c_float), ("ms", ctypes.c_void_p), ("vs", ctypes.c_void_p),
     ]
 
 
@@ -138,7 +138,7 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-_KNOWN = frozenset(DTYPE) | {torch.int16}
+_KNOWN = frozenset(DTYPE) | {torch.int16, torch.int8, torch.uint8}
 
 
 def applies(*tensors: Optional[Tensor]) -> bool:
@@ -156,12 +156,13 @@ def hyper(**values: Any) -> Hyper:
 
 
 def segment(w: Tensor, s: Optional[Tensor], g: Tensor, m: Optional[Tensor], v: Optional[Tensor], index: int,
-            a: float = 0.0, b: float = 0.0) -> Segment:
+            a: float = 0.0, b: float = 0.0, *, ms: Optional[Tensor] = None, vs: Optional[Tensor] = None) -> Segment:
+    """One tensor's arrays; ``ms`` and ``vs``: the block scales of 8-bit moments."""
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    return Segment(ptr(w), ptr(s), ptr(g), ptr(m), ptr(v), w.numel(), index, a, b)
+    return Segment(ptr(w), ptr(s), ptr(g), ptr(m), ptr(v), w.numel(), index, a, b, ptr(ms), ptr(vs))
 
 
-def run(op: str, kind: int, wdtype: torch.dtype, gdtype: torch.dtype, mdtype: torch.dtype, segments: list[Segment],
+def run(op: str, kind: int, wdtype: torch.dtype, gdtype: torch.dtype, mdtype: Any, segments: list[Segment],
         h: Hyper) -> None:
     """One call of the AdamW (``op="adamw"``) or SGD kernel over ``segments`` of one kind and dtypes."""
     array = (Segment * len(segments))(*segments)

@@ -75,7 +75,7 @@ class MoEModule(L.LightningModule):
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
         decay_steps: Optional[int] = None,
-        moment_dtype: Literal["float32", "bfloat16"] = "float32",
+        moment_dtype: Literal["float32", "bfloat16", "8bit"] = "float32",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -296,12 +296,12 @@ class MoEModule(L.LightningModule):
         plugin = self.trainer.precision_plugin
         if isinstance(plugin, (MasterWeightPrecision, FSDP2MasterWeightPrecision)) or hp.moment_dtype != "float32":
             # lightning-mp's AdamW: one fused pass per element through the plugin's FP32 values (every
-            # master policy; FSDP2's shards too), or bf16 Adam moments
+            # master policy; FSDP2's shards too), or bf16 or 8-bit Adam moments
             optimizer: torch.optim.Optimizer = AdamW(
                 groups,
                 lr=hp.lr,
                 betas=tuple(hp.betas),
-                moment_dtype=getattr(torch, hp.moment_dtype),
+                moment_dtype=hp.moment_dtype,
                 seed=torch.initial_seed() % 2**63,  # follows seed_everything: reproducible rounding
             )
         else:

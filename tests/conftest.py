@@ -82,6 +82,8 @@ class TinyRegressor(L.LightningModule):
             opt = lightning_mp.optim.AdamW(groups, lr=lr, compile=False)
         elif name == "mp-adamw-compiled":  # the torch.compile'd step (CUDA's fused path)
             opt = lightning_mp.optim.AdamW(groups, lr=lr, compile=True)
+        elif name == "mp-adamw-8bit":  # block-wise 8-bit moments
+            opt = lightning_mp.optim.AdamW(groups, lr=lr, moment_dtype="8bit")
         elif name == "mp-sgd":
             opt = lightning_mp.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
         elif name == "sign":

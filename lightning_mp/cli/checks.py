@@ -121,7 +121,7 @@ RULES: dict[str, Callable[[Any], Optional[str]]] = {
     "optimizer.warmup_steps": integer(0),
     "optimizer.min_lr_ratio": number(0, 1),
     "optimizer.decay_steps": optional(integer(1)),
-    "optimizer.moment_dtype": choice("float32", "bfloat16"),
+    "optimizer.moment_dtype": choice("float32", "bfloat16", "8bit"),
     "data.seq_len": integer(1),
     "data.batch_size": integer(1),
     "data.val_fraction": number(0, 1, open_low=True, open_high=True),

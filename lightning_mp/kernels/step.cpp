@@ -23,7 +23,7 @@
 namespace {
 
 enum Kind { F32_PARAM = 0, F32_MASTER = 1, REMAINDER = 2, KAHAN = 3, STOCHASTIC = 4 };
-enum DType { F32 = 0, BF16 = 1, F16 = 2 };
+enum DType { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3 };  // Q8: 8-bit moments, block-wise (AdamW)
 
 inline float from_bits(uint32_t u) { return __builtin_bit_cast(float, u); }
 inline uint32_t to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
@@ -78,6 +78,8 @@ struct Segment {
   int64_t n;
   int64_t index;  // where the segment starts in the optimizer's numbering of elements (noise)
   float a, b;     // AdamW: -step size, sqrt(bias correction 2). SGD: 1 when the momentum buffer is new
+  float* ms;      // Q8: the block scales of m and v
+  float* vs;
 };
 
 struct Hyper {
@@ -195,8 +197,9 @@ inline void prefetch(const Arrays& a, int64_t i) {
   if constexpr (K == KAHAN) __builtin_prefetch(a.c + j, 1);
   if constexpr (K == REMAINDER) __builtin_prefetch(a.r + j, 1);
   __builtin_prefetch(static_cast<const char*>(a.g) + j * (G == F32 ? 4 : 2), 0);
-  if (a.m) __builtin_prefetch(static_cast<char*>(a.m) + j * (M == F32 ? 4 : 2), 1);
-  if (a.v) __builtin_prefetch(static_cast<char*>(a.v) + j * (M == F32 ? 4 : 2), 1);
+  constexpr int mbytes = M == F32 ? 4 : (M == Q8 ? 1 : 2);
+  if (a.m) __builtin_prefetch(static_cast<char*>(a.m) + j * mbytes, 1);
+  if (a.v) __builtin_prefetch(static_cast<char*>(a.v) + j * mbytes, 1);
 }
 
 template <int K, int W, int G, int M>
@@ -224,6 +227,87 @@ void adamw_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t end)
     store_moment<M>(a.m, i, m, uint16_t(r.b));
     store_moment<M>(a.v, i, v, uint16_t(r.b >> 16));
     encode<K, W>(a, i, p, uint16_t(r.a));
+  }
+}
+
+// 8-bit moments (lightning_mp/optim/quant.py, whose torch functions this follows op for op): per
+// block of QBLOCK elements an FP32 scale, the block's largest magnitude, and per element a
+// minifloat code of the element over it (3 mantissa bits; exponent bias 15 for m, signed, and 31
+// for v), rounded to nearest even.
+constexpr int64_t QBLOCK = 256;
+constexpr int QM = 3;
+template <int BIAS> inline float q8_decode(int32_t c) {  // c >= 0; branch-free, so that loops vectorize
+  const float sub = float(c) * from_bits(uint32_t(127 + 1 - BIAS - QM) << 23);
+  const float normal = from_bits(uint32_t(c + ((127 - BIAS) << QM)) << (23 - QM));
+  const uint32_t is_normal = uint32_t(-int32_t(c >= (1 << QM)));  // all ones or zero: a select without a branch
+  return from_bits((to_bits(sub) & ~is_normal) | (to_bits(normal) & is_normal));
+}
+template <int BIAS> inline int q8_encode(float u) {  // u in [0, 1]
+  const uint32_t b = to_bits(u);
+  const int normal = int((b + ((1u << (22 - QM)) - 1) + ((b >> (23 - QM)) & 1)) >> (23 - QM)) - ((127 - BIAS) << QM);
+  const int sub = int(std::nearbyint(u * from_bits(uint32_t(127 + BIAS - 1 + QM) << 23)));
+  return u < from_bits(uint32_t(127 + 1 - BIAS) << 23) ? sub : normal;
+}
+
+// AdamW with 8-bit moments over [begin, end), which start on block boundaries: per block, decode
+// the moments, step every element with the FP32 moments (as the foreach path), then encode them
+// over the block's new largest magnitudes.
+template <int K, int W, int G>
+void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t end) {
+  const Arrays a = arrays<K>(seg);
+  const GradPrep prep(h);
+  const float c1 = h.c1, beta2 = h.beta2, c2 = h.c2, eps = h.eps, neg_step = seg.a, bc2 = seg.b;
+  const float decay = h.has_decay ? h.decay : 1.0f;
+  const bool small = std::fabs(c1) < 0.5f;
+  const float lerp_c = small ? c1 : c1 - 1.0f;
+  const uint64_t key = mix(h.seed ^ mix(h.counter));
+  int8_t* __restrict__ mq = static_cast<int8_t*>(seg.m);
+  uint8_t* __restrict__ vq = static_cast<uint8_t*>(seg.v);
+  alignas(64) float mb[QBLOCK], vb[QBLOCK];
+  for (int64_t b0 = begin; b0 < end; b0 += QBLOCK) {
+    const int64_t n = b0 + QBLOCK < end ? QBLOCK : end - b0, blk = b0 / QBLOCK;
+    const float ms = seg.ms[blk], vs = seg.vs[blk];
+    int8_t* __restrict__ mc = mq + b0;
+    uint8_t* __restrict__ vc = vq + b0;
+    for (int64_t j = 0; j < n; ++j) {  // decode
+      const int32_t c = mc[j];
+      const float m = q8_decode<15>(std::abs(c)) * ms;
+      mb[j] = from_bits(to_bits(m) | (uint32_t(c) & 0x80000000u));  // the code's sign
+      vb[j] = q8_decode<31>(int32_t(vc[j])) * vs;
+    }
+    for (int64_t j = 0; j < n; ++j) {  // the step, as adamw_range's
+      const int64_t i = b0 + j;
+      const Noise r = noise<K, F32>(key, seg.index + i);
+      const float g = prep(load<G>(a.g, i));
+      float p = decode<K>(a, i) * decay;
+      const float m = std::fma(lerp_c, g - mb[j], small ? mb[j] : g);
+      const float v = vb[j] * beta2 + c2 * g * g;
+      float d = std::sqrt(v);
+      d = d / bc2;
+      d = d + eps;
+      p = p + neg_step * m / d;
+      mb[j] = m;
+      vb[j] = v;
+      encode<K, W>(a, i, p, uint16_t(r.a));
+    }
+    // The largest magnitudes, as the largest bit patterns of non-negative floats (integer maxima
+    // vectorize; a NaN, above every number, gives a NaN scale, as torch's amax)
+    uint32_t mbits = 0, vbits = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t am = to_bits(mb[j]) & 0x7FFFFFFFu, av = to_bits(vb[j]) & 0x7FFFFFFFu;
+      mbits = am > mbits ? am : mbits;
+      vbits = av > vbits ? av : vbits;
+    }
+    const float mmax = from_bits(mbits), vmax = from_bits(vbits);
+    seg.ms[blk] = mmax;
+    seg.vs[blk] = vmax;
+    const float minv = 1.0f / (mmax > 0.0f ? mmax : 1.0f), vinv = 1.0f / (vmax > 0.0f ? vmax : 1.0f);
+    for (int64_t j = 0; j < n; ++j) {  // encode
+      const float m = mb[j];
+      const int c = q8_encode<15>(std::fabs(m) * minv);
+      mc[j] = int8_t(m < 0.0f ? -c : c);
+      vc[j] = uint8_t(q8_encode<31>(vb[j] * vinv));
+    }
   }
 }
 
@@ -312,12 +396,16 @@ auto tiled(F f) {
 
 template <int K, int W, int G, int M>
 void adamw(const Segment* segs, int64_t nseg, const Hyper* h) {
-  parallel(segs, nseg, h->threads, tiled<K, G, M>([&](const Segment& s, int64_t b, int64_t e) { adamw_range<K, W, G, M>(s, *h, b, e); }));
+  if constexpr (M == Q8)  // (chunks and tiles are multiples of QBLOCK: each starts a block)
+    parallel(segs, nseg, h->threads, tiled<K, G, M>([&](const Segment& s, int64_t b, int64_t e) { adamw_q8_range<K, W, G>(s, *h, b, e); }));
+  else
+    parallel(segs, nseg, h->threads, tiled<K, G, M>([&](const Segment& s, int64_t b, int64_t e) { adamw_range<K, W, G, M>(s, *h, b, e); }));
 }
 
 template <int K, int W, int G, int M>
 void sgd(const Segment* segs, int64_t nseg, const Hyper* h) {
-  parallel(segs, nseg, h->threads, tiled<K, G, M>([&](const Segment& s, int64_t b, int64_t e) { sgd_range<K, W, G, M>(s, *h, b, e); }));
+  if constexpr (M == Q8) return;  // (SGD refuses 8-bit momentum in Python)
+  else parallel(segs, nseg, h->threads, tiled<K, G, M>([&](const Segment& s, int64_t b, int64_t e) { sgd_range<K, W, G, M>(s, *h, b, e); }));
 }
 
 using Fn = void (*)(const Segment*, int64_t, const Hyper*);
@@ -326,11 +414,16 @@ using Fn = void (*)(const Segment*, int64_t, const Hyper*);
 template <int K, int W, int G, int M> struct AdamWFn { static void run(const Segment* s, int64_t n, const Hyper* h) { adamw<K, W, G, M>(s, n, h); } };
 template <int K, int W, int G, int M> struct SGDFn { static void run(const Segment* s, int64_t n, const Hyper* h) { sgd<K, W, G, M>(s, n, h); } };
 
+template <template <int, int, int, int> class T, int K, int W, int G>
+Fn pick_m(int m) {
+  return m == F32 ? &T<K, W, G, F32>::run : (m == BF16 ? &T<K, W, G, BF16>::run : &T<K, W, G, Q8>::run);
+}
+
 template <template <int, int, int, int> class T, int K, int W>
 Fn pick_gm(int g, int m) {
-  if (g == F32) return m == F32 ? &T<K, W, F32, F32>::run : &T<K, W, F32, BF16>::run;
-  if (g == BF16) return m == F32 ? &T<K, W, BF16, F32>::run : &T<K, W, BF16, BF16>::run;
-  return m == F32 ? &T<K, W, F16, F32>::run : &T<K, W, F16, BF16>::run;
+  if (g == F32) return pick_m<T, K, W, F32>(m);
+  if (g == BF16) return pick_m<T, K, W, BF16>(m);
+  return pick_m<T, K, W, F16>(m);
 }
 
 template <template <int, int, int, int> class T>
@@ -348,7 +441,7 @@ Fn pick(int k, int w, int g, int m) {
 
 extern "C" {
 
-int lmp_abi_version() { return 1; }
+int lmp_abi_version() { return 2; }
 int64_t lmp_segment_size() { return int64_t(sizeof(Segment)); }
 int64_t lmp_hyper_size() { return int64_t(sizeof(Hyper)); }
 
@@ -403,7 +496,7 @@ void lmp_round(int wdtype, const Segment* segs, int64_t nseg, int threads) {
 // Multiplies a[0:n] by s in place, on `threads` threads: the machine's streaming rate for an
 // in-place update (benchmarks/optimizer_step.py's bandwidth floor).
 void lmp_scale(float* a, int64_t n, float s, int threads) {
-  Segment seg{a, nullptr, nullptr, nullptr, nullptr, n, 0, 0.0f, 0.0f};
+  Segment seg{a, nullptr, nullptr, nullptr, nullptr, n, 0, 0.0f, 0.0f, nullptr, nullptr};
   parallel(&seg, 1, threads, [&](const Segment& g, int64_t b, int64_t e) {
     float* __restrict__ x = static_cast<float*>(g.w);
     for (int64_t i = b; i < e; ++i) x[i] = x[i] * s;

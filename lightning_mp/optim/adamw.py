@@ -7,7 +7,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_mp.optim.base import Params, _StoredMasterOptimizer
+from lightning_mp.optim import quant
+from lightning_mp.optim.base import EIGHT_BIT, MomentDtype, Params, _StoredMasterOptimizer
+from lightning_mp.storage import local
 
 
 class AdamW(_StoredMasterOptimizer):
@@ -17,8 +19,10 @@ class AdamW(_StoredMasterOptimizer):
         params, lr, betas, eps, weight_decay, maximize: as ``torch.optim.AdamW`` (no ``amsgrad``).
         master: storage policy of bfloat16 parameters, one of :data:`MASTER_POLICIES`; ``None``
             (default) leaves it to :class:`~lightning_mp.MasterWeightPrecision`.
-        moment_dtype: ``torch.float32`` (default) or ``torch.bfloat16``, whose moments are then
-            updated with stochastic rounding (4 bytes per parameter instead of 8).
+        moment_dtype: ``torch.float32`` (default); ``torch.bfloat16``, whose moments are then
+            updated with stochastic rounding (4 bytes per parameter instead of 8); or ``"8bit"``:
+            block-wise 8-bit codes with an FP32 scale per 256 elements (:mod:`lightning_mp.optim.quant`,
+            2.03 bytes per parameter). Names (``"float32"``, ``"bfloat16"``) are accepted.
         seed: seeds the stochastic rounding (per device), saved in ``state_dict``.
         compile: ``None`` (default): one fused pass per element where it applies, the C++ kernel
             of :mod:`lightning_mp.fused` on CPU tensors and a ``torch.compile``'d pass
@@ -43,7 +47,7 @@ class AdamW(_StoredMasterOptimizer):
         *,
         maximize: bool = False,
         master: Optional[str] = None,
-        moment_dtype: torch.dtype = torch.float32,
+        moment_dtype: MomentDtype = torch.float32,
         seed: int = 0,
         compile: Optional[bool] = None,
     ) -> None:
@@ -57,8 +61,12 @@ class AdamW(_StoredMasterOptimizer):
         for p, state in zip(params, states):
             if "step" not in state:
                 state["step"] = torch.tensor(0.0)  # on the CPU, as torch keeps it: reading it never syncs
-                state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                for key in self._state_keys:
+                    if self.moment_dtype == EIGHT_BIT:  # codes shaped (and sharded) as p; scales of the local blocks
+                        state[key] = torch.zeros_like(p, dtype=quant.CODES[key][0])
+                        state[key + quant.SCALE] = torch.zeros(quant.blocks(local(p).numel()), device=p.device)
+                    else:
+                        state[key] = torch.zeros_like(p, dtype=self.moment_dtype)
         steps = [state["step"] for state in states]
         torch._foreach_add_(steps, 1)
         lr, (beta1, beta2) = group["lr"], group["betas"]

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from lightning_mp import fused
 from lightning_mp.masters import MasterStore
-from lightning_mp.optim import compiled
+from lightning_mp.optim import compiled, quant
 from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, _upcast, like, local, shard_offset, sharded, stochastic_round_
 
 # Elements stepped at once by the eager path (see _blocks): on a CPU 2 MiB of FP32 per
@@ -38,6 +38,23 @@ from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, _upc
 _BLOCK_NUMEL = {"cpu": 1 << 19, "cuda": 1 << 24}
 
 Params = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
+
+EIGHT_BIT = "8bit"  # moment_dtype of block-wise 8-bit moments (lightning_mp.optim.quant)
+MomentDtype = Union[torch.dtype, str]
+_MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, EIGHT_BIT: EIGHT_BIT}
+
+
+def moment_dtype_of(value: MomentDtype) -> MomentDtype:
+    """``torch.float32``, ``torch.bfloat16`` or ``"8bit"`` from a dtype or its name."""
+    found = _MOMENT_DTYPES.get(value) if isinstance(value, str) else value
+    if found not in (torch.float32, torch.bfloat16, EIGHT_BIT):
+        raise ValueError(f"moment_dtype must be torch.float32, torch.bfloat16 or '8bit', got {value!r}")
+    return found
+
+
+def stored_dtype(t: Tensor) -> MomentDtype:
+    """The moment dtype a stored moment tensor belongs to (8-bit codes are int8 or uint8)."""
+    return EIGHT_BIT if t.dtype in (torch.int8, torch.uint8) else t.dtype
 
 
 class _StoredMasterOptimizer(Optimizer):
@@ -61,10 +78,8 @@ class _StoredMasterOptimizer(Optimizer):
     ) -> None:
         if master is not None and master not in MASTER_POLICIES:
             raise ValueError(f"master must be one of {', '.join(MASTER_POLICIES)}, got {master!r}")
-        if moment_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
         super().__init__(params, defaults)
-        self._setup(master, moment_dtype, seed, compile)
+        self._setup(master, moment_dtype_of(moment_dtype), seed, compile)
 
     def _setup(self, master: Optional[str], moment_dtype: torch.dtype, seed: int, compile: Optional[bool]) -> None:
         """What this class keeps beside torch's ``Optimizer`` (also for a torch optimizer it adopts:
@@ -203,9 +218,17 @@ class _StoredMasterOptimizer(Optimizer):
             torch._foreach_clamp_min_(grads, -clamp)
             torch._foreach_clamp_max_(grads, clamp)
         stored = {key: [seg.of(self.state[seg.param][key]) for seg in block] for key in self._moment_keys(group)}
-        moments = {key: t if self.moment_dtype == torch.float32 else _upcast(t) for key, t in stored.items()}
+        if self.moment_dtype == EIGHT_BIT:
+            scales = {key: [seg.blocks(self.state[seg.param][key + quant.SCALE]) for seg in block] for key in stored}
+            moments = {key: [quant.decode(key, c, a) for c, a in zip(stored[key], scales[key])] for key in stored}
+        else:
+            moments = {key: t if self.moment_dtype == torch.float32 else _upcast(t) for key, t in stored.items()}
         self._update(group, values, grads, moments, [scalars[seg.param] for seg in block])
-        if self.moment_dtype != torch.float32:  # a bf16 `v * 0.999` never changes: round stochastically
+        if self.moment_dtype == EIGHT_BIT:  # the weights stepped with the FP32 moments; these are stored
+            for key, tensors in moments.items():
+                for value, c, a in zip(tensors, stored[key], scales[key]):
+                    quant.encode_(key, value, c, a)
+        elif self.moment_dtype != torch.float32:  # a bf16 `v * 0.999` never changes: round stochastically
             for key, tensors in moments.items():
                 stochastic_round_(tensors, stored[key], self.store.generator(weights[0].device))
         if policy:
@@ -246,13 +269,15 @@ class _StoredMasterOptimizer(Optimizer):
         for item, scalar in zip(items, scalars):
             state = self.state[item.param]
             m, v = (*(local(state[k]) if k in state else None for k in self._state_keys), None)[:2]
+            ms, vs = (*(state.get(k + quant.SCALE) for k in self._state_keys), None)[:2]
             s = None if kind is None else self.store.storage(item.param)
             p, g = local(item.param), local(item.grad)
-            if not fused.applies(p, g, s, m, v):
+            if not fused.applies(p, g, s, m, v, ms, vs):
                 return False
-            if any(t is not None and t.dtype != self.moment_dtype for t in (m, v)):  # the kernel reads moment_dtype
+            if any(t is not None and stored_dtype(t) != self.moment_dtype for t in (m, v)):  # the kernel reads moment_dtype
                 raise TypeError(f"{type(self).__name__}'s moments are {self.moment_dtype}, found {m.dtype} state")
-            calls.setdefault(g.dtype, []).append(fused.segment(p, s, g, m, v, item.first, *self._segment(scalar)))
+            calls.setdefault(g.dtype, []).append(
+                fused.segment(p, s, g, m, v, item.first, *self._segment(scalar), ms=ms, vs=vs))
         factor, clamp = transform
         h = fused.hyper(**self._hyper(group), factor=0.0 if factor is None else float(factor),
                         has_factor=factor is not None, clamp=0.0 if clamp is None else float(clamp),
@@ -274,7 +299,7 @@ class _StoredMasterOptimizer(Optimizer):
         """Step ``items`` with :mod:`lightning_mp.optim.compiled`; ``False`` where it does not apply."""
         device = items[0].param.device
         wanted = self.compile is True or (self.compile is None and device.type == "cuda")
-        if not wanted or not compiled.available(device):
+        if not wanted or self.moment_dtype == EIGHT_BIT or not compiled.available(device):
             return False
         kind = self._policy(items[0].param)
         factor, clamp = transform
@@ -336,6 +361,13 @@ class _StoredMasterOptimizer(Optimizer):
         if self.store.policy == "stochastic" or self.moment_dtype != torch.float32:
             for device in {p.device for p in params}:  # the rounding's generators, even before their first use
                 self.store.generator(device)
+            if sharded(p) and quant.is_quantized(state["state"].get(index, {})):
+                # DCP reshards tensors shaped as the parameter: the decoded moments, which encode
+                # back to the same codes and scales (quant's round trip)
+                saved = dict(state["state"][index])
+                for key in self._state_keys:
+                    saved[key] = like(quant.decode(key, local(saved[key]), saved.pop(key + quant.SCALE)), p)
+                state["state"][index] = saved
         state["master"] = self.master
         state["generators"] = self.store.state_dict()["generators"]
         state["noise_step"] = self._noise_step
@@ -359,9 +391,10 @@ class _StoredMasterOptimizer(Optimizer):
         for index, p in zip(saved_ids, params):
             saved = state_dict["state"].get(index, {})
             state = self.state[p]
-            for key, value in saved.items():
-                if isinstance(value, Tensor) and key != "step" and key in self._state_keys:
-                    state[key] = value.to(device=p.device, dtype=self.moment_dtype)
+            for key in self._state_keys:
+                if isinstance(saved.get(key), Tensor):
+                    state.pop(key + quant.SCALE, None)
+                    state.update(self._loaded_moment(p, key, saved))
             state.pop("weight", None)
             for key in STATE_KEYS:
                 state.pop(key, None)
@@ -369,6 +402,20 @@ class _StoredMasterOptimizer(Optimizer):
                 self._sync_storage([p])
                 self.store.load_exact_state(p, {k: v.to(p.device) for k, v in saved.items() if isinstance(v, Tensor)})
         self.store.load_state_dict({"generators": generators})
+
+    def _loaded_moment(self, p: Tensor, key: str, saved: dict[str, Any]) -> dict[str, Tensor]:
+        """Moment ``key`` of ``p`` as this optimizer keeps it, from a saved state in any moment dtype."""
+        value, scales = saved[key], saved.get(key + quant.SCALE)
+        if scales is not None and self.moment_dtype == EIGHT_BIT:
+            return {key: value.to(p.device), key + quant.SCALE: scales.to(p.device)}
+        if scales is not None:  # 8-bit codes into float moments
+            value = like(quant.decode(key, local(value), scales).to(p.device), p)
+        if self.moment_dtype != EIGHT_BIT:
+            return {key: value.to(device=p.device, dtype=self.moment_dtype)}
+        codes = torch.zeros_like(p, dtype=quant.CODES[key][0])
+        absmax = torch.zeros(quant.blocks(local(p).numel()), device=p.device)
+        quant.encode_(key, local(value).to(p.device), local(codes), absmax)
+        return {key: codes, key + quant.SCALE: absmax}
 
 
 class _Item(NamedTuple):
@@ -389,6 +436,12 @@ class _Segment(NamedTuple):
     def of(self, t: Tensor) -> Tensor:
         t = local(t)
         return t if self.start is None else t.view(-1)[self.start : self.stop]
+
+    def blocks(self, scales: Tensor) -> Tensor:
+        """The 8-bit block scales of these elements (segments start on a block boundary)."""
+        if self.start is None:
+            return scales
+        return scales[self.start // quant.BLOCK : quant.blocks(self.stop)]
 
 
 def _blocks(params: list[Tensor], block_numel: int, grads: Optional[dict[Tensor, Tensor]] = None) -> Iterable[list[_Segment]]:

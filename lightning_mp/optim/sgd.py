@@ -39,6 +39,8 @@ class SGD(_StoredMasterOptimizer):
             raise ValueError(f"invalid SGD hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if moment_dtype == "8bit":
+            raise ValueError("moment_dtype='8bit' is for AdamW's moments; SGD's momentum buffer is float32 or bfloat16")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
         )
