@@ -179,3 +179,14 @@ def test_a_cpu_run_on_a_gpu_machine_reports_its_own_memory(tmp_path, capsys, mon
     assert code == 0, err
     s = summary(tmp_path / "outputs" / "tiny" / "latest")
     assert s["peak_memory_kind"] == "process peak RSS during this run" and s["peak_memory_bytes"] > 100e6
+
+
+@pytest.mark.slow
+def test_8bit_moments_from_the_command_line_are_in_the_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["trainer.max_steps=3", "trainer.limit_val_batches=1", "data.max_bytes=200000",
+                            "optimizer.moment_dtype=8bit"], capsys, monkeypatch)
+    assert code == 0, err
+    saved = torch.load(tmp_path / "outputs" / "tiny" / "latest" / "checkpoints" / "last.ckpt", weights_only=True)
+    states = saved["optimizer_states"][0]["state"].values()
+    assert {s["exp_avg"].dtype for s in states} == {torch.int8} and all("exp_avg_sq_absmax" in s for s in states)

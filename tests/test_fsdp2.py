@@ -247,6 +247,22 @@ def test_fsdp2_stochastic_shards_resume_from_a_distributed_checkpoint_bit_exactl
         assert torch.equal(resumed[0]["state"][key], expected), key
 
 
+@pytest.mark.slow
+def test_fsdp2_8bit_moments_on_remainder_shards_resume_from_a_distributed_checkpoint_bit_exactly(tmp_path):
+    """8-bit moments on each rank's shards (blocks cut from a shard's first element): the DCP
+    checkpoint holds them decoded, as FP32 DTensors, which encode back to the same codes and
+    scales; the resumed run ends bit for bit as the straight one."""
+    common = dict(COMMON, strategy="fsdp2", master="remainder", optimizer="mp-adamw-8bit")
+    straight = run(tmp_path, "straight", save_at=2, **common)
+    torch.manual_seed(0)
+    start = TinyRegressor(lr=1e-2).state_dict()
+    assert straight[0]["skipped"] == 1
+    resumed = run(tmp_path, "resumed", resume=str(tmp_path / "straight" / "2.ckpt"), **common)
+    for key, expected in straight[0]["state"].items():
+        assert (expected - start[key]).abs().max() > 1e-3, key  # it trained
+        assert torch.equal(resumed[0]["state"][key], expected), key
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fsdp2_on_a_gpu_remainder_shards_train_as_fp32_shards_bit_for_bit(tmp_path):

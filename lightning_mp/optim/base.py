@@ -358,9 +358,6 @@ class _StoredMasterOptimizer(Optimizer):
             exact = self.store.exact_state(p)  # a Kahan pair's weight, which its FP32 value cannot give back
             if exact:
                 state["state"][index] = {**state["state"].get(index, {}), **exact}
-        if self.store.policy == "stochastic" or self.moment_dtype != torch.float32:
-            for device in {p.device for p in params}:  # the rounding's generators, even before their first use
-                self.store.generator(device)
             if sharded(p) and quant.is_quantized(state["state"].get(index, {})):
                 # DCP reshards tensors shaped as the parameter: the decoded moments, which encode
                 # back to the same codes and scales (quant's round trip)
@@ -368,6 +365,9 @@ class _StoredMasterOptimizer(Optimizer):
                 for key in self._state_keys:
                     saved[key] = like(quant.decode(key, local(saved[key]), saved.pop(key + quant.SCALE)), p)
                 state["state"][index] = saved
+        if self.store.policy == "stochastic" or self.moment_dtype != torch.float32:
+            for device in {p.device for p in params}:  # the rounding's generators, even before their first use
+                self.store.generator(device)
         state["master"] = self.master
         state["generators"] = self.store.state_dict()["generators"]
         state["noise_step"] = self._noise_step
