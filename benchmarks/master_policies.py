@@ -33,11 +33,14 @@ ROWS = [
     ("`32-true`", "32-true", None, torch.float32),
     ("`bf16-mixed`", "bf16-mixed", None, torch.float32),
     ("`bf16-true` (the trap)", "bf16-true", None, torch.float32),
-    ("`bf16-master`, `master=fp32`", "bf16-master", "fp32", torch.float32),
+    ("`bf16-master` (default `master=auto`, torch's AdamW adopted)", "bf16-master", "auto", torch.float32),
+    ("`bf16-master`, `master=fp32` (torch's AdamW)", "bf16-master", "fp32", torch.float32),
     ("`bf16-master`, `master=remainder`", "bf16-master", "remainder", torch.float32),
     ("`bf16-master`, `master=kahan`", "bf16-master", "kahan", torch.float32),
     ("`bf16-master`, `master=stochastic`", "bf16-master", "stochastic", torch.float32),
     ("`bf16-master`, `master=stochastic`, bf16 moments", "bf16-master", "stochastic", torch.bfloat16),
+    ("`bf16-master`, `master=remainder`, 8-bit moments", "bf16-master", "remainder", "8bit"),
+    ("`bf16-master`, `master=stochastic`, 8-bit moments", "bf16-master", "stochastic", "8bit"),
 ]
 
 
@@ -52,8 +55,10 @@ class PolicyMLP(MLP):
 
 def measure_memory(precision: str, master: str | None, moment_dtype: torch.dtype, layers: int, width: int):
     torch.manual_seed(0)
-    if master in (None, "fp32"):
+    if master is None:  # Lightning's own modes
         return audited_fit(MLP(layers, width), precision_plugin(precision), width)
+    if master in ("auto", "fp32"):  # the user's torch.optim.AdamW, adopted (auto) or on FP32 masters
+        return audited_fit(MLP(layers, width), precision_plugin(precision, master=master), width)
     return audited_fit(PolicyMLP(layers, width, moment_dtype), precision_plugin(precision, master=master), width)
 
 
@@ -84,6 +89,8 @@ def time_steps(layers: int, width: int, repeats: int, device: str) -> tuple[dict
     runs["kahan"] = policy("kahan")
     runs["stochastic"] = policy("stochastic")
     runs["stochastic, bf16 moments"] = policy("stochastic", torch.bfloat16)
+    runs["remainder, 8-bit moments"] = policy("remainder", "8bit")
+    runs["stochastic, 8-bit moments"] = policy("stochastic", "8bit")
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(repeats + 2):  # 2 warm-up rounds
         for name, (params, grads_, opt) in runs.items():

@@ -11,6 +11,7 @@ _torch.sqrt(_torch.ones(8))
 from lightning_mp.convert import DEFAULT_KEEP_FP32, is_norm_layer
 from lightning_mp.data import ByteTextDataModule
 from lightning_mp.loading import UnsafeCheckpointError
+from lightning_mp.fabric import Fabric
 from lightning_mp.diagnostics import SwallowedUpdateMonitor, bytes_per_param, estimate_memory, memory_audit
 from lightning_mp.masters import MasterStore
 from lightning_mp.module import MoEModule
@@ -21,6 +22,7 @@ from lightning_mp.trainer import Trainer
 
 __all__ = [
     "DEFAULT_KEEP_FP32",
+    "Fabric",
     "MASTER_POLICIES",
     "PRECISION_NAMES",
     "ByteTextDataModule",

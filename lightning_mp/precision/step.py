@@ -149,6 +149,21 @@ class MasterStep:
         else:
             prepared.clamp = clip_value
 
+    def unscale(self, optimizer: Any) -> Prepared:
+        """Every gradient of ``optimizer`` in FP32 and unscaled, for clipping by code that scales
+        them in place (Fabric's ``clip_gradients``); the step then takes them as they are."""
+        prepared = self.prepare(optimizer)
+        if prepared.stored and not prepared.unscaled:
+            for p in prepared.params:
+                g = prepared.fp32.get(p, p.grad)
+                if g is not None:
+                    prepared.fp32[p] = g if g.dtype == torch.float32 else g.float()  # (an FP32 .grad: in place)
+            if prepared.factor is not None:
+                torch._foreach_mul_(list(prepared.fp32.values()), prepared.factor)
+                prepared.factor = None
+            prepared.unscaled = True
+        return prepared
+
     # -- the whole step -----------------------------------------------------------------------
 
     def run(

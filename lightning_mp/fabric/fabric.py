@@ -1,0 +1,60 @@
+"""``lightning_mp.Fabric``: Lightning Fabric, which also takes lightning-mp's precision names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+from lightning.fabric.plugins.precision import Precision
+
+from lightning_mp.fabric.precision import MasterWeightPrecision
+from lightning_mp.precision.master import MASTER_DTYPES
+
+_STATE_KEY = "lightning_mp_precision"  # the plugin's state in files fabric.save writes
+
+
+class Fabric(L.Fabric):
+    """``lightning.Fabric`` that also takes ``precision="bf16-master"`` and ``"16-master"``.
+
+    For those names it builds :class:`lightning_mp.fabric.MasterWeightPrecision` and passes it in
+    ``plugins``; every other precision and argument goes to Lightning unchanged. For the plugin's
+    options (``master="remainder"``, a loss scale...) pass the plugin itself in ``plugins``.
+    :meth:`save` and :meth:`load` also carry the plugin's state (loss scale, skip counts).
+    """
+
+    def __init__(self, *args: Any, precision: Optional[Any] = None, plugins: Optional[Any] = None, **kwargs: Any) -> None:
+        if precision is not None and str(precision) in MASTER_DTYPES:
+            given = plugins if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
+            if any(isinstance(p, Precision) for p in given):
+                raise ValueError(f"precision={precision!r} and a precision plugin in plugins: give one of them")
+            plugins, precision = [*given, MasterWeightPrecision(str(precision))], None
+        super().__init__(*args, precision=precision, plugins=plugins, **kwargs)
+
+    def setup(self, module: Any, *optimizers: Any, **kwargs: Any) -> Any:
+        result = super().setup(module, *optimizers, **kwargs)
+        self._attach(result[1:] if isinstance(result, tuple) else ())
+        return result
+
+    def setup_optimizers(self, *optimizers: Any) -> Any:
+        result = super().setup_optimizers(*optimizers)
+        self._attach(result if isinstance(result, tuple) else (result,))
+        return result
+
+    def _attach(self, optimizers: Any) -> None:
+        """Optimizers known to the plugin before anything loads their state (see its ``attach``)."""
+        if isinstance(self._precision, MasterWeightPrecision):
+            for optimizer in optimizers:
+                if hasattr(optimizer, "param_groups"):  # (not a scheduler returned by setup)
+                    self._precision.attach(optimizer)
+
+    def save(self, path: Union[str, Path], state: dict[str, Any], filter: Optional[dict[str, Any]] = None) -> None:
+        if isinstance(self._precision, MasterWeightPrecision) and _STATE_KEY not in state:
+            state = {**state, _STATE_KEY: self._precision}
+        super().save(path, state, filter=filter)
+
+    def load(self, path: Union[str, Path], state: Optional[dict[str, Any]] = None, strict: bool = True, **kwargs: Any) -> dict[str, Any]:
+        remainder = super().load(path, state, strict=strict, **kwargs)
+        if state and isinstance(self._precision, MasterWeightPrecision) and _STATE_KEY in remainder:
+            self._precision.load_state_dict(remainder.pop(_STATE_KEY))
+        return remainder

@@ -1,0 +1,308 @@
+"""lightning_mp.Fabric and lightning_mp.fabric.MasterWeightPrecision: hand-written loops, through a real Fabric.
+
+Most runs use a loss whose gradients do not depend on the weights and are exact in 16 bits
+(``loss = sum_p (p * r_p).sum()`` with ``r_p`` small multiples of 1/4): a 16-bit run then gets the
+very gradients of a ``32-true`` run, and an optimizer whose arithmetic is torch's (SGD, or AdamW
+on FP32 masters) must end bit for bit where ``32-true`` ends.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+import lightning_mp
+from lightning_mp.fabric import MasterWeightPrecision
+from roundoff import adamw_bound, assert_within
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(nn.functional.gelu(self.norm(self.inp(x))))
+
+
+def coefficients(model):
+    g = torch.Generator().manual_seed(1)
+    return {n: torch.randint(-8, 9, p.shape, generator=g).float() / 4 for n, p in model.named_parameters()}
+
+
+def linear_loss(model, r, scale=1.0):
+    """Gradients r * scale whatever the weights (exact in bf16 and fp16 for these r)."""
+    return sum((p.float() * r[n]).sum() for n, p in model.module.named_parameters()) * scale  # (Fabric's wrapper)
+
+
+def make_optimizer(name, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def fabric_for(precision, **options):
+    if precision in ("32-true", "bf16-true", "16-true"):
+        return L.Fabric(accelerator="cpu", devices=1, precision=precision)
+    if options:  # the plugin object with options, inside a plain lightning.Fabric
+        return L.Fabric(accelerator="cpu", devices=1, plugins=[MasterWeightPrecision(precision, **options)])
+    return lightning_mp.Fabric(accelerator="cpu", devices=1, precision=precision)
+
+
+def values(fabric, model):
+    """Each parameter's FP32 value as the run holds it: ``state_dict()`` gives them under *-master."""
+    return {k: v.float().clone() for k, v in model.state_dict().items()}
+
+
+def train(precision, optimizer="sgd", steps=4, accumulate=1, clip=None, spike_at=None, scheduler=False, **options):
+    torch.manual_seed(0)
+    fabric = fabric_for(precision, **options)
+    model = Net()
+    r = coefficients(model)
+    model, opt = fabric.setup(model, make_optimizer(optimizer, model.parameters()))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t)) if scheduler else None
+    lrs = []
+    for step in range(steps):
+        for micro in range(accumulate):
+            with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
+                scale = float("inf") if step == spike_at else 1.0 + micro
+                fabric.backward(linear_loss(model, r, scale))
+        if clip is not None:
+            kind, value = clip
+            fabric.clip_gradients(model, opt, **{kind: value})
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return fabric, model, opt, lrs
+
+
+def assert_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_the_closed_form_trap_bf16_true_frozen_and_bf16_master_as_32_true():
+    """SGD at lr 1e-3 on gradients of 1: each update is 1e-3, below half a bf16 step at 1.0 (2**-8)."""
+    results = {}
+    for precision in ("32-true", "bf16-true", "bf16-master"):
+        fabric = fabric_for(precision)
+        with fabric.init_module():
+            model = nn.Linear(4, 1, bias=False)
+        nn.init.ones_(model.weight)
+        model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=1e-3))
+        for _ in range(10):
+            fabric.backward(model(torch.ones(1, 4)).sum())
+            opt.step()
+            opt.zero_grad()
+        results[precision] = model.state_dict()["weight"].float()
+    assert torch.equal(results["bf16-true"], torch.ones(1, 4))  # every update rounded away
+    assert torch.equal(results["bf16-master"], results["32-true"])
+    assert torch.allclose(results["32-true"], torch.full((1, 4), 0.99), atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer, options", [("sgd", {}), ("adamw", {"master": "fp32"})])
+def test_bf16_master_trains_as_32_true_bit_for_bit(optimizer, options):
+    fabric, model, opt, _ = train("bf16-master", optimizer, **options)
+    assert {p.dtype for n, p in model.named_parameters() if "norm" not in n} == {torch.bfloat16}
+    reference = train("32-true", optimizer)
+    assert_equal(values(fabric, model), values(*reference[:2]))
+    theirs = reference[2].state_dict()["state"][0]
+    ours = opt.state_dict()["state"][0]  # torch's keys (and the remainder, under the default storage)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_the_default_adopts_torch_adamw_and_tracks_32_true_to_its_rounding():
+    """Under ``master="auto"`` torch's AdamW steps int16 remainders through the fused kernel, whose
+    IEEE square root may differ from torch's by an ulp: the runs differ by AdamW's round-off alone
+    (roundoff.adamw_bound: the same gradients r every step; with a constant gradient each update
+    is at most lr (1 + weight decay), so |p| before any of the 4 steps is within 0.05 of its end)."""
+    fabric, model, opt, _ = train("bf16-master", "adamw")
+    assert isinstance(opt.optimizer, torch.optim.AdamW) and "remainder" in opt.optimizer.state[model.inp.weight]
+    ours, ref = values(fabric, model), values(*train("32-true", "adamw")[:2])
+    r = coefficients(Net())
+    for key in ours:
+        bound = adamw_bound([r[key]] * 4, [ref[key].abs() + 0.05] * 4, lr=1e-2, weight_decay=0.1)
+        assert_within(ours[key], ref[key], bound, key)
+
+
+@pytest.mark.parametrize("precision, options", [("bf16-master", {}), ("16-master", {"init_scale": 2.0**8})])
+@pytest.mark.parametrize("clip", [("max_norm", 3.0), ("clip_val", 0.5)])
+def test_clipping_is_32_true_clipping_on_unscaled_fp32_gradients(precision, options, clip):
+    fabric, model, *_ = train(precision, "sgd", clip=clip, **options)
+    assert_equal(values(fabric, model), values(*train("32-true", "sgd", clip=clip)[:2]))
+
+
+def test_accumulated_micro_batches_are_summed_in_fp32():
+    fabric, model, *_ = train("bf16-master", "sgd", accumulate=3)
+    assert_equal(values(fabric, model), values(*train("32-true", "sgd", accumulate=3)[:2]))
+
+
+def test_an_overflowing_16_master_step_is_skipped_whole():
+    options = dict(init_scale=2.0**8, hysteresis=1)
+    fabric, model, opt, lrs = train("16-master", "sgd", steps=3, spike_at=1, scheduler=True, **options)
+    plugin = fabric.strategy.precision
+    assert plugin.skipped_steps == 1 and plugin.scaler.scale == 2.0**7  # backed off once
+    clean, model2, opt2, lrs2 = train("16-master", "sgd", steps=2, scheduler=True, **options)
+    assert_equal(values(fabric, model), values(clean, model2))  # the skipped step changed no weight
+    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], opt2.state_dict()["state"][0]["momentum_buffer"])
+    assert lrs == [lrs2[0], lrs2[0], lrs2[1]]  # the schedule held on the skipped step
+
+
+def test_fabric_save_holds_fp32_values_and_resumes_bit_exactly(tmp_path):
+    def run(steps, save_at=None, load=None):
+        torch.manual_seed(0)
+        plugin = MasterWeightPrecision("16-master", init_scale=2.0**8, hysteresis=1)
+        fabric = lightning_mp.Fabric(accelerator="cpu", devices=1, plugins=[plugin])
+        model = Net()
+        r = coefficients(model)
+        model, opt = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+        start = 0
+        if load:
+            start = fabric.load(load, {"model": model, "optimizer": opt})["step"]
+        for step in range(start, steps):
+            fabric.backward(linear_loss(model, r, float("inf") if step == 1 else 1.0))  # one skip, before the save
+            opt.step()
+            opt.zero_grad()
+            if step + 1 == save_at:
+                fabric.save(tmp_path / "ckpt.pt", {"model": model, "optimizer": opt, "step": step + 1})
+        return fabric, model, opt
+
+    straight = run(5, save_at=3)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in saved["model"].values())
+    plain = Net()
+    plain.load_state_dict(saved["model"])  # a plain FP32 model takes the file as it is
+    assert saved["lightning_mp_precision"]["skipped_steps"] == 1
+    resumed = run(5, load=tmp_path / "ckpt.pt")
+    assert resumed[0].strategy.precision.scaler.scale == straight[0].strategy.precision.scaler.scale
+    assert_equal(values(*straight[:2]), values(*resumed[:2]))
+    for a, b in zip(straight[2].state_dict()["state"].values(), resumed[2].state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plain_fabric_save_with_the_plugin_in_the_state(tmp_path):
+    fabric, model, opt, _ = train("16-master", "sgd", steps=3, spike_at=1, init_scale=2.0**8, hysteresis=1)
+    fabric.save(tmp_path / "c.pt", {"model": model, "optimizer": opt, "precision": fabric.strategy.precision})
+    other = fabric_for("16-master", init_scale=2.0**8, hysteresis=1)
+    m2, o2 = other.setup(Net(), torch.optim.SGD(Net().parameters(), lr=1e-2))
+    other.load(tmp_path / "c.pt", {"model": m2, "precision": other.strategy.precision}, strict=False)
+    assert other.strategy.precision.skipped_steps == 1 and other.strategy.precision.scaler.scale == 2.0**7
+    assert_equal(values(other, m2), values(fabric, model))
+
+
+def test_init_module_empty_init_then_loaded_weights_keep_their_fp32_values(tmp_path):
+    torch.manual_seed(0)
+    reference = Net()
+    state = {k: v + 1e-3 for k, v in reference.state_dict().items()}  # values bf16 cannot hold
+    fabric = lightning_mp.Fabric(accelerator="cpu", devices=1, precision="bf16-master")
+    with fabric.init_module(empty_init=True):
+        model = Net()
+    model = fabric.setup(model)
+    model.load_state_dict(state)
+    assert_equal(values(fabric, model), state)
+    torch.save(state, tmp_path / "raw.pt")
+    model2 = fabric.setup(Net())
+    fabric.load_raw(tmp_path / "raw.pt", model2)
+    assert_equal(values(fabric, model2), state)
+
+
+def test_several_optimizers_each_get_their_storage():
+    torch.manual_seed(0)
+    fabric = lightning_mp.Fabric(accelerator="cpu", devices=1, precision="bf16-master")
+    model = fabric.setup_module(Net())
+    adamw = torch.optim.AdamW(model.inp.parameters(), lr=1e-2)
+    adagrad = torch.optim.Adagrad(model.out.parameters(), lr=1e-2)
+    opt1, opt2 = fabric.setup_optimizers(adamw, adagrad)
+    r = coefficients(model.module)
+    before = values(fabric, model)
+    for _ in range(2):
+        fabric.backward(linear_loss(model, r))
+        opt1.step()
+        opt2.step()
+        opt1.zero_grad()
+        opt2.zero_grad()
+    after = values(fabric, model)
+    assert "remainder" in adamw.state[model.inp.weight]  # adopted
+    assert adagrad.state[model.out.weight]["sum"].dtype == torch.float32  # on FP32 masters
+    assert all(not torch.equal(before[k], after[k]) for k in after if not k.startswith("norm"))
+
+
+def test_precision_name_and_plugin_together_is_an_error():
+    with pytest.raises(ValueError, match="give one of them"):
+        lightning_mp.Fabric(accelerator="cpu", precision="bf16-master", plugins=[MasterWeightPrecision()])
+
+
+DDP_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import lightning_mp
+    from lightning_mp.fabric import MasterWeightPrecision
+    from test_fabric import Net, coefficients
+
+    fabric = lightning_mp.Fabric(accelerator="cpu", devices=2, strategy="ddp",
+                                 plugins=[MasterWeightPrecision("bf16-master", grad_reduce_dtype="fp32")])
+    fabric.launch()
+    torch.manual_seed(fabric.global_rank)  # different initial values: rank 0's must win
+    model = Net()
+    r = coefficients(model)
+    model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
+    for step in range(3):
+        for micro in range(2):
+            with fabric.no_backward_sync(model, enabled=micro == 0):
+                scale = 1.0 + micro + 2 * fabric.global_rank  # each rank its own batches
+                zero = 0 * model(torch.ones(2, 8)).sum()  # through DDP's forward; adds exact zeros
+                fabric.backward(sum((p.float() * r[n]).sum() for n, p in model.module.named_parameters()) * scale + zero)
+        opt.step()
+        opt.zero_grad()
+    state = {{k: v.float() for k, v in model.state_dict().items()}}
+    total = fabric.all_reduce(torch.ones(()), reduce_op="sum")
+    if fabric.global_rank == 0:
+        torch.save({{"state": state, "total": total}}, {out!r})
+''')
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_steps_the_average_of_every_micro_batch(tmp_path):
+    """Rank r's two micro-batches have gradient scales 1 + 2r and 2 + 2r: the averaged step is a
+    one-process run whose micro-batch scales sum to (1 + 2 + 3 + 4) / 2 = 5 per step."""
+    script = tmp_path / "ddp_fabric.py"
+    out = tmp_path / "ddp.pt"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(out, weights_only=True)
+    assert saved["total"] == 2  # fabric.all_reduce is untouched
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    model = Net()
+    r = coefficients(model)
+    model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
+    for _ in range(3):
+        fabric.backward(linear_loss(model, r, 5.0))
+        opt.step()
+        opt.zero_grad()
+    assert_equal(saved["state"], values(fabric, model))
+
+
+def test_a_plain_fabric_warns_when_optimizer_state_was_loaded_before_the_plugin_saw_it(tmp_path):
+    fabric, model, opt, _ = train("bf16-master", "adamw", master="fp32")
+    fabric.save(tmp_path / "c.pt", {"optimizer": opt})
+    other = fabric_for("bf16-master", master="fp32")
+    m2 = other.setup_module(Net())
+    o2 = other.setup_optimizers(torch.optim.AdamW(m2.parameters(), lr=1e-2))  # on its own: not seen yet
+    other.load(tmp_path / "c.pt", {"optimizer": o2})
+    with pytest.warns(UserWarning, match="attach"):
+        other.backward(linear_loss(m2, coefficients(Net())))
+        o2.step()
