@@ -387,6 +387,8 @@ class MasterStore:
     def _load_pre_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for name, p in module._parameters.items():
             value = state_dict.get(prefix + name)
+            if not isinstance(value, Tensor) and hasattr(value, "_load_tensor"):  # Lightning's (litgpt's) lazy_load
+                value = state_dict[prefix + name] = value._load_tensor()
             if p is None or not isinstance(value, Tensor) or not value.is_floating_point():
                 continue
             check_finite(prefix + name, value)

@@ -69,6 +69,11 @@ class MasterWeightPrecision(Precision):
     def scaler(self) -> Any:
         return self.core.scaler
 
+    @property
+    def grads(self) -> Any:
+        """The FP32 gradient sums between micro-batches (:mod:`lightning_mp.precision.grads`)."""
+        return self.core.grads
+
     # -- setup -------------------------------------------------------------------------------
 
     def convert_module(self, module: nn.Module) -> nn.Module:
