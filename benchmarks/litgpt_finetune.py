@@ -9,7 +9,9 @@ in ``fabric.init_module(empty_init=True)``, ``fabric.setup``, the pretrained wei
 ``load_state_dict`` (litgpt's ``load_checkpoint`` on one device), ``AdamW`` through
 ``fabric.setup_optimizers``, a warm-up schedule, ``chunked_cross_entropy`` on shifted targets,
 gradient clipping at norm 1 and accumulation over 2 micro-batches. litgpt's configs pick
-``bf16-true``; ``lightning_mp.Fabric`` adds ``bf16-master``.
+``bf16-true``; ``lightning_mp.Fabric`` adds ``bf16-master`` (torch's AdamW, or
+``lightning_mp.optim.AdamW`` with 8-bit moments). ``--peers`` adds torchao's ``_AdamW`` and
+``AdamW8bit`` (bf16 stochastic rounding) and optimi's Kahan-summed AdamW on bf16 weights.
 
 Per precision and seed (the fine-tune's data order): the validation loss of the fine-tuned model
 evaluated in FP32 (its ``state_dict()``, which holds the FP32 values under ``bf16-master``, loaded
@@ -30,7 +32,43 @@ import lightning_mp
 from lightning_mp import ByteTextDataModule, bytes_per_param, memory_audit
 from lightning_mp.machine import describe
 
-PRECISIONS = ["32-true", "bf16-true", "bf16-master"]
+def adamw(params, lr):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.02, betas=(0.9, 0.95))
+
+
+def ours_8bit(params, lr):
+    from lightning_mp.optim import AdamW
+
+    return AdamW(params, lr=lr, weight_decay=0.02, betas=(0.9, 0.95), moment_dtype="8bit")
+
+
+def peers() -> list:
+    """(label, precision, optimizer) of the peers that import here: bf16 weights (bf16-true), their optimizers."""
+    rows = []
+    try:
+        from torchao.optim import AdamW8bit, _AdamW
+
+        kw = dict(weight_decay=0.02, betas=(0.9, 0.95), bf16_stochastic_round=True)
+        rows.append(("torchao `_AdamW`, bf16 SR", "bf16-true", lambda p, lr: _AdamW(p, lr=lr, **kw)))
+        rows.append(("torchao `AdamW8bit`, bf16 SR", "bf16-true", lambda p, lr: AdamW8bit(p, lr=lr, **kw)))
+    except ImportError:
+        print("torchao is not installed: its rows are skipped")
+    try:
+        from optimi import AdamW as OptimiAdamW
+
+        rows.append(("optimi `AdamW(kahan_sum=True)`", "bf16-true", lambda p, lr: OptimiAdamW(
+            p, lr=lr, weight_decay=0.02, betas=(0.9, 0.95), eps=1e-8, kahan_sum=True)))
+    except ImportError:
+        print("optimi (torch-optimi) is not installed: its rows are skipped")
+    return rows
+
+
+ROWS = [
+    ("`32-true`", "32-true", adamw),
+    ("`bf16-true` (litgpt's default)", "bf16-true", adamw),
+    ("`bf16-master` (torch's AdamW, adopted: int16 remainders)", "bf16-master", adamw),
+    ("`bf16-master`, `lightning_mp.optim.AdamW(moment_dtype=\"8bit\")`", "bf16-master", ours_8bit),
+]
 
 
 def config():
@@ -86,7 +124,7 @@ def pretrain(steps: int) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def finetune(precision: str, pretrained: dict, steps: int, lr: float, seed: int):
+def finetune(precision: str, make_optimizer, pretrained: dict, steps: int, lr: float, seed: int):
     """litgpt's finetune/full.py loop, cut to its training steps."""
     from litgpt import GPT
 
@@ -96,7 +134,7 @@ def finetune(precision: str, pretrained: dict, steps: int, lr: float, seed: int)
         model = GPT(config())
     model = fabric.setup(model)
     model.load_state_dict(pretrained)
-    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.02, betas=(0.9, 0.95)))
+    optimizer = fabric.setup_optimizers(make_optimizer(model.parameters(), lr))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20))  # warm-up
     module = data(seed)
     accumulate, audit = 2, None
@@ -124,6 +162,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--peers", action="store_true", help="add torchao's and optimi's optimizers on bf16 weights")
     args = parser.parse_args()
     print(f"machine: {describe()}")
     pretrained = pretrain(args.pretrain_steps)
@@ -131,14 +170,14 @@ def main() -> None:
     before = validate(pretrained, data(0))
     print(f"litgpt GPT, {n / 1e6:.2f}M parameters; pretrained {args.pretrain_steps} steps under 32-true: "
           f"val loss {before:.4f}; fine-tune {args.steps} steps at lr {args.lr:g}\n")
-    print("| precision | val loss (FP32 eval), seeds " + " / ".join(map(str, args.seeds))
+    print("| precision, optimizer | val loss (FP32 eval), seeds " + " / ".join(map(str, args.seeds))
           + " | mean | moved by fine-tuning | bytes/param between steps | at the step | s per run |")
     print("|---|---|---|---|---|---|---|")
-    for precision in PRECISIONS:
-        runs = [finetune(precision, pretrained, args.steps, args.lr, seed) for seed in args.seeds]
+    for label, precision, make_optimizer in ROWS + (peers() if args.peers else []):
+        runs = [finetune(precision, make_optimizer, pretrained, args.steps, args.lr, seed) for seed in args.seeds]
         losses = [r[0] for r in runs]
         mean = statistics.mean(losses)
-        print(f"| `{precision}` | {' / '.join(f'{v:.4f}' for v in losses)} | {mean:.4f} | {mean - before:+.4f} | "
+        print(f"| {label} | {' / '.join(f'{v:.4f}' for v in losses)} | {mean:.4f} | {mean - before:+.4f} | "
               f"{runs[0][1]:.2f} | {runs[0][2]:.2f} | {statistics.mean(r[3] for r in runs):.0f} |")
 
 

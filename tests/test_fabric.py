@@ -8,6 +8,7 @@ on FP32 masters) must end bit for bit where ``32-true`` ends.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -306,3 +307,123 @@ def test_a_plain_fabric_warns_when_optimizer_state_was_loaded_before_the_plugin_
     with pytest.warns(UserWarning, match="attach"):
         other.backward(linear_loss(m2, coefficients(Net())))
         o2.step()
+
+
+class Probe(nn.Module):
+    """Two linear layers and a LayerNorm applied to the same input, loss = sum of their outputs
+    times fixed coefficients: the gradients do not depend on the weights and, for these inputs
+    (multiples of 1/2) and coefficients (multiples of 1/4), are exact in bf16, while every weight
+    is used inside its module's forward (FSDP2 all-gathers it there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(8, 4)
+        self.norm = nn.LayerNorm(8)
+        g = torch.Generator().manual_seed(3)
+        self.x = torch.randint(-3, 4, (4, 8), generator=g).float() / 2
+        self.c = [torch.randint(-4, 5, shape, generator=g).float() / 4 for shape in ((4, 16), (4, 4), (4, 8))]
+
+    def forward(self, scale):
+        outs = (self.a(self.x), self.b(self.x), self.norm(self.x))
+        return sum((out.float() * c).sum() for out, c in zip(outs, self.c)) * scale
+
+
+FSDP2_SCRIPT = textwrap.dedent('''
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from lightning.fabric.strategies import ModelParallelStrategy
+    import lightning_mp
+    from lightning_mp.fabric import FSDP2MasterWeightPrecision
+    from test_fabric import Probe
+
+    args = json.loads(sys.argv[1])
+    plugin = FSDP2MasterWeightPrecision(args["precision"], **args["options"])
+
+    def parallelize(model, mesh):
+        return plugin.shard(model, mesh["data_parallel"], blocks=[torch.nn.Linear])
+
+    strategy = ModelParallelStrategy(parallelize, data_parallel_size=2, tensor_parallel_size=1)
+    fabric = lightning_mp.Fabric(accelerator="cpu", devices=2, strategy=strategy, plugins=[plugin])
+    fabric.launch()
+    torch.manual_seed(0)
+    model = fabric.setup_module(Probe())
+    opt = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t))
+    start = 0
+    if args.get("load"):
+        rest = fabric.load(args["load"], {{"model": model, "optimizer": opt}})
+        start = rest["step"]
+        sched.load_state_dict(rest["scheduler"])  # (ModelParallelStrategy returns other objects' state)
+    for step in range(start, args["steps"]):
+        scale = float("inf") if step == args.get("nan_at") else 1.0 + 2 * fabric.global_rank
+        fabric.backward(model(scale))
+        fabric.clip_gradients(model, opt, max_norm=args["clip"])
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        if step + 1 == args.get("save_at"):
+            fabric.save(args["out"] + "/ckpt", {{"model": model, "optimizer": opt, "scheduler": sched.state_dict(),
+                                                "step": step + 1}})
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True))
+    dtypes = sorted({{str(p.dtype) for p in model.module.parameters()}})
+    if fabric.global_rank == 0:
+        torch.save({{"state": state, "skipped": plugin.skipped_steps, "dtypes": dtypes,
+                    "lr": opt.param_groups[0]["lr"]}}, args["out"] + "/result.pt")
+''')
+
+
+def run_fsdp2(tmp_path, name, **args):
+    out = tmp_path / name
+    out.mkdir()
+    script = tmp_path / "fsdp2_fabric.py"
+    script.write_text(FSDP2_SCRIPT.format(tests=str(Path(__file__).parent)))
+    args = {"precision": "bf16-master", "options": {}, "steps": 4, "clip": 100.0, "out": str(out), **args}
+    result = subprocess.run([sys.executable, str(script), json.dumps(args)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out / "result.pt", weights_only=True)
+
+
+def reference_run(steps, clip, nan_at=None):
+    """One process, 32-true, the ranks' average gradient scale (1 + 3) / 2 = 2 per step, the same schedule."""
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    model = Probe()
+    model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t))
+    for step in range(steps):
+        if step == nan_at:
+            continue  # skipped, the schedule held
+        fabric.backward(model(2.0))
+        fabric.clip_gradients(model, opt, max_norm=clip)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return values(fabric, model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("master", ["auto", "fp32"])
+def test_fsdp2_on_two_processes_trains_as_one_32_true_process_and_skips_on_both(tmp_path, master):
+    """ModelParallelStrategy with the plugin's shard(): bf16 shards with int16 remainders (the
+    default) or FP32 shards, clipped by the global norm of the FP32 gradient shards, a NaN on
+    the second step skipped on both ranks, its scheduler held."""
+    result = run_fsdp2(tmp_path, master, options={"master": master}, nan_at=1, clip=3.0)
+    assert result["skipped"] == 1 and result["lr"] == 1e-2 / (1 + 3)  # 3 steps taken, the schedule held once
+    assert result["dtypes"] == (["torch.bfloat16", "torch.float32"] if master == "auto" else ["torch.float32"])
+    assert_equal({k: v.float() for k, v in result["state"].items()}, reference_run(4, 3.0, nan_at=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, options", [("bf16-master", {}), ("16-master", {"init_scale": 2.0**8})])
+def test_fsdp2_distributed_checkpoint_resumes_bit_exactly(tmp_path, precision, options):
+    """A distributed checkpoint (a directory of shards) at step 2 of 4, a NaN at step 1 before it:
+    the resumed run ends bit for bit as the straight one, its skip count and loss scale restored."""
+    common = dict(precision=precision, options=options, nan_at=1, clip=3.0)
+    straight = run_fsdp2(tmp_path, "straight", save_at=2, **common)
+    assert (tmp_path / "straight" / "ckpt").is_dir()
+    resumed = run_fsdp2(tmp_path, "resumed", load=str(tmp_path / "straight" / "ckpt"), **common)
+    assert resumed["skipped"] == straight["skipped"] == 1 and resumed["lr"] == straight["lr"]
+    assert_equal(resumed["state"], straight["state"])

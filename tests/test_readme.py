@@ -36,6 +36,18 @@ def test_trainer_example_runs(tmp_path, monkeypatch):
     assert trainer.precision_plugin.store is not None  # the FP32 values live in the plugin's store
 
 
+def test_fabric_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme_example"}
+    exec(compile(example("fabric"), "README.md", "exec"), namespace)
+    fabric, model = namespace["fabric"], namespace["model"]
+    plugin = fabric.strategy.precision
+    assert plugin.precision == "bf16-master" and namespace["step"] == 19
+    assert model.module[0].weight.dtype == torch.bfloat16  # 16-bit weights...
+    assert model.state_dict()["0.weight"].dtype == torch.float32  # ...whose FP32 values the state dict holds
+    assert not torch.equal(model.state_dict()["0.weight"], model.module[0].weight.float())  # (not a rounded copy)
+
+
 def test_every_python_block_is_python():
     """Every Python block of the README and the docs parses (the runnable ones also run, above)."""
     for page in PAGES:

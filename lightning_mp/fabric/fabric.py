@@ -7,17 +7,21 @@ from typing import Any, Optional, Union
 
 import lightning as L
 from lightning.fabric.plugins.precision import Precision
+from lightning.fabric.strategies import FSDPStrategy, ModelParallelStrategy
 
+from lightning_mp.fabric.fsdp2 import FSDP2MasterWeightPrecision
 from lightning_mp.fabric.precision import MasterWeightPrecision
 from lightning_mp.precision.master import MASTER_DTYPES
 
 _STATE_KEY = "lightning_mp_precision"  # the plugin's state in files fabric.save writes
+_PLUGINS = (MasterWeightPrecision, FSDP2MasterWeightPrecision)
 
 
 class Fabric(L.Fabric):
     """``lightning.Fabric`` that also takes ``precision="bf16-master"`` and ``"16-master"``.
 
-    For those names it builds :class:`lightning_mp.fabric.MasterWeightPrecision` and passes it in
+    For those names it builds :class:`lightning_mp.fabric.MasterWeightPrecision` (under
+    ``ModelParallelStrategy``, :class:`lightning_mp.fabric.FSDP2MasterWeightPrecision`) and passes it in
     ``plugins``; every other precision and argument goes to Lightning unchanged. For the plugin's
     options (``master="remainder"``, a loss scale...) pass the plugin itself in ``plugins``.
     :meth:`save` and :meth:`load` also carry the plugin's state (loss scale, skip counts).
@@ -28,7 +32,12 @@ class Fabric(L.Fabric):
             given = plugins if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
             if any(isinstance(p, Precision) for p in given):
                 raise ValueError(f"precision={precision!r} and a precision plugin in plugins: give one of them")
-            plugins, precision = [*given, MasterWeightPrecision(str(precision))], None
+            strategy = kwargs.get("strategy", "auto")
+            if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp")):
+                raise ValueError(f"precision={precision!r} under Fabric's FSDPStrategy (FSDP1) is not supported yet: "
+                                 "use ModelParallelStrategy (FSDP2), DDP or one device")
+            plugin = FSDP2MasterWeightPrecision if isinstance(strategy, ModelParallelStrategy) else MasterWeightPrecision
+            plugins, precision = [*given, plugin(str(precision))], None
         super().__init__(*args, precision=precision, plugins=plugins, **kwargs)
 
     def setup(self, module: Any, *optimizers: Any, **kwargs: Any) -> Any:
@@ -43,18 +52,18 @@ class Fabric(L.Fabric):
 
     def _attach(self, optimizers: Any) -> None:
         """Optimizers known to the plugin before anything loads their state (see its ``attach``)."""
-        if isinstance(self._precision, MasterWeightPrecision):
+        if isinstance(self._precision, _PLUGINS):
             for optimizer in optimizers:
                 if hasattr(optimizer, "param_groups"):  # (not a scheduler returned by setup)
                     self._precision.attach(optimizer)
 
     def save(self, path: Union[str, Path], state: dict[str, Any], filter: Optional[dict[str, Any]] = None) -> None:
-        if isinstance(self._precision, MasterWeightPrecision) and _STATE_KEY not in state:
+        if isinstance(self._precision, _PLUGINS) and _STATE_KEY not in state:
             state = {**state, _STATE_KEY: self._precision}
         super().save(path, state, filter=filter)
 
     def load(self, path: Union[str, Path], state: Optional[dict[str, Any]] = None, strict: bool = True, **kwargs: Any) -> dict[str, Any]:
         remainder = super().load(path, state, strict=strict, **kwargs)
-        if state and isinstance(self._precision, MasterWeightPrecision) and _STATE_KEY in remainder:
+        if state and isinstance(self._precision, _PLUGINS) and _STATE_KEY in remainder:
             self._precision.load_state_dict(remainder.pop(_STATE_KEY))
         return remainder

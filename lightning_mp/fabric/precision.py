@@ -158,9 +158,7 @@ class MasterWeightPrecision(Precision):
         skipped = self.skipped_steps
         self.core.step_runner.run(raw, lambda: None, None, keep_grads=True, **kwargs)
         if self.skipped_steps > skipped:  # the weights did not move: neither do the schedules
-            for scheduler in _schedulers_of(raw):
-                make_skip_aware(scheduler)
-                hold(scheduler)
+            hold_schedulers_of(raw)
         return None
 
     def unscale_gradients(self, optimizer: Optimizer) -> None:
@@ -210,13 +208,12 @@ def _optimizers_of(module: nn.Module) -> list[Optimizer]:
             and any(id(p) in params for g in o.param_groups for p in g["params"])]
 
 
-def _schedulers_of(optimizer: Optimizer) -> list[Any]:
-    """The LR schedulers stepping ``optimizer`` (directly or through Fabric's wrapper): a scan of
-    the live objects, only on a skipped step."""
-    found = []
+def hold_schedulers_of(optimizer: Optimizer) -> None:
+    """Hold the next ``step()`` of the LR schedulers stepping ``optimizer`` (directly or through
+    Fabric's wrapper), found by a scan of the live objects: only on a skipped step."""
     for o in gc.get_objects():
         if issubclass(type(o), (LRScheduler, ReduceLROnPlateau)):
             target = getattr(o, "optimizer", None)
             if target is optimizer or getattr(target, "optimizer", None) is optimizer:
-                found.append(o)
-    return found
+                make_skip_aware(o)
+                hold(o)

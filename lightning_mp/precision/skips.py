@@ -150,19 +150,20 @@ def step_gradients(optimizer: Optimizer, held: Optional[dict[Tensor, Tensor]] = 
 
 
 def sharded_step(plugin: Any, skips: SkipTracker, optimizer: Optimizer, model: Any, closure: Callable[[], Any],
-                 held: Optional[dict[Tensor, Tensor]] = None, **kwargs: Any) -> Any:
+                 held: Optional[dict[Tensor, Tensor]] = None, unscaled: bool = False, **kwargs: Any) -> Any:
     """The step of the sharded plugins, whose FP32 shards are the masters: backward (the closure),
     unscale (with a loss scaler), then one decision on every rank: skip if any rank's gradients
     hold inf/NaN (schedulers held), else Lightning's hooks and clipping and the inner step; then
     the gradients are freed. ``held``: FP32 gradients the plugin keeps apart from ``.grad`` (filled by the backward), which
-    the inner step (a ``lightning_mp.optim`` optimizer) then uses."""
+    the inner step (a ``lightning_mp.optim`` optimizer) then uses; ``unscaled``: the gradients were
+    unscaled already."""
     closure_result = closure()
     lightning = isinstance(model, pl.LightningModule)
     if closure_result is None and lightning and model.automatic_optimization:
         return None
     step_grads = step_gradients(optimizer, held)
     grads = list(step_grads.values())
-    if skips.scaler is not None:
+    if skips.scaler is not None and not unscaled:  # (unscaled: by Fabric's clipping, before the step)
         inv = 1.0 / skips.scaler.scale
         for grad in grads:
             grad.mul_(inv)
