@@ -427,3 +427,17 @@ def test_fsdp2_distributed_checkpoint_resumes_bit_exactly(tmp_path, precision, o
     resumed = run_fsdp2(tmp_path, "resumed", load=str(tmp_path / "straight" / "ckpt"), **common)
     assert resumed["skipped"] == straight["skipped"] == 1 and resumed["lr"] == straight["lr"]
     assert_equal(resumed["state"], straight["state"])
+
+
+def test_the_strategy_picks_the_plugin():
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    from lightning_mp.fabric import FSDP2MasterWeightPrecision
+
+    fabric = lightning_mp.Fabric(accelerator="cpu", devices=1, precision="16-master",
+                                 strategy=ModelParallelStrategy(lambda model, mesh: model))
+    assert isinstance(fabric.strategy.precision, FSDP2MasterWeightPrecision) and fabric.strategy.precision.scaler
+    assert isinstance(lightning_mp.Fabric(accelerator="cpu", devices=1, precision="32-true").strategy.precision,
+                      L.fabric.plugins.precision.Precision)  # Lightning's own names pass through
+    with pytest.raises(ValueError, match="FSDP1"):
+        lightning_mp.Fabric(accelerator="cpu", devices=1, strategy="fsdp", precision="bf16-master")

@@ -126,11 +126,14 @@ def test_each_step_is_fp32_adamw_on_the_decoded_moments():
         assert torch.equal(opt.master_value(p), r.detach())  # the eager path: torch's own ops
 
 
-def test_the_fused_kernel_keeps_the_codes_of_the_eager_path():
-    """Gradients independent of the weights: the moments are the same arithmetic in both but for
-    the order of ``v``'s multiply-add (ATen's addcmul), an ulp or two of ``v`` per step: the scales
-    agree to a few ulps, and a code differs by at most one where a value sat at a midpoint."""
-    fused, opt_f = _run(compile=None, steps=5)
+@pytest.mark.parametrize("compile", [None, True], ids=["fused-kernel", "torch-compile"])
+def test_the_fused_paths_keep_the_codes_of_the_eager_path(compile):
+    """Gradients independent of the weights: the moments are the same arithmetic in the C++
+    kernel (``compile=None`` on CPU), the ``torch.compile``'d pass (CUDA's, here on CPU) and the
+    eager path, but for the order of ``v``'s multiply-add (ATen's addcmul) and the products
+    inductor fuses, an ulp or two per step: the scales agree to a few ulps, and a code differs by
+    at most one where a value sat at a midpoint."""
+    fused, opt_f = _run(compile=compile, steps=5)
     eager, opt_e = _run(compile=False, steps=5)
     for a, b in zip(fused, eager):
         sf, se = opt_f.state[a], opt_e.state[b]

@@ -86,6 +86,9 @@ class AdamW(_StoredMasterOptimizer):
         return [h["decay"] if h["has_decay"] else 1.0, h["c1"], h["beta2"], h["c2"], h["eps"], *scalar]
 
     def _compiled_args(self, kind, group, w, s, g, state, hf, hi):  # type: ignore[override]
+        if self.moment_dtype == EIGHT_BIT:  # codes and block scales (compiled._adamw_q8)
+            return (kind, bool(group["maximize"]), w, s, g, state["exp_avg"], state["exp_avg" + quant.SCALE],
+                    state["exp_avg_sq"], state["exp_avg_sq" + quant.SCALE], hf, hi)
         return kind, bool(group["maximize"]), w, s, g, state["exp_avg"], state["exp_avg_sq"], hf, hi
 
     def _update(self, group, values, grads, moments, scalars):  # type: ignore[override]

@@ -299,7 +299,7 @@ class _StoredMasterOptimizer(Optimizer):
         """Step ``items`` with :mod:`lightning_mp.optim.compiled`; ``False`` where it does not apply."""
         device = items[0].param.device
         wanted = self.compile is True or (self.compile is None and device.type == "cuda")
-        if not wanted or self.moment_dtype == EIGHT_BIT or not compiled.available(device):
+        if not wanted or not compiled.available(device):
             return False
         kind = self._policy(items[0].param)
         factor, clamp = transform
@@ -322,7 +322,7 @@ class _StoredMasterOptimizer(Optimizer):
         # every tensor's variant compiled (on copies) before any is stepped: a failure leaves all to the eager path
         steps = []
         for args in calls:
-            step = compiled.checked(self._kernel, args)
+            step = compiled.checked(self._kernel + ("_q8" if self.moment_dtype == EIGHT_BIT else ""), args)
             if step is None:
                 return False  # (at the first variant that fails: one warning)
             steps.append(step)
