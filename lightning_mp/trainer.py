@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_mp import loading
 from lightning_mp.precision import precision_plugin
-from lightning_mp.precision.master import MASTER_DTYPES
+from lightning_mp.precision.factory import with_master_plugin
 
 
 class Trainer(L.Trainer):
@@ -25,14 +25,11 @@ class Trainer(L.Trainer):
     """
 
     def __init__(self, *args: Any, precision: Optional[Any] = None, plugins: Optional[Any] = None, **kwargs: Any) -> None:
-        if precision is not None and str(precision) in MASTER_DTYPES:
-            given = plugins if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
-            if any(isinstance(p, Precision) for p in given):
-                raise ValueError(f"precision={precision!r} and a precision plugin in plugins: give one of them")
-            strategy = kwargs.get("strategy", "auto")
-            fsdp = isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp"))
-            kind = "fsdp2" if isinstance(strategy, ModelParallelStrategy) else "fsdp" if fsdp else None
-            plugins, precision = [*given, precision_plugin(str(precision), strategy=kind)], None
+        strategy = kwargs.get("strategy", "auto")
+        fsdp = isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp"))
+        kind = "fsdp2" if isinstance(strategy, ModelParallelStrategy) else "fsdp" if fsdp else None
+        plugins, precision = with_master_plugin(precision, plugins, Precision,
+                                                lambda name: precision_plugin(name, strategy=kind))
         super().__init__(*args, precision=precision, plugins=plugins, **kwargs)
 
     def _run(self, model: Any, ckpt_path: Optional[Any] = None, weights_only: Optional[bool] = None) -> Any:

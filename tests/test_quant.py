@@ -49,12 +49,17 @@ def test_encoding_rounds_to_the_nearest_code_ties_to_even(key):
     assert bool(ties.any()) and bool((got[ties] % 2 == 0).all())  # midpoints: the even code
 
 
+def _encoded(key, values):
+    codes, absmax = quant.zeros(key, values)
+    quant.encode_(key, values, codes, absmax)
+    return codes, absmax
+
+
 def test_relative_error_is_at_most_a_sixteenth_above_the_subnormal_codes():
     g = torch.Generator().manual_seed(1)
     m = torch.randn(4096, generator=g) * torch.logspace(-3, 1, 4096)
     for key, x in (("exp_avg", m), ("exp_avg_sq", m * m)):
-        codes, absmax = quant.zeros(key, x)
-        quant.encode_(key, x, codes, absmax)
+        codes, absmax = _encoded(key, x)
         back = quant.decode(key, codes, absmax)
         bias = quant.CODES[key][1]
         normal = x.abs() >= absmax.repeat_interleave(quant.BLOCK)[: x.numel()] * 2.0 ** (1 - bias)
@@ -68,10 +73,8 @@ def test_decoded_moments_encode_back_to_the_same_codes_and_scales():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3000, generator=g) * torch.logspace(-8, 2, 3000)
     for key, values in (("exp_avg", x), ("exp_avg_sq", x * x)):
-        codes, absmax = quant.zeros(key, values)
-        quant.encode_(key, values, codes, absmax)
-        again, absmax2 = quant.zeros(key, values)
-        quant.encode_(key, quant.decode(key, codes, absmax), again, absmax2)
+        codes, absmax = _encoded(key, values)
+        again, absmax2 = _encoded(key, quant.decode(key, codes, absmax))
         assert torch.equal(codes, again) and torch.equal(absmax, absmax2)
 
 

@@ -11,6 +11,7 @@ from lightning.fabric.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_mp.fabric.fsdp2 import FSDP2MasterWeightPrecision
 from lightning_mp.fabric.precision import MasterWeightPrecision
+from lightning_mp.precision.factory import with_master_plugin
 from lightning_mp.precision.master import MASTER_DTYPES
 
 _STATE_KEY = "lightning_mp_precision"  # the plugin's state in files fabric.save writes
@@ -28,16 +29,13 @@ class Fabric(L.Fabric):
     """
 
     def __init__(self, *args: Any, precision: Optional[Any] = None, plugins: Optional[Any] = None, **kwargs: Any) -> None:
-        if precision is not None and str(precision) in MASTER_DTYPES:
-            given = plugins if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
-            if any(isinstance(p, Precision) for p in given):
-                raise ValueError(f"precision={precision!r} and a precision plugin in plugins: give one of them")
-            strategy = kwargs.get("strategy", "auto")
-            if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp")):
+        strategy = kwargs.get("strategy", "auto")
+        if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp")):
+            if precision is not None and str(precision) in MASTER_DTYPES:
                 raise ValueError(f"precision={precision!r} under Fabric's FSDPStrategy (FSDP1) is not supported yet: "
                                  "use ModelParallelStrategy (FSDP2), DDP or one device")
-            plugin = FSDP2MasterWeightPrecision if isinstance(strategy, ModelParallelStrategy) else MasterWeightPrecision
-            plugins, precision = [*given, plugin(str(precision))], None
+        plugin = FSDP2MasterWeightPrecision if isinstance(strategy, ModelParallelStrategy) else MasterWeightPrecision
+        plugins, precision = with_master_plugin(precision, plugins, Precision, plugin)
         super().__init__(*args, precision=precision, plugins=plugins, **kwargs)
 
     def setup(self, module: Any, *optimizers: Any, **kwargs: Any) -> Any:

@@ -22,19 +22,17 @@ from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional
 
 import torch
-from lightning.fabric.plugins.precision import Precision
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_mp.fabric.precision import _to_fp32, hold_schedulers_of
+from lightning_mp.fabric.precision import _Adapter, hold_schedulers_of
 from lightning_mp.precision import fsdp2 as trainer_plugin
 from lightning_mp.precision.skips import any_rank_nonfinite, sharded_step, step_gradients
 from lightning_mp.precision.step import _unwrap
 from lightning_mp.storage import like, local
 
 
-class FSDP2MasterWeightPrecision(Precision):
+class FSDP2MasterWeightPrecision(_Adapter):
     """Master weights under Fabric's ``ModelParallelStrategy`` (FSDP2); the arguments of
     :class:`lightning_mp.precision.FSDP2MasterWeightPrecision`. Shard with :meth:`shard` in the
     strategy's ``parallelize_fn``."""
@@ -47,22 +45,6 @@ class FSDP2MasterWeightPrecision(Precision):
         self._module: Optional[nn.Module] = None
         self._attached: dict[int, Optimizer] = {}
         self._unscaled: set[int] = set()
-
-    @property
-    def store(self) -> Any:
-        return self.core.store
-
-    @property
-    def grads(self) -> Any:
-        return self.core.grads
-
-    @property
-    def scaler(self) -> Any:
-        return self.core.scaler
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.core.skipped_steps
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -88,14 +70,6 @@ class FSDP2MasterWeightPrecision(Precision):
 
     def forward_context(self) -> AbstractContextManager:
         return self.core.forward_context()
-
-    def convert_output(self, data: Any) -> Any:
-        return apply_to_collection(data, function=_to_fp32, dtype=Tensor)
-
-    def backward(self, tensor: Tensor, model: Optional[nn.Module], *args: Any, **kwargs: Any) -> None:
-        if self.scaler is not None:
-            tensor = self.scaler.scale_loss(tensor)
-        tensor.backward(*args, **kwargs)
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -139,11 +113,3 @@ class FSDP2MasterWeightPrecision(Precision):
                 holder = like(torch.empty((), dtype=g.dtype, device=local(g).device).expand(local(g).shape), p)
                 holder.grad = like(local(g), p)
                 yield holder
-
-    # -- state -------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.core.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.core.load_state_dict(state_dict)

@@ -38,7 +38,46 @@ from lightning_mp.precision.step import _unwrap
 from lightning_mp.storage import HALF
 
 
-class MasterWeightPrecision(Precision):
+class _Adapter(Precision):
+    """What both Fabric plugins expose of the Trainer plugin they wrap (``self.core``)."""
+
+    core: Any
+
+    @property
+    def store(self) -> Any:
+        """Where each parameter's FP32 value lives (:class:`~lightning_mp.masters.MasterStore`)."""
+        return self.core.store
+
+    @property
+    def grads(self) -> Any:
+        """The FP32 gradients kept apart from ``.grad`` (sums between micro-batches, or shards)."""
+        return self.core.grads
+
+    @property
+    def scaler(self) -> Any:
+        return self.core.scaler
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.core.skipped_steps
+
+    def convert_output(self, data: Any) -> Any:
+        """Outputs in FP32, as Fabric's ``bf16-mixed``: a loss computed outside the forward is FP32."""
+        return apply_to_collection(data, function=_to_fp32, dtype=Tensor)
+
+    def backward(self, tensor: Tensor, model: Optional[nn.Module], *args: Any, **kwargs: Any) -> None:
+        if self.scaler is not None:
+            tensor = self.scaler.scale_loss(tensor)
+        tensor.backward(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.core.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.core.load_state_dict(state_dict)
+
+
+class MasterWeightPrecision(_Adapter):
     """16-bit weights and autocast compute, FP32 master values, for ``lightning.Fabric``.
 
     Takes the arguments of :class:`lightning_mp.MasterWeightPrecision` (``precision``, ``master``,
@@ -55,24 +94,6 @@ class MasterWeightPrecision(Precision):
         self.precision = precision
         self._attached: dict[int, Optimizer] = {}
         self._ddp_checked = False
-
-    @property
-    def store(self) -> Any:
-        """Where each parameter's FP32 value lives (:class:`~lightning_mp.masters.MasterStore`)."""
-        return self.core.store
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.core.skipped_steps
-
-    @property
-    def scaler(self) -> Any:
-        return self.core.scaler
-
-    @property
-    def grads(self) -> Any:
-        """The FP32 gradient sums between micro-batches (:mod:`lightning_mp.precision.grads`)."""
-        return self.core.grads
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -118,21 +139,12 @@ class MasterWeightPrecision(Precision):
     def forward_context(self) -> AbstractContextManager:
         return torch.autocast(self._device(), dtype=self.core.dtype)
 
-    def convert_output(self, data: Any) -> Any:
-        """Outputs in FP32, as Fabric's ``bf16-mixed``: a loss computed outside the forward is FP32."""
-        return apply_to_collection(data, function=_to_fp32, dtype=Tensor)
-
     def pre_backward(self, tensor: Tensor, module: Optional[nn.Module]) -> Any:
         if not self._ddp_checked:
             self._ddp_checked = True
             self._take_over_ddp()
         self.core.step_runner.before_backward()
         self.core.grads.attach(p for p in self.store.params() if p.requires_grad)  # parameters unfrozen since
-
-    def backward(self, tensor: Tensor, model: Optional[nn.Module], *args: Any, **kwargs: Any) -> None:
-        if self.scaler is not None:
-            tensor = self.scaler.scale_loss(tensor)
-        tensor.backward(*args, **kwargs)
 
     def post_backward(self, tensor: Tensor, module: Optional[nn.Module]) -> Any:
         for p in self.store.params():  # DDP may have rewritten the 16-bit grads
@@ -176,14 +188,6 @@ class MasterWeightPrecision(Precision):
                 holder = torch.empty((), dtype=g.dtype, device=g.device).expand(g.shape)  # no memory
                 holder.grad = g
                 yield holder
-
-    # -- state -------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.core.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.core.load_state_dict(state_dict)
 
     def teardown(self) -> None:
         self.core.teardown()

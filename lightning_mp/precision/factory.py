@@ -80,3 +80,15 @@ def fp16_supported(device_type: str) -> bool:
             return (x @ x).dtype == torch.float16
     except (RuntimeError, AssertionError):
         return False
+
+
+def with_master_plugin(precision: Any, plugins: Any, base: type, build: Any) -> tuple[Any, Any]:
+    """``(plugins, precision)`` for Lightning's ``Trainer`` or ``Fabric``: for a lightning-mp name
+    (``bf16-master``, ``16-master``), ``plugins`` plus ``build(name)`` and no precision name (a
+    precision plugin in ``plugins`` besides, an instance of ``base``, is refused); else both unchanged."""
+    if precision is None or str(precision) not in MASTER_DTYPES:
+        return plugins, precision
+    given = plugins if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
+    if any(isinstance(p, base) for p in given):
+        raise ValueError(f"precision={precision!r} and a precision plugin in plugins: give one of them")
+    return [*given, build(str(precision))], None
