@@ -96,6 +96,14 @@ def test_memory_command_prints_measured_and_estimated_bytes(capsys):
     assert "| `bf16-master` | 2.01 | 1.99 | 0.00 | 8.00 | 0.00 | **12.00** | 12.00 |" in out  # remainders; grads die in the step
 
 
+def test_memory_command_with_8bit_moments(capsys):
+    memory_main(["--precision", "bf16-master", "--moment-dtype", "8bit"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| `bf16-master`"))
+    cells = [c.strip(" *") for c in row.split("|")[2:-1]]
+    state, total, estimate = float(cells[3]), float(cells[5]), float(cells[6])
+    assert 2.0 < state < 2.1 and 6.0 < total < 6.1 and abs(total - estimate) < 0.05  # 1 byte per moment + scales
+
+
 @pytest.mark.parametrize("args,named", [(["--precision", "fp8"], "--precision"), (["--model", "nope"], "--model")])
 def test_memory_command_refuses_bad_names_before_printing(args, named, capsys):
     with pytest.raises(SystemExit) as exit_info:

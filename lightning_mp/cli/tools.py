@@ -22,12 +22,15 @@ class _AuditAfterStep(L.Callback):
         self.audit = memory_audit(pl_module, trainer.optimizers, trainer.precision_plugin)
 
 
-def measure_memory(model_name: str, precision: str, seq_len: int = 16, batch_size: int = 2) -> dict[str, int]:
-    """Bytes per category after one real AdamW step of a ``conf/model`` model under ``precision``."""
+def measure_memory(model_name: str, precision: str, seq_len: int = 16, batch_size: int = 2,
+                   moment_dtype: str = "float32") -> dict[str, int]:
+    """Bytes per category after one real AdamW step of a ``conf/model`` model under ``precision``
+    (``moment_dtype``: the Adam moments' ``float32``, ``bfloat16`` or ``8bit``)."""
     from lightning_mp.precision import precision_plugin
 
     torch.manual_seed(0)
-    model = instantiate(compose_recipe(DEFAULT_RECIPE, [f"model={model_name}"]).model, _convert_="all")
+    cfg = compose_recipe(DEFAULT_RECIPE, [f"model={model_name}"])
+    model = instantiate(cfg.model, moment_dtype=moment_dtype, _convert_="all")
     tokens = torch.randint(0, model.hparams.vocab_size, (batch_size, seq_len + 1))
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch_size)
     audit = _AuditAfterStep()
@@ -46,14 +49,17 @@ def memory_main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--model", default="tiny", choices=options("model"), help="a conf/model option (default tiny)")
     parser.add_argument("--precision", nargs="+", default=list(MEMORY_MODES), choices=PRECISION_NAMES,
                         metavar="PRECISION", help=f"precision names (default: all of {', '.join(MEMORY_MODES)})")
+    parser.add_argument("--moment-dtype", default="float32", choices=("float32", "bfloat16", "8bit"),
+                        help="Adam's moments (default float32; bfloat16 and 8bit use lightning_mp.optim.AdamW)")
     args = parser.parse_args(argv)
-    print(f"model={args.model}, AdamW, one training step; bytes per parameter (measured / estimated total)\n")
+    print(f"model={args.model}, AdamW ({args.moment_dtype} moments), one training step; bytes per parameter "
+          "(measured / estimated total)\n")
     print("| precision | " + " | ".join(CATEGORIES) + " | total | estimate | total bytes |")
     print("|---|" + "---|" * (len(CATEGORIES) + 3))
     for name in args.precision:
-        audit = measure_memory(args.model, name)
+        audit = measure_memory(args.model, name, moment_dtype=args.moment_dtype)
         per = bytes_per_param(audit)
-        estimate = bytes_per_param(estimate_memory(audit["n_params"], name, "adamw"))["total"]
+        estimate = bytes_per_param(estimate_memory(audit["n_params"], name, "adamw", moment_dtype=args.moment_dtype))["total"]
         cells = " | ".join(f"{per[c]:.2f}" for c in CATEGORIES)
         print(f"| `{name}` | {cells} | **{per['total']:.2f}** | {estimate:.2f} | {audit['total']:,} |")
 
