@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--peers", action="store_true", help="add torchao's and optimi's optimizers on bf16 weights")
+    parser.add_argument("--only", default="", help="run only the rows whose label contains this text")
     args = parser.parse_args()
     print(f"machine: {describe()}")
     pretrained = pretrain(args.pretrain_steps)
@@ -174,6 +175,8 @@ def main() -> None:
           + " | mean | moved by fine-tuning | bytes/param between steps | at the step | s per run |")
     print("|---|---|---|---|---|---|---|")
     for label, precision, make_optimizer in ROWS + (peers() if args.peers else []):
+        if args.only not in label:
+            continue
         runs = [finetune(precision, make_optimizer, pretrained, args.steps, args.lr, seed) for seed in args.seeds]
         losses = [r[0] for r in runs]
         mean = statistics.mean(losses)
