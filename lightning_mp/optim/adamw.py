@@ -9,7 +9,6 @@ from torch import Tensor
 
 from lightning_mp.optim import quant
 from lightning_mp.optim.base import EIGHT_BIT, MomentDtype, Params, _StoredMasterOptimizer
-from lightning_mp.storage import local
 
 
 class AdamW(_StoredMasterOptimizer):
@@ -62,9 +61,8 @@ class AdamW(_StoredMasterOptimizer):
             if "step" not in state:
                 state["step"] = torch.tensor(0.0)  # on the CPU, as torch keeps it: reading it never syncs
                 for key in self._state_keys:
-                    if self.moment_dtype == EIGHT_BIT:  # codes shaped (and sharded) as p; scales of the local blocks
-                        state[key] = torch.zeros_like(p, dtype=quant.CODES[key][0])
-                        state[key + quant.SCALE] = torch.zeros(quant.blocks(local(p).numel()), device=p.device)
+                    if self.moment_dtype == EIGHT_BIT:
+                        state[key], state[key + quant.SCALE] = quant.zeros(key, p)
                     else:
                         state[key] = torch.zeros_like(p, dtype=self.moment_dtype)
         steps = [state["step"] for state in states]

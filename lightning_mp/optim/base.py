@@ -412,8 +412,7 @@ class _StoredMasterOptimizer(Optimizer):
             value = like(quant.decode(key, local(value), scales).to(p.device), p)
         if self.moment_dtype != EIGHT_BIT:
             return {key: value.to(device=p.device, dtype=self.moment_dtype)}
-        codes = torch.zeros_like(p, dtype=quant.CODES[key][0])
-        absmax = torch.zeros(quant.blocks(local(p).numel()), device=p.device)
+        codes, absmax = quant.zeros(key, p)
         quant.encode_(key, local(value).to(p.device), local(codes), absmax)
         return {key: codes, key + quant.SCALE: absmax}
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_mp import messages
+from lightning_mp.optim import quant
 
 _MASK = 0xFFFFFFFF
 
@@ -117,51 +118,13 @@ def _adamw(kind: Optional[str], maximize: bool, w: Tensor, s: Optional[Tensor], 
     _encode(kind, p, w, s, la)
 
 
-_QBLOCK, _QM = 256, 3  # lightning_mp.optim.quant's blocks and mantissa bits
-
-
-def _q8_decode(codes: Tensor, bias: int) -> Tensor:
-    """The value of each code (int32, >= 0) over its block's scale, as quant's table holds it."""
-    sub = codes.float() * 2.0 ** (1 - bias - _QM)
-    normal = ((codes + ((127 - bias) << _QM)) << (23 - _QM)).view(torch.float32)
-    return torch.where(codes < (1 << _QM), sub, normal)
-
-
-def _q8_encode(u: Tensor, bias: int) -> Tensor:
-    """quant's code (int32) of each ``u`` in [0, 1]."""
-    bits = u.view(torch.int32)
-    normal = ((bits + ((1 << (22 - _QM)) - 1) + ((bits >> (23 - _QM)) & 1)) >> (23 - _QM)) - ((127 - bias) << _QM)
-    sub = torch.round(u * 2.0 ** (bias - 1 + _QM)).to(torch.int32)
-    return torch.where(u < 2.0 ** (1 - bias), sub, normal)
-
-
-def _blocks(x: Tensor) -> Tensor:
-    """Flat ``x`` as rows of a block each, the last padded with zeros."""
-    pad = (-x.numel()) % _QBLOCK
-    return torch.nn.functional.pad(x, (0, pad)).view(-1, _QBLOCK)
-
-
-def _q8_store(x: Tensor, codes: Tensor, absmax: Tensor, bias: int, signed: bool) -> None:
-    xb = _blocks(x)
-    scale = xb.abs().amax(dim=1)
-    inv = 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale))
-    c = _q8_encode(xb.abs() * inv[:, None], bias)
-    if signed:
-        c = torch.where(xb < 0, -c, c)
-    absmax.copy_(scale)
-    codes.copy_(c.view(-1)[: codes.numel()].to(codes.dtype))
-
-
 def _adamw_q8(kind: Optional[str], maximize: bool, w: Tensor, s: Optional[Tensor], g: Tensor, mc: Tensor,
               ms: Tensor, vc: Tensor, vs: Tensor, hf: Tensor, hi: Tensor) -> None:
     """AdamW with 8-bit moments (:mod:`lightning_mp.optim.quant`): decode, step with the FP32
     moments, encode them over each block's new largest magnitude."""
     factor, clamp, decay, c1, beta2, c2, eps, neg_step, bc2 = hf.unbind(0)
     la = _lanes(hi[0], hi[2], g) if kind == "stochastic" else None
-    n = g.numel()
-    mcb = _blocks(mc.to(torch.int32))
-    m = (torch.where(mcb < 0, -1.0, 1.0) * _q8_decode(mcb.abs(), 15) * ms[:, None]).view(-1)[:n]
-    v = (_q8_decode(_blocks(vc.to(torch.int32)), 31) * vs[:, None]).view(-1)[:n]
+    m, v = quant.decode("exp_avg", mc, ms), quant.decode("exp_avg_sq", vc, vs)
     grad = _grad(g, factor, clamp, maximize)
     p = _decode(kind, w, s) * decay
     mm = torch.lerp(m, grad, c1)
@@ -169,8 +132,8 @@ def _adamw_q8(kind: Optional[str], maximize: bool, w: Tensor, s: Optional[Tensor
     vv = vv + c2 * grad * grad
     d = torch.sqrt(vv) / bc2 + eps
     p = p + neg_step * mm / d
-    _q8_store(mm, mc, ms, 15, True)
-    _q8_store(vv, vc, vs, 31, False)
+    quant.encode_("exp_avg", mm, mc, ms)
+    quant.encode_("exp_avg_sq", vv, vc, vs)
     _encode(kind, p, w, s, la)
 
 

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_mp.storage import local
+
 BLOCK = 256
 MANTISSA = 3
 # (code dtype, exponent bias) per moment
@@ -44,15 +46,11 @@ def blocks(numel: int) -> int:
     return math.ceil(numel / BLOCK)
 
 
-def _table(bias: int) -> Tensor:
-    """The value of every code of a minifloat with ``bias`` (codes past 1.0 never occur)."""
-    codes = torch.arange(256, dtype=torch.int32)
+def _value(codes: Tensor, bias: int) -> Tensor:
+    """The value (FP32) of each code (int32, >= 0) of a minifloat with ``bias``, over a scale of 1."""
     sub = codes.float() * 2.0 ** (1 - bias - MANTISSA)
     normal = ((codes + ((127 - bias) << MANTISSA)) << (23 - MANTISSA)).view(torch.float32)
     return torch.where(codes < (1 << MANTISSA), sub, normal)
-
-
-_TABLES = {bias: _table(bias) for _, bias in CODES.values()}
 
 
 def _encode(u: Tensor, bias: int) -> Tensor:
@@ -65,16 +63,17 @@ def _encode(u: Tensor, bias: int) -> Tensor:
 
 
 def _padded(t: Tensor) -> Tensor:
+    """Flat ``t`` as rows of a block each, the last padded with zeros."""
     flat = t.reshape(-1)
-    return F.pad(flat, (0, blocks(flat.numel()) * BLOCK - flat.numel())).view(-1, BLOCK)
+    return F.pad(flat, (0, (-flat.numel()) % BLOCK)).view(-1, BLOCK)
 
 
 def decode(key: str, codes: Tensor, absmax: Tensor) -> Tensor:
-    """The FP32 moment ``key`` (``"exp_avg"`` or ``"exp_avg_sq"``) from its codes and block scales."""
+    """The FP32 moment ``key`` (``"exp_avg"`` or ``"exp_avg_sq"``) from its codes and block scales.
+    (Plain torch ops: the ``torch.compile``'d step uses it too.)"""
     _, bias = CODES[key]
-    table = _TABLES[bias].to(codes.device)
     c = _padded(codes.to(torch.int32))
-    values = table[c.abs()] * absmax[:, None]
+    values = _value(c.abs(), bias) * absmax[:, None]
     if key == "exp_avg":
         values = torch.where(c < 0, -values, values)
     return values.view(-1)[: codes.numel()].view(codes.shape)
@@ -97,9 +96,10 @@ def encode_(key: str, values: Tensor, codes: Tensor, absmax: Tensor) -> None:
 
 
 def zeros(key: str, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Codes (shaped like ``like``) and block scales of a zero moment."""
+    """Codes shaped (and, for a DTensor, sharded) as ``like``, and the block scales of its local
+    elements, of a zero moment."""
     dtype, _ = CODES[key]
-    return torch.zeros_like(like, dtype=dtype), torch.zeros(blocks(like.numel()), device=like.device)
+    return torch.zeros_like(like, dtype=dtype), torch.zeros(blocks(local(like).numel()), device=like.device)
 
 
 def is_quantized(state: dict) -> bool:
