@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from lightning_mp.fabric.precision import _Adapter, hold_schedulers_of
 from lightning_mp.precision import fsdp2 as trainer_plugin
-from lightning_mp.precision.skips import any_rank_nonfinite, sharded_step, step_gradients
+from lightning_mp.precision.skips import any_rank_nonfinite, step_gradients
 from lightning_mp.precision.step import _unwrap
 from lightning_mp.storage import like, local
 
@@ -79,14 +79,10 @@ class FSDP2MasterWeightPrecision(_Adapter):
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         raw = self.attach(optimizer)
         skipped = self.skipped_steps
-        params = [p for g in raw.param_groups for p in g["params"]]
-        try:
-            sharded_step(self.core, self.core.skips, raw, None, lambda: True, held=self._held(),
-                         unscaled=id(raw) in self._unscaled, **kwargs)
+        try:  # the Trainer plugin's step, with no closure (Fabric's backward ran before)
+            self.core.optimizer_step(raw, None, lambda: True, unscaled=id(raw) in self._unscaled, **kwargs)
         finally:
             self._unscaled.discard(id(raw))
-            if self.grads is not None:
-                self.grads.pop(params)
         if self.skipped_steps > skipped:
             hold_schedulers_of(raw)
         return None
