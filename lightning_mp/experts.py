@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.distributed.tensor import DTensor
 
 
 def bucket_size(count: int, per_octave: int) -> int:
@@ -80,7 +81,20 @@ class GroupedSwiGLU(nn.Module):
     def compute_operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``x`` and the weights in the compute dtype."""
         dtype = self.compute_dtype(x)
-        return tuple(t.to(dtype) for t in (x, self.w1, self.w3, self.w2))  # type: ignore[return-value]
+        weights = [self._local(w) for w in (self.w1, self.w3, self.w2)]
+        return tuple(t.to(dtype) for t in (x, *weights))  # type: ignore[return-value]
+
+    @staticmethod
+    def _local(w: Tensor) -> Tensor:
+        """Expert parallelism: the weights are DTensors over the EP group (of ``ep`` ranks); this
+        rank runs its own experts. Their gradients sum the contributions of the EP group's tokens,
+        each from its rank's mean loss, and FSDP2 averages them over the ranks holding the same
+        experts (``world / ep``): scaled by ``1 / ep`` here (exact for a power of two), they are
+        the gradients of the mean of every rank's loss, as the dense parameters' are."""
+        if not isinstance(w, DTensor):
+            return w
+        ep = w.device_mesh.size()
+        return _ScaleGrad.apply(w.to_local(), 1.0 / ep) if ep > 1 else w.to_local()
 
     def uses_grouped_mm(self, x: Tensor) -> bool:
         """Whether :meth:`forward` on ``x`` runs ``torch._grouped_mm`` (else one expert at a time)."""
@@ -116,6 +130,19 @@ class GroupedSwiGLU(nn.Module):
         slice runs padded with zero rows to ``padded_list[e]``."""
         _, w1, w3, w2 = self.compute_operands(x[:0])
         return SlicedSwiGLU.apply(x, w1, w3, w2, token, weight, counts_list, padded_list)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
 
 
 def _padded(rows: Tensor, n_rows: int) -> Tensor:

@@ -20,6 +20,7 @@ from lightning_mp.convert import is_norm_layer
 from lightning_mp.model import Block, MoETransformer, TransformerConfig
 from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
 from lightning_mp.optim import AdamW
+from lightning_mp.parallel import clip_by_global_norm
 from lightning_mp.precision.fsdp2 import FSDP2MasterWeightPrecision
 from lightning_mp.precision.master import MasterWeightPrecision
 
@@ -76,8 +77,11 @@ class MoEModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         decay_steps: Optional[int] = None,
         moment_dtype: Literal["float32", "bfloat16", "8bit"] = "float32",
+        expert_parallel: int = 1,
     ) -> None:
         super().__init__()
+        if expert_parallel < 1 or n_experts % expert_parallel:
+            raise ValueError(f"expert_parallel={expert_parallel} must be >= 1 and divide n_experts={n_experts}")
         self.save_hyperparameters()
         # The model's configs take the matching constructor arguments, by field name.
         hp = self.hparams
@@ -141,17 +145,40 @@ class MoEModule(L.LightningModule):
         self._shard_if_model_parallel()
 
     def _shard_if_model_parallel(self) -> None:
-        """Under ``ModelParallelStrategy`` with ``FSDP2MasterWeightPrecision``: one FSDP2 unit per
-        transformer block (norms and routers FP32 units of their own), the whole model last."""
-        from torch.distributed.fsdp import FSDPModule
+        """Under ``ModelParallelStrategy``: one FSDP2 unit per transformer block, the whole model
+        last, by ``FSDP2MasterWeightPrecision`` (norms and routers FP32 units of their own) or
+        with FSDP2's default policy under Lightning's precisions; with ``expert_parallel > 1``
+        each rank keeps its share of the experts (:mod:`lightning_mp.parallel`). Outside a
+        Trainer the model holds every expert, whatever ``expert_parallel`` says."""
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+
+        from lightning_mp.parallel import expert_meshes, outermost, shard_units
 
         trainer = self._trainer
-        plugin = getattr(trainer, "precision_plugin", None)
-        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy) or not hasattr(plugin, "shard"):
+        ep = self.hparams.get("expert_parallel", 1)
+        if trainer is None:
+            return
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            if ep > 1:
+                raise ValueError(f"expert_parallel={ep} needs ModelParallelStrategy over a multiple of {ep} processes "
+                                 "(trainer=fsdp2), not " + type(trainer.strategy).__name__)
             return
         if isinstance(self, FSDPModule):  # sharded already (configure_model runs more than once)
             return
-        plugin.shard(self, self.device_mesh["data_parallel"], blocks=[Block])
+        mesh = self.device_mesh["data_parallel"]
+        layers, expert_mesh = self.moe_layers if ep > 1 else [], None
+        if layers:
+            expert_mesh, ep_mesh = expert_meshes(mesh, ep)
+            for layer in layers:
+                layer.parallelize_experts(ep_mesh)
+        experts = [layer.experts for layer in layers]
+        plugin = trainer.precision_plugin
+        if hasattr(plugin, "shard"):
+            plugin.shard(self, mesh, blocks=[Block], experts=experts, expert_mesh=expert_mesh)
+        else:  # Lightning's precisions: FP32 units (autocast casts for *-mixed), routers apart
+            kept = outermost([m for m in self.modules() if getattr(m, "keep_fp32", False) is True])
+            shard_units(self, mesh, lambda kind: MixedPrecisionPolicy(), kept=kept, blocks=[Block], experts=experts,
+                        expert_mesh=expert_mesh)
 
     def extra_repr(self) -> str:
         """``print(module)`` before ``fit``: the layers do not exist yet, so say where they come from."""
@@ -266,6 +293,19 @@ class MoEModule(L.LightningModule):
             self.log("train/tokens_per_sec", batch[0].numel() / max(elapsed, 1e-9))
 
     # -- optimization ---------------------------------------------------------------------------
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        """Lightning's clipping; under expert parallelism with Lightning's precisions, clipping by
+        norm uses the global norm over the dense and expert meshes (torch's ``clip_grad_norm_``
+        cannot mix DTensors of two meshes; our FSDP2 plugin clips that way itself)."""
+        expert_parallel = any(layer.expert_group is not None for layer in self.moe_layers)
+        plugin = self.trainer.precision_plugin
+        if (not expert_parallel or gradient_clip_val is None or gradient_clip_algorithm not in (None, "norm")
+                or isinstance(plugin, FSDP2MasterWeightPrecision)):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        clip_by_global_norm(grads, float(gradient_clip_val))
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW without weight decay on norms, biases and embeddings; linear warm-up, then cosine.

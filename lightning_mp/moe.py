@@ -5,6 +5,8 @@ matmul and softmax never see 16 bits), sorted by expert, and each expert runs on
 contiguous slice (dropless by default). The default experts are SwiGLU FFNs stored stacked
 (:mod:`lightning_mp.experts`): on CUDA one grouped matmul, elsewhere one expert at a time with
 the gather and combine folded in. Experts from ``MoEModule.make_expert`` run one module per slice.
+Under expert parallelism (:meth:`MoELayer.parallelize_experts`) each rank holds some experts
+whole, and the sorted rows travel to their experts' ranks and back (:mod:`lightning_mp.dispatch`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_mp import dispatch
+from lightning_mp.dispatch import ExpertGroup
 from lightning_mp.experts import GroupedSwiGLU, SwiGLU, bucket_size
 
 
@@ -179,6 +183,24 @@ class MoELayer(nn.Module):
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
         self.stats: dict[str, Tensor] = {}
+        self.expert_group: Optional[ExpertGroup] = None  # set by parallelize_experts
+
+    def parallelize_experts(self, mesh: Any) -> None:
+        """Expert parallelism over the 1-D device ``mesh`` (an EP group): this rank keeps its
+        ``n_experts / mesh.size()`` experts whole (the stacked weights become DTensors sharded on
+        the expert dimension), and each forward sends the rows of the others' experts to them."""
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        if not isinstance(self.experts, GroupedSwiGLU):
+            raise ValueError("expert parallelism needs the stacked SwiGLU experts (MoEModule's default); "
+                             f"this layer's experts are {type(self.experts).__name__} (make_expert)")
+        if self.config.n_experts % mesh.size():
+            raise ValueError(f"expert_parallel={mesh.size()} must divide n_experts={self.config.n_experts}")
+        for name, p in list(self.experts.named_parameters(recurse=False)):
+            # every rank built all experts the same way (seeded); each keeps its own, no communication
+            sharded = distribute_tensor(p.detach(), mesh, [Shard(0)], src_data_rank=None)
+            self.experts.register_parameter(name, nn.Parameter(sharded, requires_grad=p.requires_grad))
+        self.expert_group = ExpertGroup.of(mesh)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """FP32 routing: ``(logits, scores, top-k weights, top-k expert indices)``, all ``(tokens, ...)``."""
@@ -235,13 +257,15 @@ class MoELayer(nn.Module):
             order = order[position < capacity]  # stable sort: earlier tokens win, as in Switch
             kept_counts = counts.clamp(max=capacity)
         token, weight = order // k, weights.reshape(-1)[order]
-        counts_list = kept_counts.tolist()  # host sync: slice sizes for the per-expert path
 
-        if isinstance(self.experts, GroupedSwiGLU) and not self.experts.uses_grouped_mm(x):
+        if self.expert_group is not None:  # the rows travel to their experts' ranks
+            y = self._dispatch_and_combine(x, token, weight, kept_counts, None)
+        elif isinstance(self.experts, GroupedSwiGLU) and not self.experts.uses_grouped_mm(x):
+            counts_list = kept_counts.tolist()  # host sync: slice sizes for the per-expert path
             padded = self._padded_counts(x, counts_list)
             y = self.experts.forward_sliced(x, token, weight, counts_list, padded).to(x.dtype)
         else:
-            y = self._dispatch_and_combine(x, token, weight, kept_counts, counts_list)
+            y = self._dispatch_and_combine(x, token, weight, kept_counts, kept_counts.tolist())  # host sync
         if self.shared is not None:
             y = y + self.shared(x)
 
@@ -249,11 +273,21 @@ class MoELayer(nn.Module):
         return y.reshape(shape)
 
     def _dispatch_and_combine(self, x: Tensor, token: Tensor, weight: Tensor, counts: Tensor,
-                              counts_list: list[int]) -> Tensor:
+                              counts_list: Optional[list[int]]) -> Tensor:
         """Gather the assignments' rows sorted by expert, run the experts on their slices,
-        combine their outputs weighted in FP32: the path for grouped_mm and custom experts."""
+        combine their outputs weighted in FP32: the path for grouped_mm, custom experts and
+        expert parallelism (``counts_list`` None: the rows go to their experts' ranks first)."""
         # index_select, not x[token]: its backward is an index_add_, not a sorting index_put_
-        xs, rows, counts_list = self._pad(x.index_select(0, token), counts, counts_list)
+        xs = x.index_select(0, token)
+        exchange = None
+        if self.expert_group is not None:
+            exchange = dispatch.plan(counts, self.expert_group)  # host sync
+            # sent in the experts' compute dtype (they would cast the rows to it anyway): 16-bit
+            # under bf16 compute, half the bytes of FP32 rows
+            xs = dispatch.dispatch(xs.to(self.experts.compute_dtype(x)), exchange)
+            counts_list = exchange.local_counts
+            counts = torch.tensor(counts_list, device=x.device)
+        xs, rows, counts_list = self._pad(xs, counts, counts_list)
         if isinstance(self.experts, GroupedSwiGLU):
             groups = counts if rows is None else torch.tensor(counts_list, device=x.device)
             out = self.experts(xs, groups, counts_list)
@@ -261,6 +295,8 @@ class MoELayer(nn.Module):
             out = torch.cat([expert(s) for expert, s in zip(self.experts, torch.split(xs, counts_list))])
         if rows is not None:
             out = out[rows]  # the padding rows' outputs are dropped: they get no gradient
+        if exchange is not None:
+            out = dispatch.combine(out, exchange)
         return WeightedCombine.apply(out, weight, token, x.shape[0]).to(x.dtype)
 
     def _padded_counts(self, x: Tensor, counts_list: list[int]) -> list[int]:

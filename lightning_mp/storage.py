@@ -138,6 +138,8 @@ def like(value: Tensor, p: Tensor) -> Tensor:
 def as_local(value: Tensor, p: Tensor) -> Tensor:
     """``p``'s local elements of ``value``, a tensor shaped as ``p``: a DTensor (redistributed to
     ``p``'s placements if need be) or, for a DTensor ``p``, a whole tensor every rank holds."""
+    if sharded(value) and sharded(p) and value.device_mesh != p.device_mesh:
+        value = value.full_tensor()  # e.g. an expert's value over its EP group, p over EP and replicas: gathered
     if sharded(value):
         if sharded(p) and value.placements != p.placements:
             value = value.redistribute(p.device_mesh, p.placements)

@@ -42,6 +42,7 @@ from torch.optim import Optimizer
 from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, _matcher
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim.base import _StoredMasterOptimizer
+from lightning_mp.parallel import clip_by_global_norm, outermost, shard_units
 from lightning_mp.precision.fsdp2_grads import FP32GradShards
 from lightning_mp import loading
 from lightning_mp.optim.adopt import adopt, why_not
@@ -123,29 +124,29 @@ class FSDP2MasterWeightPrecision(Precision):
         return MixedPrecisionPolicy(param_dtype=torch.float32 if fp32 else self.dtype, reduce_dtype=torch.float32,
                                     cast_forward_inputs=cast_forward_inputs)
 
-    def shard(self, module: nn.Module, mesh: Any, blocks: Iterable[type] = ()) -> nn.Module:
+    def shard(self, module: nn.Module, mesh: Any, blocks: Iterable[type] = (), experts: Sequence[nn.Module] = (),
+              expert_mesh: Optional[Any] = None) -> nn.Module:
         """``fully_shard`` ``module``: the kept (FP32) modules first, each with an FP32 policy,
-        then every instance of ``blocks`` outside them (one FSDP unit each), then ``module`` itself. With
-        bf16 shards (``master != "fp32"``) the other parameters are cast to bf16 first, their
-        exact FP32 values kept by the store, shard by shard."""
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        then ``experts`` (expert-parallel modules whose parameters are DTensors over their EP
+        group already) over ``expert_mesh``, the ranks holding the same experts, then every
+        instance of ``blocks`` outside the kept modules (one FSDP unit each), then ``module``
+        itself. With bf16 shards (``master != "fp32"``) the other parameters are cast to bf16
+        first, their exact FP32 values kept by the store, shard by shard."""
+        from torch.distributed.fsdp import FSDPModule
 
         self.device = self.device or mesh.device_type
         matchers = [_matcher(entry) for entry in self.keep_fp32]
         kept = [m for name, m in module.named_modules() if name and (getattr(m, "keep_fp32", False) is True
                                                                       or any(f(name, m) for f in matchers))]
-        kept = _outermost(kept)
+        kept = outermost(kept)
         values = self._cast_to_bf16(module, kept) if self.store is not None else {}
-        for m in kept:
-            fully_shard(m, mesh=mesh, mp_policy=self.mp_policy(fp32=True))
-        block_types = tuple(blocks)
-        in_kept = {id(sub) for m in kept for sub in m.modules()}  # FP32 units already, whole
-        for m in reversed(list(module.modules())):  # inner blocks before the blocks holding them
-            if block_types and isinstance(m, block_types) and m is not module and id(m) not in in_kept:
-                fully_shard(m, mesh=mesh, mp_policy=self.mp_policy())
-        # The root leaves the model's inputs as they come, as autocast does on one device: cast to
-        # 16 bits there, float inputs would reach a kept FP32 first layer rounded.
-        sharded = fully_shard(module, mesh=mesh, mp_policy=self.mp_policy(cast_forward_inputs=False))
+
+        def policy(kind: str) -> Any:
+            # The root leaves the model's inputs as they come, as autocast does on one device: cast
+            # to 16 bits there, float inputs would reach a kept FP32 first layer rounded.
+            return self.mp_policy(fp32=kind == "fp32", cast_forward_inputs=kind != "root")
+
+        sharded = shard_units(module, mesh, policy, kept=kept, blocks=blocks, experts=experts, expert_mesh=expert_mesh)
         self._fp32_compute.update(id(p) for m in kept for p in m.parameters())
         if self.store is not None:
             for name, p in module.named_parameters():
@@ -237,15 +238,12 @@ class FSDP2MasterWeightPrecision(Precision):
             self.grads.pop([p for g in optimizer.param_groups for p in g["params"]])
 
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        """torch's ``clip_grad_norm_`` arithmetic, on the FP32 gradient shards of bf16 shards."""
+        """torch's ``clip_grad_norm_`` arithmetic on the FP32 gradient shards (of bf16 shards too),
+        by the global norm over every mesh's shards (dense and expert-parallel: each element once)."""
         grads = self._held(optimizer)
         if grads is None:
-            return super().clip_grad_by_norm(optimizer, clip_val)
-        if not grads:
-            return None
-        total = torch.nn.utils.get_total_norm(grads, 2.0)  # the global norm: DTensors reduce over ranks
-        coef = torch.clamp(clip_val / (total + 1e-6), max=1.0)
-        torch._foreach_mul_([local(g) for g in grads], local(coef))
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        clip_by_global_norm(grads, clip_val)
         return None
 
     def clip_grad_by_value(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
@@ -293,9 +291,3 @@ class FSDP2MasterWeightPrecision(Precision):
         for name, p in module.named_parameters():  # type: ignore[union-attr]
             if name in saved and self.store.kind(p) is not None:
                 self.store.set_value(p, saved[name])  # this rank's shard of it, no communication
-
-
-def _outermost(modules: list[nn.Module]) -> list[nn.Module]:
-    """The modules not inside another one of them (a kept subtree is sharded once)."""
-    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
-    return [m for m in modules if id(m) not in inner]
