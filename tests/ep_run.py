@@ -43,7 +43,7 @@ class RankMicroBatches(Sampler):
 class Model(MoEModule):
     def configure_optimizers(self):
         if args.get("sgd"):
-            return torch.optim.SGD(self.parameters(), lr=args["sgd"])
+            return torch.optim.SGD(self.parameters(), lr=args["sgd"], momentum=0.9)  # state, as a resume needs
         return super().configure_optimizers()
 
     def on_after_backward(self):
@@ -82,7 +82,7 @@ class Record(L.Callback):
         state = (get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
                  if trainer.world_size > 1 else module.state_dict())
         module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), trainer.precision_plugin.forward_context():  # as Lightning's own eval
             logits = full(module(tokens[:4, :-1]))
         plugin = trainer.precision_plugin
         torch.save({**self.seen, "state": {k: full(v) for k, v in state.items()}, "logits": logits,

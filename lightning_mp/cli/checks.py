@@ -152,6 +152,7 @@ RULES: dict[str, Callable[[Any], Optional[str]]] = {
     "model.token_buckets": optional(integer(0)),
     "model.max_seq_len": integer(1),
     "model.positions": choice("rope", "learned"),
+    "model.expert_parallel": integer(1),
 }
 
 
@@ -189,6 +190,7 @@ def validate(cfg: DictConfig, recipe: Optional[DictConfig] = None) -> None:
         raise UsageError(f"model.top_k={model.top_k} is more than model.n_experts={model.n_experts}")
     if model.get("n_groups") and model.get("n_experts") and model.n_experts % model.n_groups:
         raise UsageError(f"model.n_groups={model.n_groups} must divide model.n_experts={model.n_experts}")
+    check_expert_parallel(cfg)
     if model.get("d_model") and model.get("n_heads") and model.d_model % model.n_heads:
         raise UsageError(f"model.d_model={model.d_model} must be a multiple of model.n_heads={model.n_heads}")
     if model.get("max_seq_len", cfg.data.seq_len) < cfg.data.seq_len:
@@ -200,6 +202,23 @@ def validate(cfg: DictConfig, recipe: Optional[DictConfig] = None) -> None:
     check_types("data", cfg.data, cfg.data.get("_target_"), recipe)
     if cfg.precision.name in ("bf16-master", "16-master"):
         check_types("precision", cfg.precision, "lightning_mp.MasterWeightPrecision", recipe)
+
+
+def check_expert_parallel(cfg: DictConfig) -> None:
+    """``model.expert_parallel=ep`` must divide the experts and the processes, under trainer=fsdp2."""
+    from lightning_mp.cli.components import strategy_kind
+
+    ep = cfg.model.get("expert_parallel") or 1
+    if ep == 1:
+        return
+    if cfg.model.get("n_experts") and cfg.model.n_experts % ep:
+        raise UsageError(f"model.expert_parallel={ep} must divide model.n_experts={cfg.model.n_experts}")
+    if strategy_kind(cfg.trainer.get("strategy")) != "fsdp2":
+        raise UsageError(f"model.expert_parallel={ep} needs trainer=fsdp2 (ModelParallelStrategy)")
+    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes") or 1
+    if isinstance(devices, int) and (devices * nodes) % ep:
+        raise UsageError(f"model.expert_parallel={ep} must divide the {devices * nodes} processes "
+                         f"(trainer.devices={devices} x trainer.num_nodes={nodes})")
 
 
 def check_types(group: str, node: DictConfig, target: Optional[str], recipe: Optional[DictConfig] = None) -> None:
