@@ -86,7 +86,8 @@ class Record(L.Callback):
             logits = full(module(tokens[:4, :-1]))
         plugin = trainer.precision_plugin
         torch.save({**self.seen, "state": {k: full(v) for k, v in state.items()}, "logits": logits,
-                    "skipped": getattr(plugin, "skipped_steps", 0), "local_experts": _local_experts(module)},
+                    "skipped": getattr(plugin, "skipped_steps", 0), "local_experts": _local_experts(module),
+                    "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},
                    out / f"rank{trainer.global_rank}.pt")
 
 

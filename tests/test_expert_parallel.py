@@ -67,6 +67,9 @@ def test_expert_parallel_trains_as_one_process(runs):
         for got, want in zip(r["bias"], one["bias"]):
             assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert any(b.abs().max() > 0 for b in one["bias"][-1])
+    # the all-to-all's balance is logged per layer: each EP rank's share of the tokens, max / mean
+    assert ep2[0]["metrics"]["moe/layer0/ep_imbalance"] >= 1.0
+    assert "moe/layer0/ep_imbalance" not in one["metrics"]
 
 
 def test_expert_parallel_over_replicas_on_four_processes(runs, tmp_path):
@@ -102,6 +105,18 @@ def test_resume_under_another_expert_parallel_size(runs, tmp_path, devices, ep):
     assert_close(resumed[0]["weights"][-1], one["weights"][-1])  # step 3, as the straight run's
     if devices == 4:
         assert [r["local_experts"]["shape"] for r in resumed] == [[1, 32, 64]] * 4
+
+
+def test_distributed_checkpoint_of_bf16_expert_shards_resumes_bit_exactly(tmp_path):
+    """bf16-master's default storage (bf16 shards with int16 remainders, lightning_mp's AdamW) on
+    expert and dense shards: a resume from the step-2 DCP checkpoint ends as the straight run."""
+    common = dict(devices=2, ep=2, precision="bf16-master", accumulate=2, steps=3, clip=0.05)
+    straight = run(tmp_path / "straight", save_every=2, dcp=True, **common)
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoints" / "epoch=1-step=2.ckpt"),
+                  **common)
+    for a, b in zip(straight, resumed):
+        assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])  # FP32 values, every expert
+        assert all(torch.equal(x, y) for x, y in zip(a["bias"][-1], b["bias"][-1]))
 
 
 def test_a_nan_in_one_ranks_expert_gradient_skips_the_step_on_every_rank(tmp_path):
