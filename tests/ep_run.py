@@ -92,7 +92,7 @@ class Record(L.Callback):
 
 
 def _local_experts(module):
-    """This rank's expert weights as it holds them (its shard), and their bytes."""
+    """The shape of this rank's shard of the first MoE layer's expert weights."""
     w = module.moe_layers[0].experts.w1
     return {"shape": list(w.to_local().shape if hasattr(w, "to_local") else w.shape)}
 
