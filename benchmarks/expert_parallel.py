@@ -1,5 +1,7 @@
-"""Expert parallelism on CPU processes (gloo): per-rank bytes of the routed experts (weights,
-FP32 values and AdamW state, from the live tensors) and step time for ep = 1, 2, 4.
+"""Expert parallelism on CPU processes (gloo): per-rank bytes of the routed experts, between
+steps (weight shards, FP32 values and AdamW state) and all-gathered for a layer's forward (from
+the live tensors), the bytes the experts' all-to-alls and all-gathers move, and step time, for
+ep = 1, 2, 4.
 
     python benchmarks/expert_parallel.py [--devices 4] [--steps 6]
 
@@ -54,8 +56,35 @@ def worker(args: dict) -> None:
     model = MoEModule(d_model=256, n_layers=4, n_heads=8, n_experts=8, top_k=2, d_ff=512, max_seq_len=seq,
                       expert_parallel=args["ep"])
 
+    from lightning_mp import dispatch
+
+    moved = {"rows": 0}
+    plan = dispatch.plan
+
+    def counting_plan(counts, group):  # rows this rank sends to the other ranks of its EP group
+        p = plan(counts, group)
+        moved["rows"] += sum(n for r, n in enumerate(p.send_splits) if r != group.rank)
+        return p
+
+    dispatch.plan = counting_plan
+    gathered = {"bytes": 0}
+
+    def watch(layer):
+        def seen(*_):  # the experts' weights as this rank holds them now: all-gathered inside a forward
+            local = sum((w.to_local() if hasattr(w, "to_local") else w).untyped_storage().nbytes()
+                        for w in layer.experts.parameters())
+            gathered["bytes"] = max(gathered["bytes"], local)
+        # ep = 1: the block's unit all-gathers them before the layer's forward (which may not call the
+        # experts module: the sliced path); ep > 1: their own unit, before the experts' forward
+        layer.register_forward_pre_hook(seen)
+        layer.experts.register_forward_pre_hook(seen)
+
     class Measure(L.Callback):
         times: list[float] = []
+
+        def on_train_start(self, trainer, module):
+            for layer in module.moe_layers:
+                watch(layer)
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.start = time.perf_counter()
@@ -64,13 +93,18 @@ def worker(args: dict) -> None:
             self.times.append(time.perf_counter() - self.start)
 
         def on_train_end(self, trainer, module):
-            mine = torch.tensor([float(expert_bytes(module, trainer.optimizers[0], trainer.precision_plugin))])
-            everyone = [torch.zeros(1) for _ in range(trainer.world_size)]
+            steps = trainer.global_step
+            mine = torch.tensor([float(expert_bytes(module, trainer.optimizers[0], trainer.precision_plugin)),
+                                 float(gathered["bytes"]), float(moved["rows"]) / steps])
+            everyone = [torch.zeros(3) for _ in range(trainer.world_size)]
             torch.distributed.all_gather(everyone, mine)
             if trainer.global_rank == 0:
                 steady = sorted(self.times[1:])[len(self.times[1:]) // 2]  # the median after the first
-                print("RESULT " + json.dumps({"ep": args["ep"], "expert_bytes": [int(t) for t in everyone],
-                                              "step_s": steady}), flush=True)
+                print("RESULT " + json.dumps({"ep": args["ep"], "expert_bytes": [int(t[0]) for t in everyone],
+                                              "gathered_bytes": [int(t[1]) for t in everyone],
+                                              "rows_sent": [float(t[2]) for t in everyone],
+                                              "replicas": args["devices"] // args["ep"], "step_s": steady}),
+                      flush=True)
 
     trainer = L.Trainer(accelerator="cpu", devices=args["devices"], strategy=FSDP2Strategy(),
                         plugins=[precision_plugin("bf16-master", strategy="fsdp2")], max_steps=args["steps"],
@@ -99,10 +133,18 @@ def main() -> None:
         if line is None:
             raise SystemExit(out.stderr[-3000:])
         rows.append(json.loads(line[7:]))
-    base = rows[0]["expert_bytes"][0]
-    print(f"{'ep':>3} {'expert MB per rank':>20} {'vs ep=1':>8} {'step s':>8}")
+    # Per step and rank: the all-to-all moves each row sent away in bf16 (d_model 256 x 2 bytes) 4 times
+    # (dispatch and combine, forward and backward); FSDP2 all-gathers a layer's expert shards for the
+    # forward and again for the backward (reshard after forward), receiving (replicas - 1) / replicas of them.
+    base = max(rows[0]["gathered_bytes"])
+    print(f"{'ep':>3} {'MB/rank between steps':>22} {'MB/rank all-gathered':>21} {'vs ep=1':>8} "
+          f"{'all-to-all MB/step':>19} {'expert all-gather MB/step':>26} {'step s':>7}")
     for r in rows:
-        print(f"{r['ep']:>3} {max(r['expert_bytes']) / 1e6:>20.2f} {max(r['expert_bytes']) / base:>8.3f} {r['step_s']:>8.3f}")
+        gathered = max(r["gathered_bytes"])
+        a2a = max(r["rows_sent"]) * 256 * 2 * 4 / 1e6
+        all_gather = 4 * 2 * gathered * (r["replicas"] - 1) / r["replicas"] / 1e6  # 4 layers, fwd + bwd
+        print(f"{r['ep']:>3} {max(r['expert_bytes']) / 1e6:>22.2f} {gathered / 1e6:>21.2f} {gathered / base:>8.3f} "
+              f"{a2a:>19.2f} {all_gather:>26.2f} {r['step_s']:>7.3f}")
 
 
 if __name__ == "__main__":

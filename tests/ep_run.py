@@ -92,9 +92,10 @@ class Record(L.Callback):
 
 
 def _local_experts(module):
-    """The shape of this rank's shard of the first MoE layer's expert weights."""
+    """The shape and dtype of this rank's shard of the first MoE layer's expert weights."""
     w = module.moe_layers[0].experts.w1
-    return {"shape": list(w.to_local().shape if hasattr(w, "to_local") else w.shape)}
+    w = w.to_local() if hasattr(w, "to_local") else w
+    return {"shape": list(w.shape), "dtype": str(w.dtype)}
 
 
 L.seed_everything(0)

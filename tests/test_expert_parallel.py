@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
 def test_expert_parallel_trains_as_one_process(runs):
     """ep = world = 2: routing, drops, bias, gradients, clipping, weights and logits as one process."""
     _, (one,), ep2 = runs
-    assert [r["local_experts"]["shape"] for r in ep2] == [[2, 32, 64]] * 2  # each rank: half the experts
+    assert [r["local_experts"] for r in ep2] == [{"shape": [2, 32, 64], "dtype": "torch.float32"}] * 2  # half each
     assert_close(ep2[0]["grads0"], one["grads0"])  # every expert's and dense gradient of the first step
     for step in range(3):  # clipped SGD steps
         assert_close(ep2[0]["weights"][step], one["weights"][step])
@@ -115,6 +115,7 @@ def test_distributed_checkpoint_of_bf16_expert_shards_resumes_bit_exactly(tmp_pa
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoints" / "epoch=1-step=2.ckpt"),
                   **common)
     for a, b in zip(straight, resumed):
+        assert a["local_experts"] == {"shape": [2, 32, 64], "dtype": "torch.bfloat16"}  # bf16 shards, remainders beside
         assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])  # FP32 values, every expert
         assert all(torch.equal(x, y) for x, y in zip(a["bias"][-1], b["bias"][-1]))
 

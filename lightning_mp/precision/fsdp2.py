@@ -161,12 +161,19 @@ class FSDP2MasterWeightPrecision(Precision):
     @staticmethod
     def _cast_to_bf16(module: nn.Module, kept: list[nn.Module]) -> dict[str, Tensor]:
         """Cast the FP32 parameters outside ``kept`` to bf16; their FP32 values, by name."""
+        from torch.distributed.tensor import DTensor
+
         fp32 = {id(p) for m in kept for p in m.parameters()}
         values = {}
-        for name, p in module.named_parameters():
+        for name, p in list(module.named_parameters()):
             if p.dtype == torch.float32 and id(p) not in fp32:
                 values[name] = p.data  # the FP32 tensor itself: no copy
-                p.data = p.data.to(torch.bfloat16)
+                if isinstance(p, DTensor):  # (expert-parallel) a DTensor's .data setter keeps its FP32 local tensor
+                    owner, _, leaf = name.rpartition(".")
+                    module.get_submodule(owner).register_parameter(
+                        leaf, nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=p.requires_grad))
+                else:
+                    p.data = p.data.to(torch.bfloat16)
         return values
 
     def compute_dtype(self, p: Tensor) -> torch.dtype:
