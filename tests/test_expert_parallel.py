@@ -157,3 +157,24 @@ def test_expert_parallel_must_divide_the_experts_and_needs_model_parallel_strate
     model.trainer = trainer
     with pytest.raises(ValueError, match="expert_parallel=2 needs ModelParallelStrategy"):
         model.configure_model()
+
+
+def test_command_line_expert_parallel_under_lightnings_32_true_trains_as_without_it(tmp_path):
+    """`trainer=fsdp2 precision=32-true model.expert_parallel=2`: Lightning's own precision, the
+    module shards itself; the validation loss is the ep=1 run's to FP32 round-off."""
+    exe = Path(sys.executable).parent / "lightning-mp-train"
+    common = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3",
+              "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "data.max_bytes=100000",
+              "precision=32-true"]
+    losses = {}
+    for ep in (1, 2):
+        out = tmp_path / f"ep{ep}"
+        result = subprocess.run([str(exe), *common, f"model.expert_parallel={ep}", f"hydra.run.dir={out}"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["precision"] == "32-true" and summary["steps"] == 3
+        losses[ep] = summary["val_loss"]
+        header = (out / "metrics.csv").read_text().splitlines()[0]
+        assert ("moe/layer0/ep_imbalance" in header) == (ep == 2)  # the experts were split at ep=2
+    assert abs(losses[2] - losses[1]) <= FP32_REL * losses[1]

@@ -36,21 +36,20 @@ def precision_plugin(
     (default: ``"cuda"`` when available, else ``"cpu"``). ``strategy="fsdp"`` gives the plugins
     Lightning's ``FSDPStrategy`` accepts: :class:`FSDPMasterWeightPrecision` for ours (``kwargs``:
     ``keep_fp32`` classes), Lightning's ``FSDPPrecision`` for the others. ``strategy="fsdp2"``
-    (``ModelParallelStrategy``) gives :class:`FSDP2MasterWeightPrecision` for ours.
+    (``ModelParallelStrategy``) gives :class:`FSDP2MasterWeightPrecision` for ours, Lightning's own
+    plugins for the others (``MoEModule`` then shards itself with FP32 units).
     """
     name = _LIGHTNING_ALIASES.get(str(name), str(name))
-    if strategy == "fsdp2":
-        if name not in MASTER_DTYPES:
-            raise ValueError(f"strategy='fsdp2' takes bf16-master or 16-master; for {name!r} pass "
-                             "Trainer(precision=...) to ModelParallelStrategy as it is")
+    if strategy == "fsdp2" and name in MASTER_DTYPES:
         return FSDP2MasterWeightPrecision(name, device=device, **kwargs)  # type: ignore[arg-type]
+    # (fsdp2 with Lightning's names: Lightning's own plugins, as it picks them for ModelParallelStrategy)
     if strategy == "fsdp":
         if name in MASTER_DTYPES:
             return FSDPMasterWeightPrecision(name, device=device, **kwargs)  # type: ignore[arg-type]
         if kwargs:
             raise TypeError(f"precision {name!r} takes no options, got {sorted(kwargs)}")
         return FSDPPrecision(name)  # type: ignore[arg-type]
-    if strategy not in (None, "ddp", "auto", "single_device"):
+    if strategy not in (None, "ddp", "auto", "single_device", "fsdp2"):
         raise ValueError(f"strategy must be None, 'ddp', 'fsdp' or 'fsdp2' (the plugin differs only for FSDP), got {strategy!r}")
     if name in MASTER_DTYPES:
         return MasterWeightPrecision(name, device=device, **kwargs)  # type: ignore[arg-type]
