@@ -41,11 +41,6 @@ class ExpertGroup:
         """The group of a 1-D device mesh (the ``expert_parallel`` dimension)."""
         return cls(mesh.get_group(), mesh.size(), mesh.get_local_rank())
 
-    def experts(self, n_experts: int) -> range:
-        """The global indices of the experts this rank holds."""
-        per_rank = n_experts // self.size
-        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
-
 
 @dataclass(frozen=True)
 class Plan:

@@ -265,15 +265,14 @@ class MoEModule(L.LightningModule):
         load = self.balance_experts()
         if not load.any():  # host sync, once per step: no training forward since the last step
             return
-        ep = self.hparams.get("expert_parallel", 1)
-        for i, counts in enumerate(load):
+        for i, (layer, counts) in enumerate(zip(self.moe_layers, load)):
             share = counts / counts.sum()
             for e, value in enumerate(share):
                 self.log(f"moe/layer{i}/load_expert{e}", value)
             self.log(f"moe/layer{i}/imbalance", share.max() / share.mean())
-            if ep > 1 and self.moe_layers[i].expert_group is not None:
+            if layer.expert_group is not None:
                 # the all-to-all's balance: tokens each EP rank's experts received (over every group), max / mean
-                per_rank = counts.reshape(ep, -1).sum(1)
+                per_rank = counts.reshape(layer.expert_group.size, -1).sum(1)
                 self.log(f"moe/layer{i}/ep_imbalance", per_rank.max() / per_rank.mean())
 
     @torch.no_grad()

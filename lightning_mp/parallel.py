@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_mp.storage import local
 
 
 def expert_meshes(mesh: Any, ep: int) -> tuple[Any, Any]:
@@ -76,8 +77,7 @@ def clip_by_global_norm(grads: Sequence[Tensor], clip_val: float) -> None:
     if not grads:
         return
     coef = torch.clamp(clip_val / (global_norm(grads) + 1e-6), max=1.0)
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-    torch._foreach_mul_(local, coef.to_local() if hasattr(coef, "to_local") else coef)
+    torch._foreach_mul_([local(g) for g in grads], local(coef))
 
 
 def outermost(modules: list[nn.Module]) -> list[nn.Module]:
