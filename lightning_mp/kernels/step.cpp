@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>  // torch's own libgomp, already loaded: the step runs on torch's intra-op threads
@@ -236,22 +237,30 @@ void adamw_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t end)
 // for v), rounded to nearest even.
 constexpr int64_t QBLOCK = 256;
 constexpr int QM = 3;
-template <int BIAS> inline float q8_decode(int32_t c) {  // c >= 0; branch-free, so that loops vectorize
+// Codes from 1 << QM up are normal: their bits, shifted into an FP32's exponent and mantissa
+// fields and rebiased, are their value. Below are 0 and the subnormal codes, a multiple of the
+// smallest step. A block whose codes (or, to encode, values) are all normal, the common case,
+// takes the normal formula alone; any other block computes both and selects, branch-free so that
+// the loops vectorize. (Decoding a subnormal code as an FP32 subnormal times a power of two would
+// need no select, but it slows on subnormal operands and gives 0 under flush-to-zero modes.)
+template <int BIAS, bool NORMAL> inline float q8_decode(int32_t c) {  // c >= 0
+  const float normal = from_bits((uint32_t(c) << (23 - QM)) + (uint32_t(127 - BIAS) << 23));
+  if constexpr (NORMAL) return normal;
   const float sub = float(c) * from_bits(uint32_t(127 + 1 - BIAS - QM) << 23);
-  const float normal = from_bits(uint32_t(c + ((127 - BIAS) << QM)) << (23 - QM));
-  const uint32_t is_normal = uint32_t(-int32_t(c >= (1 << QM)));  // all ones or zero: a select without a branch
+  const uint32_t is_normal = uint32_t(-int32_t(c >= (1 << QM)));  // all ones or zero: a select the loop vectorizes
   return from_bits((to_bits(sub) & ~is_normal) | (to_bits(normal) & is_normal));
 }
-template <int BIAS> inline int q8_encode(float u) {  // u in [0, 1]
-  const uint32_t b = to_bits(u);
-  const int normal = int((b + ((1u << (22 - QM)) - 1) + ((b >> (23 - QM)) & 1)) >> (23 - QM)) - ((127 - BIAS) << QM);
+template <int BIAS, bool NORMAL> inline int q8_encode(float u) {  // u in [0, 1]
+  const uint32_t b = to_bits(u);  // round to QM mantissa bits, ties to even, then rebias
+  const int normal = int((b + (((1u << (22 - QM)) - 1) - (uint32_t(127 - BIAS) << 23)) + ((b >> (23 - QM)) & 1)) >> (23 - QM));
+  if constexpr (NORMAL) return normal;
   const int sub = int(std::nearbyint(u * from_bits(uint32_t(127 + BIAS - 1 + QM) << 23)));
   return u < from_bits(uint32_t(127 + 1 - BIAS) << 23) ? sub : normal;
 }
 
 // AdamW with 8-bit moments over [begin, end), which start on block boundaries: per block, decode
-// the moments, step every element with the FP32 moments (as the foreach path), then encode them
-// over the block's new largest magnitudes.
+// the moments, step every element with the FP32 moments (as the foreach path) while taking the
+// moments' new smallest and largest magnitudes, then encode them over the largest.
 template <int K, int W, int G>
 void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t end) {
   const Arrays a = arrays<K>(seg);
@@ -269,45 +278,55 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
     const float ms = seg.ms[blk], vs = seg.vs[blk];
     int8_t* __restrict__ mc = mq + b0;
     uint8_t* __restrict__ vc = vq + b0;
-    for (int64_t j = 0; j < n; ++j) {  // decode
-      const int32_t c = mc[j];
-      const float m = q8_decode<15>(std::abs(c)) * ms;
-      mb[j] = from_bits(to_bits(m) | (uint32_t(c) & 0x80000000u));  // the code's sign
-      vb[j] = q8_decode<31>(int32_t(vc[j])) * vs;
-    }
-    for (int64_t j = 0; j < n; ++j) {  // the step, as adamw_range's
-      const int64_t i = b0 + j;
-      const Noise r = noise<K, F32>(key, seg.index + i);
-      const float g = prep(load<G>(a.g, i));
-      float p = decode<K>(a, i) * decay;
-      const float m = std::fma(lerp_c, g - mb[j], small ? mb[j] : g);
-      const float v = vb[j] * beta2 + c2 * g * g;
-      float d = std::sqrt(v);
-      d = d / bc2;
-      d = d + eps;
-      p = p + neg_step * m / d;
-      mb[j] = m;
-      vb[j] = v;
-      encode<K, W>(a, i, p, uint16_t(r.a));
-    }
-    // The largest magnitudes, as the largest bit patterns of non-negative floats (integer maxima
-    // vectorize; a NaN, above every number, gives a NaN scale, as torch's amax)
-    uint32_t mbits = 0, vbits = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t am = to_bits(mb[j]) & 0x7FFFFFFFu, av = to_bits(vb[j]) & 0x7FFFFFFFu;
-      mbits = am > mbits ? am : mbits;
-      vbits = av > vbits ? av : vbits;
-    }
-    const float mmax = from_bits(mbits), vmax = from_bits(vbits);
+    // Magnitudes as the bit patterns of non-negative floats: integer minima and maxima vectorize,
+    // and a NaN, above every number, gives a NaN scale, as torch's amax.
+    uint32_t mlo = ~0u, mhi = 0, vlo = ~0u, vhi = 0;
+    auto step = [&](auto normal_codes) __attribute__((always_inline)) {  // decode, step as adamw_range, and the extreme magnitudes
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = b0 + j;
+        const Noise r = noise<K, F32>(key, seg.index + i);
+        const int32_t c = mc[j];
+        const float m0 = from_bits(to_bits(q8_decode<15, normal_codes>(std::abs(c)) * ms) | (uint32_t(c) & 0x80000000u));  // the code's sign
+        const float v0 = q8_decode<31, normal_codes>(int32_t(vc[j])) * vs;
+        const float g = prep(load<G>(a.g, i));
+        float p = decode<K>(a, i) * decay;
+        const float m = std::fma(lerp_c, g - m0, small ? m0 : g);
+        const float v = v0 * beta2 + c2 * g * g;
+        float d = std::sqrt(v);
+        d = d / bc2;
+        d = d + eps;
+        p = p + neg_step * m / d;
+        mb[j] = m;
+        vb[j] = v;
+        encode<K, W>(a, i, p, uint16_t(r.a));
+        const uint32_t am = to_bits(m) & 0x7FFFFFFFu, av = to_bits(v) & 0x7FFFFFFFu;
+        mlo = am < mlo ? am : mlo;
+        mhi = am > mhi ? am : mhi;
+        vlo = av < vlo ? av : vlo;
+        vhi = av > vhi ? av : vhi;
+      }
+    };
+    uint8_t below = 0;  // any code under 1 << QM
+    for (int64_t j = 0; j < n; ++j) below |= uint8_t(std::abs(int32_t(mc[j])) < (1 << QM)) | uint8_t(vc[j] < (1 << QM));
+    if (below) step(std::false_type{});
+    else step(std::true_type{});
+    const float mmax = from_bits(mhi), vmax = from_bits(vhi);
     seg.ms[blk] = mmax;
     seg.vs[blk] = vmax;
     const float minv = 1.0f / (mmax > 0.0f ? mmax : 1.0f), vinv = 1.0f / (vmax > 0.0f ? vmax : 1.0f);
-    for (int64_t j = 0; j < n; ++j) {  // encode
-      const float m = mb[j];
-      const int c = q8_encode<15>(std::fabs(m) * minv);
-      mc[j] = int8_t(m < 0.0f ? -c : c);
-      vc[j] = uint8_t(q8_encode<31>(vb[j] * vinv));
-    }
+    auto encode_block = [&](auto normal_values) __attribute__((always_inline)) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float m = mb[j];
+        const int c = q8_encode<15, normal_values>(std::fabs(m) * minv);
+        mc[j] = int8_t(m < 0.0f ? -c : c);
+        vc[j] = uint8_t(q8_encode<31, normal_values>(vb[j] * vinv));
+      }
+    };
+    // the smallest values over the scales, by the monotony of a rounded product
+    const bool normal_values = from_bits(mlo) * minv >= from_bits(uint32_t(127 + 1 - 15) << 23) &&
+                               from_bits(vlo) * vinv >= from_bits(uint32_t(127 + 1 - 31) << 23);
+    if (normal_values) encode_block(std::true_type{});
+    else encode_block(std::false_type{});
   }
 }
 
