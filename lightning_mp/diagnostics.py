@@ -20,6 +20,17 @@ from lightning_mp.storage import local
 CATEGORIES = ("weights", "masters", "gradients", "optimizer_state", "loss_scaler")
 
 
+def _plain(t: Tensor) -> Iterable[Tensor]:
+    """``t``, or the plain tensors inside a wrapper subclass (torchao's quantized optimizer states:
+    codes, scales, code table)."""
+    if type(t) in (Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        yield t
+        return
+    names, _ = t.__tensor_flatten__()
+    for name in names:
+        yield from _plain(getattr(t, name))
+
+
 def _storage_key(t: Tensor) -> tuple[str, int]:
     storage = t.untyped_storage()
     return str(t.device), storage.data_ptr()
@@ -56,11 +67,12 @@ def memory_audit(module: nn.Module, optimizers: Iterable[Optimizer] = (), precis
                 continue
             if hasattr(t, "to_local"):  # a DTensor (FSDP2): this rank's shard
                 t = t.to_local()
-            key = _storage_key(t)
-            if key in seen:
-                continue
-            seen.add(key)
-            sizes[category] += t.untyped_storage().nbytes()
+            for inner in _plain(t):
+                key = _storage_key(inner)
+                if key in seen:
+                    continue
+                seen.add(key)
+                sizes[category] += inner.untyped_storage().nbytes()
 
     optimizers = list(optimizers)
     params = list(module.parameters())

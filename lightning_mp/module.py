@@ -19,7 +19,7 @@ from lightning_mp import loading
 from lightning_mp.convert import is_norm_layer
 from lightning_mp.model import Block, MoETransformer, TransformerConfig
 from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
-from lightning_mp.optim import AdamW
+from lightning_mp.optim import AdamW, peers
 from lightning_mp.parallel import clip_by_global_norm
 from lightning_mp.precision.fsdp2 import FSDP2MasterWeightPrecision
 from lightning_mp.precision.master import MasterWeightPrecision
@@ -77,6 +77,7 @@ class MoEModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         decay_steps: Optional[int] = None,
         moment_dtype: Literal["float32", "bfloat16", "8bit"] = "float32",
+        optimizer_impl: Literal["auto", "torchao-adamw", "torchao-adamw8bit", "optimi-adamw"] = "auto",
         expert_parallel: int = 1,
     ) -> None:
         super().__init__()
@@ -318,6 +319,8 @@ class MoEModule(L.LightningModule):
         :class:`lightning_mp.optim.AdamW`, one fused pass per element over the plugin's FP32 values;
         under ``32-true`` and ``*-true`` torch's ``AdamW(fused=True)`` on CPU and CUDA tensors; else
         torch's default ``AdamW`` (Lightning's AMP and FSDP plugins cannot clip for a fused one).
+        ``optimizer_impl`` other than ``"auto"`` picks a peer's AdamW under ``bf16-true``
+        (:mod:`lightning_mp.optim.peers`: torchao's, optimi's), to train side by side with ours.
 
         The cosine reaches ``lr * min_lr_ratio`` at step ``decay_steps`` and stays there, like
         nanoGPT's ``lr_decay_iters``: a fixed schedule, so a run stopped at step N and resumed to 2N
@@ -338,10 +341,15 @@ class MoEModule(L.LightningModule):
             (no_decay if id(p) in no_decay_ids or name.endswith("bias") else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         plugin = self.trainer.precision_plugin
-        if isinstance(plugin, (MasterWeightPrecision, FSDP2MasterWeightPrecision)) or hp.moment_dtype != "float32":
+        if hp.optimizer_impl != "auto":  # a peer's AdamW (lightning_mp.optim.peers): bf16 weights it steps itself
+            if getattr(plugin, "precision", None) != "bf16-true" or hp.moment_dtype != "float32":
+                raise ValueError(f"optimizer_impl={hp.optimizer_impl} steps bf16 weights itself: it needs "
+                                 "precision='bf16-true' and moment_dtype='float32'")
+            optimizer: torch.optim.Optimizer = peers.adamw(hp.optimizer_impl, groups, hp.lr, hp.betas)
+        elif isinstance(plugin, (MasterWeightPrecision, FSDP2MasterWeightPrecision)) or hp.moment_dtype != "float32":
             # lightning-mp's AdamW: one fused pass per element through the plugin's FP32 values (every
             # master policy; FSDP2's shards too), or bf16 or 8-bit Adam moments
-            optimizer: torch.optim.Optimizer = AdamW(
+            optimizer = AdamW(
                 groups,
                 lr=hp.lr,
                 betas=tuple(hp.betas),

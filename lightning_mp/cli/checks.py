@@ -7,6 +7,7 @@ traceback from deep inside Lightning.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import pickle
@@ -20,6 +21,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_mp import loading
+from lightning_mp.optim.peers import PEERS, REQUIRES
 
 
 class UsageError(Exception):
@@ -122,6 +124,7 @@ RULES: dict[str, Callable[[Any], Optional[str]]] = {
     "optimizer.min_lr_ratio": number(0, 1),
     "optimizer.decay_steps": optional(integer(1)),
     "optimizer.moment_dtype": choice("float32", "bfloat16", "8bit"),
+    "optimizer.impl": choice("auto", *PEERS),
     "data.seq_len": integer(1),
     "data.batch_size": integer(1),
     "data.val_fraction": number(0, 1, open_low=True, open_high=True),
@@ -191,6 +194,7 @@ def validate(cfg: DictConfig, recipe: Optional[DictConfig] = None) -> None:
     if model.get("n_groups") and model.get("n_experts") and model.n_experts % model.n_groups:
         raise UsageError(f"model.n_groups={model.n_groups} must divide model.n_experts={model.n_experts}")
     check_expert_parallel(cfg)
+    check_peer(cfg)
     if model.get("d_model") and model.get("n_heads") and model.d_model % model.n_heads:
         raise UsageError(f"model.d_model={model.d_model} must be a multiple of model.n_heads={model.n_heads}")
     if model.get("max_seq_len", cfg.data.seq_len) < cfg.data.seq_len:
@@ -202,6 +206,22 @@ def validate(cfg: DictConfig, recipe: Optional[DictConfig] = None) -> None:
     check_types("data", cfg.data, cfg.data.get("_target_"), recipe)
     if cfg.precision.name in ("bf16-master", "16-master"):
         check_types("precision", cfg.precision, "lightning_mp.MasterWeightPrecision", recipe)
+
+
+def check_peer(cfg: DictConfig) -> None:
+    """A peer's AdamW (``optimizer.impl``) steps bf16 weights itself: precision=bf16-true, FP32
+    moments, and its package installed."""
+    impl = cfg.optimizer.get("impl", "auto")
+    if impl == "auto":
+        return
+    if cfg.precision.name != "bf16-true":
+        raise UsageError(f"optimizer.impl={impl} steps bf16 weights itself: use it with precision=bf16-true "
+                         f"(not {cfg.precision.name})")
+    if cfg.optimizer.get("moment_dtype", "float32") != "float32":
+        raise UsageError(f"optimizer.impl={impl} keeps its own moments: leave optimizer.moment_dtype=float32")
+    module, package = REQUIRES[impl]
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"optimizer.impl={impl} needs {package}: pip install {package}")
 
 
 def check_expert_parallel(cfg: DictConfig) -> None:
