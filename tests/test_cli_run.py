@@ -81,6 +81,9 @@ def test_a_short_run_validates_at_its_end_and_writes_its_metrics(tmp_path, capsy
     assert lines[-2].startswith("done: 5 steps") and lines[-1].startswith("run directory:")
     log = (run / "cli.log").read_text()
     assert "step 5/5" in log and "done: 5 steps" in log
+    # no validation during the run, so no best checkpoint; one last.ckpt, at step 5 (not a last-v1.ckpt beside it)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
     for noise in ("will be deleted", "not supported by the model summary", "LeafSpec", "Tip", "GPU available"):
         assert noise not in out, noise
 

@@ -74,6 +74,9 @@ class _LastAtEnd(L.Callback):
         if self.checkpoint.dirpath is not None:
             path = os.path.join(self.checkpoint.dirpath, f"{self.checkpoint.CHECKPOINT_NAME_LAST}{self.checkpoint.FILE_EXTENSION}")
             trainer.save_checkpoint(path)
+            # ModelCheckpoint (lightning 2.6) saves last at the end of a run that saved nothing
+            # before; told its last is this file, it writes it again rather than a last-v1.ckpt
+            self.checkpoint.last_model_path = path
 
 
 def build(cfg: DictConfig, terminal: Optional[bool] = None) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
@@ -96,7 +99,9 @@ def build(cfg: DictConfig, terminal: Optional[bool] = None) -> tuple[L.Lightning
         raise UsageError(f"precision: {first_line(err)}") from err
     try:
         # Plain containers, so checkpoints' hyper-parameters load with torch.load(weights_only=True).
-        model = instantiate(cfg.model, **OmegaConf.to_container(cfg.optimizer, resolve=True), _convert_="all")
+        optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+        optimizer["optimizer_impl"] = optimizer.pop("impl", "auto")  # the model's name for optimizer.impl
+        model = instantiate(cfg.model, **optimizer, _convert_="all")
     except (InstantiationException, OmegaConfBaseException, TypeError, ValueError) as err:
         raise UsageError(f"model: {first_line(err)}") from err
     try:
