@@ -55,6 +55,13 @@ def test_each_peer_steps_the_bf16_weights_from_the_command_line(name, tmp_path, 
                 state += inner.untyped_storage().nbytes()
     assert summary["bytes_per_param"] == pytest.approx(2 + state / summary["n_params"], rel=1e-12)
     assert state / summary["n_params"] >= STATE[name]
+    # and the run resumes (a torchao state is a tensor subclass: trusted, and loaded without
+    # Lightning's callable map_location, which torch refuses for subclasses)
+    code, _, err = run_cli([*FAST, "precision=bf16-true", f"optimizer.impl={name}", "trainer.max_steps=5",
+                            f"resume={run}", "trust_checkpoint=true", "hydra.run.dir=resumed"], capsys, monkeypatch)
+    assert code == 0, err
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 5 and resumed["optimizer_states"][0]["state"]
 
 
 def _plain(t):

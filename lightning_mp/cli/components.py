@@ -11,6 +11,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -79,6 +80,15 @@ class _LastAtEnd(L.Callback):
             self.checkpoint.last_model_path = path
 
 
+class _SubclassLoad(TorchCheckpointIO):
+    """Lightning's loader, but mapping storages with torch's default (each to the device it was
+    saved from, as Lightning's callable does): torch cannot rebuild a tensor subclass (torchao's
+    8-bit optimizer state) through a callable ``map_location``."""
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
 def build(cfg: DictConfig, terminal: Optional[bool] = None) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     """The model, data and trainer a config describes, each input checked first."""
     if "precision" in cfg.trainer:
@@ -135,7 +145,7 @@ def build(cfg: DictConfig, terminal: Optional[bool] = None) -> tuple[L.Lightning
     try:
         trainer = instantiate(
             cfg.trainer,
-            plugins=[plugin],
+            plugins=[plugin] + ([_SubclassLoad()] if str(cfg.optimizer.get("impl", "auto")).startswith("torchao") else []),
             logger=loggers or False,
             callbacks=callbacks,
             enable_checkpointing=bool(cfg.callbacks) and "checkpoint" in cfg.callbacks,
