@@ -10,7 +10,8 @@ its value over the block's scale moves by half a code's spacing (1/32 to 1/16): 
 at most about 0.1 % a step, so once the scale grows by less than that the codes stay put and
 elements 1 and 2 follow the scale instead of their own average. Prints each element's
 ``exp_avg_sq`` at the end under lightning-mp's 8-bit moments, torchao's ``AdamW8bit`` (if
-installed; its 8-bit state needs 4096 elements or more) and FP32 moments.
+installed; its 8-bit state needs 4096 elements or more), lightning-mp's bf16 moments (stochastically
+rounded) and FP32 moments.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def main() -> None:
     print(f"machine: {describe()} (the arithmetic is the same on any)\n")
     kw = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     makers = {"FP32 moments": lambda ps: AdamW(ps, **kw),
-              "lightning-mp, 8-bit moments": lambda ps: AdamW(ps, **kw, moment_dtype="8bit")}
+              "lightning-mp, 8-bit moments": lambda ps: AdamW(ps, **kw, moment_dtype="8bit"),
+              "lightning-mp, bf16 moments (stochastic rounding)": lambda ps: AdamW(ps, **kw, moment_dtype=torch.bfloat16)}
     try:
         from torchao.optim import AdamW8bit
 
