@@ -17,12 +17,11 @@ rounded) and FP32 moments.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 
 from lightning_mp.machine import describe
-from lightning_mp.optim import AdamW
+from lightning_mp.optim import AdamW, quant
 
 N = 4096
 
@@ -35,7 +34,7 @@ def gradient(t: int) -> torch.Tensor:
     return g
 
 
-def run(make, steps: int) -> torch.Tensor:
+def run(make, steps: int) -> tuple[torch.optim.Optimizer, torch.nn.Parameter]:
     p = torch.nn.Parameter(torch.zeros(N))
     opt = make([p])
     for t in range(steps):
@@ -45,12 +44,11 @@ def run(make, steps: int) -> torch.Tensor:
 
 
 def second_moment(opt, p) -> torch.Tensor:
-    if isinstance(opt, AdamW) and opt.state[p]["exp_avg_sq"].dtype == torch.uint8:  # decode: load into FP32 moments
-        fp32 = AdamW([torch.nn.Parameter(torch.zeros(N))], lr=1e-3)
-        fp32.load_state_dict(copy.deepcopy(opt.state_dict()))
-        return next(iter(fp32.state.values()))["exp_avg_sq"]
-    v = opt.state[p]["exp_avg_sq"]
-    return v.dequantize() if hasattr(v, "dequantize") else v
+    state = opt.state[p]
+    v = state["exp_avg_sq"]
+    if v.dtype == torch.uint8:  # lightning-mp's codes
+        return quant.decode("exp_avg_sq", v, state["exp_avg_sq" + quant.SCALE])
+    return v.dequantize() if hasattr(v, "dequantize") else v.float()  # torchao's subclass, or bf16 / FP32
 
 
 def main() -> None:

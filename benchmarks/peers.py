@@ -25,6 +25,7 @@ import time
 import torch
 from optimizer_step import shapes
 
+from lightning_mp.diagnostics import plain_tensors
 from lightning_mp.machine import describe
 from lightning_mp.optim import AdamW
 
@@ -32,21 +33,11 @@ BF16 = torch.bfloat16
 KW = dict(lr=1e-4, weight_decay=0.1)
 
 
-def tensors(t: torch.Tensor):
-    """``t`` and, for a tensor subclass (a quantized state), the plain tensors inside it."""
-    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
-        yield t
-        return
-    names, _ = t.__tensor_flatten__()
-    for name in names:
-        yield from tensors(getattr(t, name))
-
-
 def nbytes(ts, seen: set) -> int:
     """Bytes of the storages of ``ts`` not in ``seen`` (each storage counted once, in its first category)."""
     total = 0
     for t in ts:
-        for inner in tensors(t):
+        for inner in plain_tensors(t):  # a quantized state: its codes, scales, code tables
             key = (inner.untyped_storage().data_ptr(), inner.untyped_storage().nbytes())
             if key not in seen:
                 seen.add(key)

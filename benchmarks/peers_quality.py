@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 
 from lightning_mp import MoEModule
 from lightning_mp.machine import describe
+from lightning_mp.optim import peers
 
 ROWS = [  # label, overrides
     ("32-true", ["precision=32-true"]),
@@ -52,7 +53,6 @@ ROWS = [  # label, overrides
     ("torchao `AdamW8bit`, bf16 SR", ["precision=bf16-true", "optimizer.impl=torchao-adamw8bit"]),
     ("optimi `AdamW`, Kahan", ["precision=bf16-true", "optimizer.impl=optimi-adamw"]),
 ]
-NEEDS = {"torchao": "torchao", "optimi": "optimi"}
 
 
 def train(args: list[str], run_dir: Path) -> dict:
@@ -88,9 +88,9 @@ def main() -> None:
     rows = []
     for label, overrides in ROWS:
         impl = next((o.split("=")[1] for o in overrides if o.startswith("optimizer.impl=")), None)
-        module = impl and NEEDS[impl.split("-")[0]]
+        module, package = peers.REQUIRES[impl] if impl else (None, None)
         if module and importlib.util.find_spec(module) is None:
-            print(f"{module} is not installed: the row {label!r} is skipped")
+            print(f"{package} is not installed: the row {label!r} is skipped")
             continue
         rows.append((label, overrides))
     base = train([], args.out / "base")  # the model the mantissa-trap task fine-tunes

@@ -20,7 +20,7 @@ from lightning_mp.storage import local
 CATEGORIES = ("weights", "masters", "gradients", "optimizer_state", "loss_scaler")
 
 
-def _plain(t: Tensor) -> Iterable[Tensor]:
+def plain_tensors(t: Tensor) -> Iterable[Tensor]:
     """``t``, or the plain tensors inside a wrapper subclass (torchao's quantized optimizer states:
     codes, scales, code table)."""
     if type(t) in (Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
@@ -28,7 +28,7 @@ def _plain(t: Tensor) -> Iterable[Tensor]:
         return
     names, _ = t.__tensor_flatten__()
     for name in names:
-        yield from _plain(getattr(t, name))
+        yield from plain_tensors(getattr(t, name))
 
 
 def _storage_key(t: Tensor) -> tuple[str, int]:
@@ -67,7 +67,7 @@ def memory_audit(module: nn.Module, optimizers: Iterable[Optimizer] = (), precis
                 continue
             if hasattr(t, "to_local"):  # a DTensor (FSDP2): this rank's shard
                 t = t.to_local()
-            for inner in _plain(t):
+            for inner in plain_tensors(t):
                 key = _storage_key(inner)
                 if key in seen:
                     continue

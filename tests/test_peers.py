@@ -11,6 +11,7 @@ import torch
 from conftest import run_cli
 
 from lightning_mp import memory_audit
+from lightning_mp.diagnostics import plain_tensors
 from lightning_mp.optim import peers
 
 FAST = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "data.max_bytes=200000"]
@@ -49,7 +50,7 @@ def test_each_peer_steps_the_bf16_weights_from_the_command_line(name, tmp_path, 
     # storage once, the plain tensors inside torchao's subclass)
     seen, state = set(), 0
     for t in (v for st in saved["optimizer_states"][0]["state"].values() for v in st.values() if torch.is_tensor(v)):
-        for inner in _plain(t):
+        for inner in plain_tensors(t):
             if inner.untyped_storage().data_ptr() not in seen:
                 seen.add(inner.untyped_storage().data_ptr())
                 state += inner.untyped_storage().nbytes()
@@ -62,14 +63,6 @@ def test_each_peer_steps_the_bf16_weights_from_the_command_line(name, tmp_path, 
     assert code == 0, err
     resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == 5 and resumed["optimizer_states"][0]["state"]
-
-
-def _plain(t):
-    if type(t) in (torch.Tensor, torch.nn.Parameter):
-        yield t
-        return
-    for name in t.__tensor_flatten__()[0]:
-        yield from _plain(getattr(t, name))
 
 
 @pytest.mark.parametrize("name", peers.PEERS)
