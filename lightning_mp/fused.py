@@ -2,7 +2,8 @@
 
 ``kernels/step.cpp`` holds AdamW and SGD for every storage kind (FP32 parameters, FP32 masters
 beside 16-bit weights, int16 remainders, Kahan compensations, stochastic rounding), with 16-bit or
-FP32 gradients and FP32 or bf16 moments, plus the one-pass helpers of ``MasterWeightPrecision``'s
+FP32 gradients and FP32, bf16 or 8-bit moments (AdamW's 8-bit step written by hand with AVX-512
+where the CPU has it, ``kernels/adamw_q8_avx512.h``; :func:`avx512` says which), plus the one-pass helpers of ``MasterWeightPrecision``'s
 step (upcast + unscale + inf/NaN check, check, rounding masters into weights). At the first step
 it is compiled with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``)
 for this CPU (``-march=native``, OpenMP on torch's own threads) into ``$LIGHTNING_MP_CACHE``
@@ -80,6 +81,12 @@ def available() -> bool:
     return library() is not None
 
 
+def avx512() -> bool:
+    """Whether the built step runs AdamW's 8-bit moments through its AVX-512 loop (else the portable one)."""
+    lib = library()
+    return lib is not None and bool(lib.lmp_avx512())
+
+
 def _compiler() -> str:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
@@ -94,10 +101,19 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _build() -> Path:
-    source = resources.files("lightning_mp.kernels").joinpath("step.cpp").read_bytes()
+def _sources() -> dict[str, bytes]:
+    """The kernel's files by name: step.cpp and the headers it includes."""
+    root = resources.files("lightning_mp.kernels")
+    return {f.name: f.read_bytes() for f in root.iterdir() if f.name.endswith((".cpp", ".h"))}
+
+
+def _build(defines: Sequence[str] = ()) -> Path:
+    """The library built for this CPU (``defines``: extra macros, e.g. ``LMP_PORTABLE``), from the cache if there."""
+    sources = _sources()
     cxx = _compiler()
-    key = hashlib.sha256(b"\0".join([source, cxx.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()])).hexdigest()
+    flags = [*FLAGS, *(f"-D{d}" for d in defines)]
+    parts = [name.encode() + b"\0" + text for name, text in sorted(sources.items())]
+    key = hashlib.sha256(b"\0".join([*parts, cxx.encode(), " ".join(flags).encode(), _cpu_flags().encode()])).hexdigest()
     cache = Path(os.environ.get("LIGHTNING_MP_CACHE", Path.home() / ".cache" / "lightning_mp"))
     target = cache / f"step-{key[:16]}.so"
     if target.exists():
@@ -105,11 +121,12 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        for name, text in sources.items():
+            (Path(tmp) / name).write_bytes(text)
         src, out = Path(tmp) / "step.cpp", Path(tmp) / "step.so"
-        src.write_bytes(source)
         # with OpenMP the step runs on torch's threads; a compiler without it gets std::thread
-        for flags in ([*FLAGS, "-fopenmp"], FLAGS):
-            result = subprocess.run([cxx, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        for attempt in ([*flags, "-fopenmp"], flags):
+            result = subprocess.run([cxx, *attempt, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
             if result.returncode == 0:
                 break
         else:
@@ -135,6 +152,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmp_check.restype = ctypes.c_int
     lib.lmp_round.argtypes = [ctypes.c_int, segs, ctypes.c_int64, ctypes.c_int]
     lib.lmp_scale.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    lib.lmp_avx512.restype = ctypes.c_int
     return lib
 
 

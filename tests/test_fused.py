@@ -198,6 +198,66 @@ def test_non_contiguous_parameters_step_eagerly():
     assert torch.equal(p, q)
 
 
+# -- the 8-bit AdamW step's two loops: by hand with AVX-512, and portable ----------------------------
+
+Q8_SHAPES = [(37, 29), (256,), (1000,), (17,), (300, 7)]  # tails of 1 to 15 elements, blocks cut short
+
+
+def _q8_run(master, wdtype, gdtype, transform):
+    """Six 8-bit AdamW steps from random values, on gradients spread over 32 decades in some tensors
+    (subnormal codes) and normal ones in others (blocks of normal codes), a step of zero gradients
+    on part of each tensor; ``transform``: the
+    unscale factor, clip value and ``maximize`` the plugin can pass. Everything the step wrote."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.zeros(s, dtype=wdtype, requires_grad=True) for s in Q8_SHAPES]
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, master=master, moment_dtype="8bit", maximize=transform)
+    for p in params:
+        opt.set_master(p, torch.randn(p.shape, generator=g))
+    for step in range(6):
+        for k, p in enumerate(params):
+            x = torch.randn(p.shape, generator=g)
+            if k % 2 == 0:
+                x *= torch.logspace(-30, 2, p.numel())[torch.randperm(p.numel(), generator=g)].view(p.shape)
+            x.view(-1)[: 40 if step == 3 else 0] = 0
+            if gdtype == torch.float32 and wdtype != torch.float32:
+                opt.step_grads[p] = x  # the plugin's FP32 gradients of 16-bit weights
+            else:
+                p.grad = x.to(gdtype)
+        if transform:
+            opt.grad_factor, opt.grad_clamp = torch.tensor(0.5), 0.01
+        opt.step()
+    return [t.clone() for p in params for t in (p.detach(), opt.master_value(p), *(
+        v for k, v in opt.state[p].items() if k != "step"))]
+
+
+Q8_CASES = [(None, torch.float32, torch.float32)] + [
+    (master, wdtype, gdtype) for master in ("fp32", "remainder", "kahan", "stochastic")
+    for wdtype in ((BF16, FP16) if master == "fp32" else (BF16,)) for gdtype in (wdtype, torch.float32)]
+
+
+@needs_kernel
+@pytest.mark.skipif(not fused.available() or not fused.avx512(), reason="no AVX-512 on this CPU: the step is the portable loop")
+def test_the_avx512_8bit_step_is_the_portable_loop_bit_for_bit(monkeypatch):
+    """Every storage kind, weight and gradient dtype, with and without unscale/clip/maximize: the
+    hand-written loop writes the same bits as the portable one (built with -DLMP_PORTABLE)."""
+    loops = {"avx512": fused.library(), "portable": fused._load(fused._build(("LMP_PORTABLE",)))}
+    assert loops["avx512"].lmp_avx512() == 1 and loops["portable"].lmp_avx512() == 0
+    subnormal_codes = normal_blocks = 0
+    for (master, wdtype, gdtype), transform in [(case, t) for case in Q8_CASES for t in (False, True)]:
+        runs = {}
+        for name, lib in loops.items():
+            monkeypatch.setattr(fused, "_library", lib)
+            runs[name] = _q8_run(master, wdtype, gdtype, transform)
+        for a, b in zip(runs["avx512"], runs["portable"]):
+            assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), (
+                master, wdtype, gdtype, transform, a.dtype, a.shape)
+        codes = [t for t in runs["portable"] if t.dtype in (torch.int8, torch.uint8)]
+        subnormal_codes += sum(int((c.int().abs() < 8).sum()) for c in codes)
+        normal_blocks += sum(int((c.int().abs().view(-1)[: c.numel() // 256 * 256].view(-1, 256) >= 8).all(1).sum())
+                             for c in codes)
+    assert subnormal_codes and normal_blocks  # both of each loop's block paths ran
+
+
 # -- under MasterWeightPrecision(master="fp32"): the one-pass step on the plugin's FP32 masters ---------
 
 

@@ -1,0 +1,172 @@
+// AdamW with 8-bit moments, written with AVX-512 intrinsics (F, BW and VL): step.cpp's
+// adamw_q8_range op for op, bit for bit (tests/test_fused.py compares the two builds), 16 elements
+// a step. Why by hand: GCC vectorizes the portable loop at the width of its narrowest type, the
+// 8-bit codes, so 64 elements an iteration, whose live values spill out of the 32 registers; here
+// every value is one register of 16 floats, a block's tail is a masked load and store, and the
+// gradient's unscale/clip is left out where there is none (multiplying by 1 and clamping at
+// infinity are exact, so the results are the same).
+#pragma once
+
+#include <immintrin.h>
+
+#include "formats.h"
+
+namespace {
+namespace avx512 {
+
+using F = __m512;
+using I = __m512i;
+using M = __mmask16;
+inline F f(I x) { return _mm512_castsi512_ps(x); }
+inline I u(F x) { return _mm512_castps_si512(x); }
+inline I c32(uint32_t x) { return _mm512_set1_epi32(int32_t(x)); }
+inline I sext16(I x) { return _mm512_srai_epi32(_mm512_slli_epi32(x, 16), 16); }
+inline F bf16(const uint16_t* p, M k) { return f(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16)); }
+inline I bf16_rne(F x) {  // as f32_to_bf16, in the low 16 bits of each lane
+  const I b = u(x);
+  const I r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, c32(0x7FFF)), _mm512_and_si512(_mm512_srli_epi32(b, 16), c32(1))), 16);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, c32(0x7FC0));
+}
+inline void store16(uint16_t* p, M k, I x) { _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(x)); }
+inline I hash32(I x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, c32(0x7FEB352DU));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, c32(0x846CA68BU));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+template <int G> inline F load_g(const void* g, int64_t i, M k) {
+  if constexpr (G == F32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(g) + i);
+  else if constexpr (G == BF16) return bf16(static_cast<const uint16_t*>(g) + i, k);
+  else return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(g) + i));
+}
+template <int K> inline F decode(const Arrays& a, int64_t i, M k) {
+  if constexpr (K == F32_PARAM || K == F32_MASTER) return _mm512_maskz_loadu_ps(k, a.f32 + i);
+  else if constexpr (K == REMAINDER)
+    return f(_mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, a.w + i)), 16),
+                              _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, a.r + i))));
+  else if constexpr (K == KAHAN) return _mm512_add_ps(bf16(a.w + i, k), bf16(a.c + i, k));
+  else return bf16(a.w + i, k);
+}
+template <int K, int W> inline void encode(const Arrays& a, int64_t i, M k, F p, I lane) {
+  if constexpr (K == F32_PARAM) {
+    _mm512_mask_storeu_ps(a.f32 + i, k, p);
+  } else if constexpr (K == F32_MASTER) {
+    _mm512_mask_storeu_ps(a.f32 + i, k, p);
+    if constexpr (W == F16) _mm256_mask_storeu_epi16(a.w + i, k, _mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    else store16(a.w + i, k, bf16_rne(p));
+  } else if constexpr (K == REMAINDER) {
+    const I b = u(p), lo = sext16(b);
+    store16(reinterpret_cast<uint16_t*>(a.r) + i, k, lo);
+    store16(a.w + i, k, _mm512_srli_epi32(_mm512_sub_epi32(b, lo), 16));
+  } else if constexpr (K == KAHAN) {
+    const I w = bf16_rne(p);
+    store16(a.w + i, k, w);
+    store16(a.c + i, k, bf16_rne(_mm512_sub_ps(p, f(_mm512_slli_epi32(w, 16)))));
+  } else {
+    const I b = _mm512_add_epi32(u(p), sext16(lane)), lo = sext16(b);
+    store16(a.w + i, k, _mm512_srli_epi32(_mm512_sub_epi32(b, lo), 16));
+  }
+}
+template <int BIAS, bool NORMAL> inline F q8_decode(I c) {
+  const F normal = f(_mm512_add_epi32(_mm512_slli_epi32(c, 23 - QM), c32(uint32_t(127 - BIAS) << 23)));
+  if constexpr (NORMAL) return normal;
+  const F sub = _mm512_mul_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(from_bits(uint32_t(127 + 1 - BIAS - QM) << 23)));
+  return _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(c, _mm512_set1_epi32(1 << QM)), sub, normal);
+}
+template <int BIAS, bool NORMAL> inline I q8_encode(F x) {
+  const I b = u(x);
+  const I normal = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, c32(((1u << (22 - QM)) - 1) - (uint32_t(127 - BIAS) << 23))),
+                                                      _mm512_and_si512(_mm512_srli_epi32(b, 23 - QM), c32(1))), 23 - QM);
+  if constexpr (NORMAL) return normal;
+  const I sub = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(from_bits(uint32_t(127 + BIAS - 1 + QM) << 23))),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, _mm512_set1_ps(from_bits(uint32_t(127 + 1 - BIAS) << 23)), _CMP_LT_OQ), normal, sub);
+}
+
+template <int K, int W, int G, bool PLAIN>
+void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t end) {
+  const Arrays a = arrays<K>(seg);
+  const GradPrep prep(h);
+  const F factor = _mm512_set1_ps(prep.factor), clamp = _mm512_set1_ps(prep.clamp), nclamp = _mm512_set1_ps(-prep.clamp),
+          sign = _mm512_set1_ps(prep.sign);
+  const F c1 = _mm512_set1_ps(h.c1), beta2 = _mm512_set1_ps(h.beta2), c2 = _mm512_set1_ps(h.c2), eps = _mm512_set1_ps(h.eps),
+          neg_step = _mm512_set1_ps(seg.a), bc2 = _mm512_set1_ps(seg.b), decay = _mm512_set1_ps(h.has_decay ? h.decay : 1.0f);
+  const bool small = std::fabs(h.c1) < 0.5f;
+  const F lerp_c = _mm512_set1_ps(small ? h.c1 : h.c1 - 1.0f);
+  const uint64_t key = mix(h.seed ^ mix(h.counter));
+  const I key32 = c32(uint32_t(key)), iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const I absmask = c32(0x7FFFFFFFu), signmask = c32(0x80000000u);
+  int8_t* __restrict__ mq = static_cast<int8_t*>(seg.m);
+  uint8_t* __restrict__ vq = static_cast<uint8_t*>(seg.v);
+  alignas(64) float mb[QBLOCK], vb[QBLOCK];
+  for (int64_t b0 = begin; b0 < end; b0 += QBLOCK) {
+    const int64_t n = b0 + QBLOCK < end ? QBLOCK : end - b0, blk = b0 / QBLOCK;
+    const F ms = _mm512_set1_ps(seg.ms[blk]), vs = _mm512_set1_ps(seg.vs[blk]);
+    int8_t* __restrict__ mc = mq + b0;
+    uint8_t* __restrict__ vc = vq + b0;
+    I mlo = c32(~0u), mhi = _mm512_setzero_si512(), vlo = c32(~0u), vhi = _mm512_setzero_si512();
+    auto step = [&](auto normal_codes) __attribute__((always_inline)) {
+      for (int64_t j = 0; j < n; j += 16) {
+        const M k = n - j >= 16 ? M(0xFFFF) : M((1u << (n - j)) - 1);
+        const int64_t i = b0 + j;
+        I lane = _mm512_setzero_si512();
+        if constexpr (K == STOCHASTIC)
+          lane = hash32(_mm512_xor_si512(key32, _mm512_mullo_epi32(_mm512_add_epi32(c32(uint32_t(seg.index + i)), iota), c32(0x9E3779B9U))));
+        const I cm = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, mc + j));
+        const F m0 = f(_mm512_or_si512(u(_mm512_mul_ps(q8_decode<15, decltype(normal_codes)::value>(_mm512_abs_epi32(cm)), ms)),
+                                        _mm512_and_si512(cm, signmask)));
+        const F v0 = _mm512_mul_ps(q8_decode<31, decltype(normal_codes)::value>(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, vc + j))), vs);
+        F g = load_g<G>(a.g, i, k);
+        if constexpr (!PLAIN) {
+          g = _mm512_mul_ps(g, factor);
+          g = _mm512_max_ps(nclamp, g);  // g < -clamp ? -clamp : g (NaN stays)
+          g = _mm512_min_ps(clamp, g);   // g > clamp ? clamp : g
+          g = _mm512_mul_ps(g, sign);
+        }
+        F p = _mm512_mul_ps(decode<K>(a, i, k), decay);
+        const F m = _mm512_fmadd_ps(lerp_c, _mm512_sub_ps(g, m0), small ? m0 : g);
+        const F v = _mm512_add_ps(_mm512_mul_ps(v0, beta2), _mm512_mul_ps(_mm512_mul_ps(c2, g), g));
+        F d = _mm512_sqrt_ps(v);
+        d = _mm512_div_ps(d, bc2);
+        d = _mm512_add_ps(d, eps);
+        p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(neg_step, m), d));
+        _mm512_store_ps(mb + j, m);
+        _mm512_store_ps(vb + j, v);
+        encode<K, W>(a, i, k, p, lane);
+        const I am = _mm512_and_si512(u(m), absmask), av = _mm512_and_si512(u(v), absmask);
+        mlo = _mm512_mask_min_epu32(mlo, k, mlo, am);
+        mhi = _mm512_mask_max_epu32(mhi, k, mhi, am);
+        vlo = _mm512_mask_min_epu32(vlo, k, vlo, av);
+        vhi = _mm512_mask_max_epu32(vhi, k, vhi, av);
+      }
+    };
+    uint8_t below = 0;
+    for (int64_t j = 0; j < n; ++j) below |= uint8_t(std::abs(int32_t(mc[j])) < (1 << QM)) | uint8_t(vc[j] < (1 << QM));
+    if (below) step(std::false_type{});
+    else step(std::true_type{});
+    const float mmax = from_bits(_mm512_reduce_max_epu32(mhi)), vmax = from_bits(_mm512_reduce_max_epu32(vhi));
+    const float mmin = from_bits(_mm512_reduce_min_epu32(mlo)), vmin = from_bits(_mm512_reduce_min_epu32(vlo));
+    seg.ms[blk] = mmax;
+    seg.vs[blk] = vmax;
+    const float minv_s = 1.0f / (mmax > 0.0f ? mmax : 1.0f), vinv_s = 1.0f / (vmax > 0.0f ? vmax : 1.0f);
+    const F minv = _mm512_set1_ps(minv_s), vinv = _mm512_set1_ps(vinv_s), zero = _mm512_setzero_ps();
+    auto encode_block = [&](auto normal_values) __attribute__((always_inline)) {
+      constexpr bool NV = decltype(normal_values)::value;
+      for (int64_t j = 0; j < n; j += 16) {
+        const M k = n - j >= 16 ? M(0xFFFF) : M((1u << (n - j)) - 1);
+        const F m = _mm512_load_ps(mb + j);
+        const I c = q8_encode<15, NV>(_mm512_mul_ps(f(_mm512_and_si512(u(m), absmask)), minv));
+        _mm_mask_storeu_epi8(mc + j, k, _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(c, _mm512_cmp_ps_mask(m, zero, _CMP_LT_OQ), _mm512_setzero_si512(), c)));
+        _mm_mask_storeu_epi8(vc + j, k, _mm512_cvtepi32_epi8(q8_encode<31, NV>(_mm512_mul_ps(_mm512_load_ps(vb + j), vinv))));
+      }
+    };
+    const bool normal_values = mmin * minv_s >= from_bits(uint32_t(127 + 1 - 15) << 23) &&
+                               vmin * vinv_s >= from_bits(uint32_t(127 + 1 - 31) << 23);
+    if (normal_values) encode_block(std::true_type{});
+    else encode_block(std::false_type{});
+  }
+}
+
+}  // namespace avx512
+}  // namespace
