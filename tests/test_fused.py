@@ -128,6 +128,26 @@ def test_fused_stochastic_rounding_goes_up_with_the_exact_probability(up, p_up):
     assert not torch.equal(w.detach().view(torch.int16) - before.view(torch.int16), torch.zeros(n, dtype=torch.int16))
 
 
+@pytest.mark.parametrize("compile", [None, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("up, p_up", [(2.0**-9, 0.25), (3 * 2.0**-9, 0.75)])
+def test_8bit_adamw_stochastic_rounding_goes_up_with_the_exact_probability_independently(up, p_up, compile):
+    """AdamW's first step moves every weight by lr (maximize, gradient 1: m/sqrt(v) is 1 to a few
+    ulps, and 1 + lr is exact in FP32), a quarter (three quarters) of a bf16 step above 1. Each
+    weight must round up with that probability, and elements 16 apart, which the kernel's noise
+    draws from one hash, independently of each other."""
+    n = 1 << 20
+    w = torch.ones(n, dtype=BF16, requires_grad=True)
+    opt = AdamW([w], lr=up, weight_decay=0.0, master="stochastic", moment_dtype="8bit", maximize=True, compile=compile)
+    w.grad = torch.ones(n, dtype=BF16)
+    opt.step()
+    assert set(w.float().unique().tolist()) == {1.0, 1 + 2.0**-7}
+    went_up = w.detach().float() == 1 + 2.0**-7
+    assert abs(went_up.float().mean().item() - p_up) < 5 * (p_up * (1 - p_up) / n) ** 0.5
+    pairs = went_up.view(-1, 32)
+    both, q = (pairs[:, :16] & pairs[:, 16:]).float().mean().item(), p_up**2
+    assert abs(both - q) < 5 * (q * (1 - q) / (n // 2)) ** 0.5
+
+
 @needs_kernel
 def test_the_kernel_is_built_once_not_per_step_or_policy(monkeypatch):
     import subprocess

@@ -84,18 +84,22 @@ template <int BIAS, bool NORMAL> inline I q8_encode(F x) {
   return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, _mm512_set1_ps(from_bits(uint32_t(127 + 1 - BIAS) << 23)), _CMP_LT_OQ), normal, sub);
 }
 
+inline M tail(int64_t left) { return left >= 16 ? M(0xFFFF) : M((1u << left) - 1); }  // the lanes of [j, n)
+
+// Per block: decode the moments, step every element (as step.cpp's adamw_q8_range) while taking
+// the moments' new extreme magnitudes, then encode them over the largest.
 template <int K, int W, int G, bool PLAIN>
 void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t end) {
   const Arrays a = arrays<K>(seg);
   const GradPrep prep(h);
   const F factor = _mm512_set1_ps(prep.factor), clamp = _mm512_set1_ps(prep.clamp), nclamp = _mm512_set1_ps(-prep.clamp),
           sign = _mm512_set1_ps(prep.sign);
-  const F c1 = _mm512_set1_ps(h.c1), beta2 = _mm512_set1_ps(h.beta2), c2 = _mm512_set1_ps(h.c2), eps = _mm512_set1_ps(h.eps),
+  const F beta2 = _mm512_set1_ps(h.beta2), c2 = _mm512_set1_ps(h.c2), eps = _mm512_set1_ps(h.eps),
           neg_step = _mm512_set1_ps(seg.a), bc2 = _mm512_set1_ps(seg.b), decay = _mm512_set1_ps(h.has_decay ? h.decay : 1.0f);
   const bool small = std::fabs(h.c1) < 0.5f;
   const F lerp_c = _mm512_set1_ps(small ? h.c1 : h.c1 - 1.0f);
-  const uint64_t key = mix(h.seed ^ mix(h.counter));
-  const I key32 = c32(uint32_t(key)), iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const M from_m0 = small ? M(0xFFFF) : M(0);  // the lerp's base: m0 (small weight) or g
+  const I seg_key = c32(segment_key(mix(h.seed ^ mix(h.counter)), seg.index)), iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const I absmask = c32(0x7FFFFFFFu), signmask = c32(0x80000000u);
   int8_t* __restrict__ mq = static_cast<int8_t*>(seg.m);
   uint8_t* __restrict__ vq = static_cast<uint8_t*>(seg.v);
@@ -106,17 +110,20 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
     int8_t* __restrict__ mc = mq + b0;
     uint8_t* __restrict__ vc = vq + b0;
     I mlo = c32(~0u), mhi = _mm512_setzero_si512(), vlo = c32(~0u), vhi = _mm512_setzero_si512();
+    I hashes = _mm512_setzero_si512(), lane = hashes;  // (blocks start at multiples of 32)
     auto step = [&](auto normal_codes) __attribute__((always_inline)) {
+      constexpr bool NC = decltype(normal_codes)::value;
       for (int64_t j = 0; j < n; j += 16) {
-        const M k = n - j >= 16 ? M(0xFFFF) : M((1u << (n - j)) - 1);
+        const M k = tail(n - j);
         const int64_t i = b0 + j;
-        I lane = _mm512_setzero_si512();
-        if constexpr (K == STOCHASTIC)
-          lane = hash32(_mm512_xor_si512(key32, _mm512_mullo_epi32(_mm512_add_epi32(c32(uint32_t(seg.index + i)), iota), c32(0x9E3779B9U))));
+        if constexpr (K == STOCHASTIC) {  // formats.h's q8_lane: a hash for this vector and the next
+          if ((i & 16) == 0)
+            hashes = hash32(_mm512_xor_si512(seg_key, _mm512_mullo_epi32(_mm512_add_epi32(c32(uint32_t((i >> 5) << 4)), iota), c32(0x9E3779B9U))));
+          lane = (i & 16) == 0 ? hashes : _mm512_srli_epi32(hashes, 16);
+        }
         const I cm = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, mc + j));
-        const F m0 = f(_mm512_or_si512(u(_mm512_mul_ps(q8_decode<15, decltype(normal_codes)::value>(_mm512_abs_epi32(cm)), ms)),
-                                        _mm512_and_si512(cm, signmask)));
-        const F v0 = _mm512_mul_ps(q8_decode<31, decltype(normal_codes)::value>(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, vc + j))), vs);
+        const F m0 = f(_mm512_or_si512(u(_mm512_mul_ps(q8_decode<15, NC>(_mm512_abs_epi32(cm)), ms)), _mm512_and_si512(cm, signmask)));
+        const F v0 = _mm512_mul_ps(q8_decode<31, NC>(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, vc + j))), vs);
         F g = load_g<G>(a.g, i, k);
         if constexpr (!PLAIN) {
           g = _mm512_mul_ps(g, factor);
@@ -125,7 +132,7 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
           g = _mm512_mul_ps(g, sign);
         }
         F p = _mm512_mul_ps(decode<K>(a, i, k), decay);
-        const F m = _mm512_fmadd_ps(lerp_c, _mm512_sub_ps(g, m0), small ? m0 : g);
+        const F m = _mm512_fmadd_ps(lerp_c, _mm512_sub_ps(g, m0), _mm512_mask_blend_ps(from_m0, g, m0));
         const F v = _mm512_add_ps(_mm512_mul_ps(v0, beta2), _mm512_mul_ps(_mm512_mul_ps(c2, g), g));
         F d = _mm512_sqrt_ps(v);
         d = _mm512_div_ps(d, bc2);
@@ -149,21 +156,22 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
     const float mmin = from_bits(_mm512_reduce_min_epu32(mlo)), vmin = from_bits(_mm512_reduce_min_epu32(vlo));
     seg.ms[blk] = mmax;
     seg.vs[blk] = vmax;
-    const float minv_s = 1.0f / (mmax > 0.0f ? mmax : 1.0f), vinv_s = 1.0f / (vmax > 0.0f ? vmax : 1.0f);
-    const F minv = _mm512_set1_ps(minv_s), vinv = _mm512_set1_ps(vinv_s), zero = _mm512_setzero_ps();
+    const float minv = 1.0f / (mmax > 0.0f ? mmax : 1.0f), vinv = 1.0f / (vmax > 0.0f ? vmax : 1.0f);
+    // the smallest values over the scales, by the monotony of a rounded product
+    const bool normal = mmin * minv >= from_bits(uint32_t(127 + 1 - 15) << 23) && vmin * vinv >= from_bits(uint32_t(127 + 1 - 31) << 23);
+    const F minv_v = _mm512_set1_ps(minv), vinv_v = _mm512_set1_ps(vinv);
     auto encode_block = [&](auto normal_values) __attribute__((always_inline)) {
       constexpr bool NV = decltype(normal_values)::value;
       for (int64_t j = 0; j < n; j += 16) {
-        const M k = n - j >= 16 ? M(0xFFFF) : M((1u << (n - j)) - 1);
+        const M k = tail(n - j);
         const F m = _mm512_load_ps(mb + j);
-        const I c = q8_encode<15, NV>(_mm512_mul_ps(f(_mm512_and_si512(u(m), absmask)), minv));
-        _mm_mask_storeu_epi8(mc + j, k, _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(c, _mm512_cmp_ps_mask(m, zero, _CMP_LT_OQ), _mm512_setzero_si512(), c)));
-        _mm_mask_storeu_epi8(vc + j, k, _mm512_cvtepi32_epi8(q8_encode<31, NV>(_mm512_mul_ps(_mm512_load_ps(vb + j), vinv))));
+        const I c = q8_encode<15, NV>(_mm512_mul_ps(f(_mm512_and_si512(u(m), absmask)), minv_v));
+        const I signed_c = _mm512_mask_sub_epi32(c, _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_si512(), c);
+        _mm_mask_storeu_epi8(mc + j, k, _mm512_cvtepi32_epi8(signed_c));
+        _mm_mask_storeu_epi8(vc + j, k, _mm512_cvtepi32_epi8(q8_encode<31, NV>(_mm512_mul_ps(_mm512_load_ps(vb + j), vinv_v))));
       }
     };
-    const bool normal_values = mmin * minv_s >= from_bits(uint32_t(127 + 1 - 15) << 23) &&
-                               vmin * vinv_s >= from_bits(uint32_t(127 + 1 - 31) << 23);
-    if (normal_values) encode_block(std::true_type{});
+    if (normal) encode_block(std::true_type{});
     else encode_block(std::false_type{});
   }
 }

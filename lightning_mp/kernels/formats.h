@@ -168,6 +168,16 @@ inline Noise noise(uint64_t key, int64_t index) {
   return n;
 }
 
+// The 8-bit step's weight lanes (stochastic rounding): one hash for two elements, its low 16 bits
+// for element i and its high 16 for element i + 16 of each 32 (counted from the segment's start),
+// so that a vector of 16 elements and the next share 16 hashes. ``seg_key`` mixes the call's key
+// with the segment's first element, which is distinct per tensor and per shard.
+inline uint32_t segment_key(uint64_t key, int64_t index) { return uint32_t(mix(key ^ uint64_t(index))); }
+inline uint16_t q8_lane(uint32_t seg_key, int64_t i) {
+  const uint32_t word = uint32_t(((i >> 5) << 4) | (i & 15));
+  return uint16_t(hash32(seg_key ^ word * 0x9E3779B9U) >> (i & 16));
+}
+
 // 8-bit moments (lightning_mp/optim/quant.py, whose torch functions this follows op for op): per
 // block of QBLOCK elements an FP32 scale, the block's largest magnitude, and per element a
 // minifloat code of the element over it (3 mantissa bits; exponent bias 15 for m, signed, and 31

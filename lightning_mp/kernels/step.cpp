@@ -92,7 +92,7 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
   const float decay = h.has_decay ? h.decay : 1.0f;
   const bool small = std::fabs(c1) < 0.5f;
   const float lerp_c = small ? c1 : c1 - 1.0f;
-  const uint64_t key = mix(h.seed ^ mix(h.counter));
+  const uint32_t seg_key = segment_key(mix(h.seed ^ mix(h.counter)), seg.index);
   int8_t* __restrict__ mq = static_cast<int8_t*>(seg.m);
   uint8_t* __restrict__ vq = static_cast<uint8_t*>(seg.v);
   alignas(64) float mb[QBLOCK], vb[QBLOCK];
@@ -107,7 +107,7 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
     auto step = [&](auto normal_codes) __attribute__((always_inline)) {  // decode, step as adamw_range, and the extreme magnitudes
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = b0 + j;
-        const Noise r = noise<K, F32>(key, seg.index + i);
+        const uint16_t lane = K == STOCHASTIC ? q8_lane(seg_key, i) : 0;
         const int32_t c = mc[j];
         const float m0 = from_bits(to_bits(q8_decode<15, normal_codes>(std::abs(c)) * ms) | (uint32_t(c) & 0x80000000u));  // the code's sign
         const float v0 = q8_decode<31, normal_codes>(int32_t(vc[j])) * vs;
@@ -121,7 +121,7 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
         p = p + neg_step * m / d;
         mb[j] = m;
         vb[j] = v;
-        encode<K, W>(a, i, p, uint16_t(r.a));
+        encode<K, W>(a, i, p, lane);
         const uint32_t am = to_bits(m) & 0x7FFFFFFFu, av = to_bits(v) & 0x7FFFFFFFu;
         mlo = am < mlo ? am : mlo;
         mhi = am > mhi ? am : mhi;
