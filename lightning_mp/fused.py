@@ -23,6 +23,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -140,7 +141,7 @@ def _build(defines: Sequence[str] = ()) -> Path:
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    if lib.lmp_segment_size() != ctypes.sizeof(Segment) or lib.lmp_hyper_size() != ctypes.sizeof(Hyper):
+    if not lib.lmp_segment_size() == ctypes.sizeof(Segment) == _PACKED.size or lib.lmp_hyper_size() != ctypes.sizeof(Hyper):
         raise RuntimeError("the kernel's structures do not match its bindings")
     fn = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(Segment), ctypes.c_int64,
           ctypes.POINTER(Hyper)]
@@ -173,19 +174,31 @@ def hyper(**values: Any) -> Hyper:
     return h
 
 
-def segment(w: Tensor, s: Optional[Tensor], g: Tensor, m: Optional[Tensor], v: Optional[Tensor], index: int,
-            a: float = 0.0, b: float = 0.0, *, ms: Optional[Tensor] = None, vs: Optional[Tensor] = None) -> Segment:
-    """One tensor's arrays; ``ms`` and ``vs``: the block scales of 8-bit moments."""
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    return Segment(ptr(w), ptr(s), ptr(g), ptr(m), ptr(v), w.numel(), index, a, b, ptr(ms), ptr(vs))
+_PACKED = struct.Struct("@5Pqqff2P")  # a Segment's fields, as the C compiler lays them out
 
 
-def run(op: str, kind: int, wdtype: torch.dtype, gdtype: torch.dtype, mdtype: Any, segments: list[Segment],
+def segments(rows: Sequence[tuple]) -> ctypes.Array:
+    """The Segment array of ``rows`` ``(w, s, g, m, v, index, a, b, ms, vs)``: tensors (``None``
+    where absent), where the segment starts in the optimizer's numbering, the kernel's two
+    per-tensor numbers, and the 8-bit moments' block scales. Packed in one pass (a ctypes
+    structure per tensor costs more than the step of a small one)."""
+    buf = bytearray(_PACKED.size * len(rows))
+    for k, (w, s, g, m, v, index, a, b, ms, vs) in enumerate(rows):
+        _PACKED.pack_into(buf, k * _PACKED.size, w.data_ptr(), _ptr(s), g.data_ptr(), _ptr(m), _ptr(v), w.numel(),
+                          index, a, b, _ptr(ms), _ptr(vs))
+    return (Segment * len(rows)).from_buffer(buf)
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def run(op: str, kind: int, wdtype: torch.dtype, gdtype: torch.dtype, mdtype: Any, array: ctypes.Array,
         h: Hyper) -> None:
-    """One call of the AdamW (``op="adamw"``) or SGD kernel over ``segments`` of one kind and dtypes."""
-    array = (Segment * len(segments))(*segments)
+    """One call of the AdamW (``op="adamw"``) or SGD kernel over the ``array`` of :func:`segments`
+    (one kind and dtypes)."""
     fn = library().lmp_adamw if op == "adamw" else library().lmp_sgd  # type: ignore[union-attr]
-    fn(kind, DTYPE[wdtype], DTYPE[gdtype], DTYPE[mdtype], array, len(segments), ctypes.byref(h))
+    fn(kind, DTYPE[wdtype], DTYPE[gdtype], DTYPE[mdtype], array, len(array), ctypes.byref(h))
 
 
 def _by_dtype(pairs: Sequence[tuple[Optional[Tensor], Optional[Tensor], Tensor]]) -> dict[torch.dtype, Any]:

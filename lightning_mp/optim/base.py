@@ -265,26 +265,26 @@ class _StoredMasterOptimizer(Optimizer):
             return False  # (the kernel is built only for a step on CPU tensors)
         kind = self._policy(items[0].param)  # one per bucket: the parameters share a dtype
         code = fused.F32_PARAM if kind is None else fused.KIND[kind]
-        calls: dict[torch.dtype, list[fused.Segment]] = {}
+        keys = (*self._state_keys, None)[:2]  # (SGD: a momentum buffer and no second moment)
+        rows: dict[torch.dtype, list[tuple]] = {}
         for item, scalar in zip(items, scalars):
             state = self.state[item.param]
-            m, v = (*(local(state[k]) if k in state else None for k in self._state_keys), None)[:2]
-            ms, vs = (*(state.get(k + quant.SCALE) for k in self._state_keys), None)[:2]
+            m, v = (None if k not in state else local(state[k]) for k in keys)
+            ms, vs = (None if k is None else state.get(k + quant.SCALE) for k in keys)
             s = None if kind is None else self.store.storage(item.param)
             p, g = local(item.param), local(item.grad)
             if not fused.applies(p, g, s, m, v, ms, vs):
                 return False
-            if any(t is not None and stored_dtype(t) != self.moment_dtype for t in (m, v)):  # the kernel reads moment_dtype
+            if (m is not None and stored_dtype(m) != self.moment_dtype) or (v is not None and stored_dtype(v) != self.moment_dtype):
                 raise TypeError(f"{type(self).__name__}'s moments are {self.moment_dtype}, found {m.dtype} state")
-            calls.setdefault(g.dtype, []).append(
-                fused.segment(p, s, g, m, v, item.first, *self._segment(scalar), ms=ms, vs=vs))
+            rows.setdefault(g.dtype, []).append((p, s, g, m, v, item.first, *self._segment(scalar), ms, vs))
         factor, clamp = transform
         h = fused.hyper(**self._hyper(group), factor=0.0 if factor is None else float(factor),
                         has_factor=factor is not None, clamp=0.0 if clamp is None else float(clamp),
                         has_clamp=clamp is not None, maximize=bool(group["maximize"]), seed=self.seed % 2**64,
                         counter=self._noise_step)
-        for gdtype, segments in calls.items():
-            fused.run(self._kernel, code, items[0].param.dtype, gdtype, self.moment_dtype, segments, h)
+        for gdtype, group_rows in rows.items():
+            fused.run(self._kernel, code, items[0].param.dtype, gdtype, self.moment_dtype, fused.segments(group_rows), h)
         return True
 
     # -- compiled: one torch.compile'd pass per tensor (CUDA, or compile=True) -------------------
