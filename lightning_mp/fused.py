@@ -179,12 +179,12 @@ _PACKED = struct.Struct("@5Pqqff2P")  # a Segment's fields, as the C compiler la
 
 def segments(rows: Sequence[tuple]) -> ctypes.Array:
     """The Segment array of ``rows`` ``(w, s, g, m, v, index, a, b, ms, vs)``: tensors (``None``
-    where absent), where the segment starts in the optimizer's numbering, the kernel's two
+    where absent; ``g``, the gradient or the one tensor of a helper, gives the length), where the segment starts in the optimizer's numbering, the kernel's two
     per-tensor numbers, and the 8-bit moments' block scales. Packed in one pass (a ctypes
     structure per tensor costs more than the step of a small one)."""
     buf = bytearray(_PACKED.size * len(rows))
     for k, (w, s, g, m, v, index, a, b, ms, vs) in enumerate(rows):
-        _PACKED.pack_into(buf, k * _PACKED.size, w.data_ptr(), _ptr(s), g.data_ptr(), _ptr(m), _ptr(v), w.numel(),
+        _PACKED.pack_into(buf, k * _PACKED.size, _ptr(w), _ptr(s), g.data_ptr(), _ptr(m), _ptr(v), g.numel(),
                           index, a, b, _ptr(ms), _ptr(vs))
     return (Segment * len(rows)).from_buffer(buf)
 
@@ -203,12 +203,10 @@ def run(op: str, kind: int, wdtype: torch.dtype, gdtype: torch.dtype, mdtype: An
 
 def _by_dtype(pairs: Sequence[tuple[Optional[Tensor], Optional[Tensor], Tensor]]) -> dict[torch.dtype, Any]:
     """``(w, s, g)`` triples as Segment arrays, one per dtype of the last tensor."""
-    groups: dict[torch.dtype, list[Segment]] = {}
+    groups: dict[torch.dtype, list[tuple]] = {}
     for w, s, t in pairs:
-        groups.setdefault(t.dtype, []).append(
-            Segment(None if w is None else w.data_ptr(), None if s is None else s.data_ptr(), t.data_ptr(), None, None,
-                    t.numel(), 0, 0.0, 0.0))
-    return {dtype: (Segment * len(segs))(*segs) for dtype, segs in groups.items()}
+        groups.setdefault(t.dtype, []).append((w, s, t, None, None, 0, 0.0, 0.0, None, None))
+    return {dtype: segments(rows) for dtype, rows in groups.items()}
 
 
 def upcast_check(grads: Sequence[Tensor], inv_scale: float) -> tuple[list[Tensor], bool]:
