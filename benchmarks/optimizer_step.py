@@ -9,11 +9,14 @@ time and the median of the per-round ratios to ``torch.optim.AdamW(fused=True)``
 parameters of the same shapes (with quartiles). Bytes moved per parameter count what a step must
 read and write (a bf16 weight and gradient are 2 bytes, FP32 moments and masters 4, a remainder or
 compensation 2, 8-bit moments 1 each, their block scales rounded away); the floor is those bytes at the machine's in-place streaming rate, measured here.
+Where the kernel runs 8-bit moments through its hand-written AVX-512 loop, two more rows step them
+with the portable build (``fused.portable()``), side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -38,6 +41,8 @@ ROWS = [
     ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`, bf16 moments", ("stochastic", BF16, None), 8 + 6),
     ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`, 8-bit moments", ("remainder", "8bit", None), 8 + 8),
     ("`lightning_mp.optim.AdamW`, `master=\"stochastic\"`, 8-bit moments", ("stochastic", "8bit", None), 6 + 4),
+    ("the same, `master=\"remainder\"`, 8-bit moments, portable loop (`-DLMP_PORTABLE`)", ("remainder", "8bit", "portable"), 8 + 8),
+    ("the same, `master=\"stochastic\"`, 8-bit moments, portable loop (`-DLMP_PORTABLE`)", ("stochastic", "8bit", "portable"), 6 + 4),
     ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`, `compile=True` (torch.compile, inductor's C++)", ("remainder", torch.float32, True), 14 + 12),
     ("`lightning_mp.optim.AdamW`, `master=\"remainder\"`, `compile=False` (torch's foreach ops)", ("remainder", torch.float32, False), 14 + 12),
 ]
@@ -63,6 +68,7 @@ def build(kind, dims: list[tuple[int, ...]]):
             p.grad = torch.randn(p.shape, generator=g) * 1e-3
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, **{kind.split("-")[1]: True})
     master, moments, compile = kind
+    compile = None if compile == "portable" else compile
     params = [torch.zeros(s, dtype=BF16, requires_grad=True) for s in dims]
     opt = AdamW(params, lr=1e-4, weight_decay=0.1, master=master, moment_dtype=moments, compile=compile)
     for p in params:
@@ -84,21 +90,27 @@ def main() -> None:
     n = sum(torch.Size(s).numel() for s in dims)
     bandwidth = fused.stream_bandwidth() if fused.available() else float("nan")
     print(f"{n / 1e6:.1f}M parameters; in-place streaming rate {bandwidth / 1e9:.1f} GB/s (read + write)\n")
-    opts = {label: build(kind, dims) for label, kind, _ in ROWS}
+    rows = [row for row in ROWS if row[1][-1:] != ("portable",) or (fused.available() and fused.avx512())]
+    if fused.available():
+        print(f"8-bit AdamW step: {'hand-written AVX-512 loop' if fused.avx512() else 'portable loop (no AVX-512 here)'}")
+    portable = {label for label, kind, _ in rows if kind[-1:] == ("portable",)}
+    opts = {label: build(kind, dims) for label, kind, _ in rows}
     times: dict[str, list[float]] = {label: [] for label in opts}
     labels = list(opts)
     for i in range(args.repeats + 3):  # 3 warm-up rounds (the first builds the kernel if needed)
         # each round starts one later in the list: every step follows every other equally often
         for label in labels[i % len(labels):] + labels[: i % len(labels)]:
             opt = opts[label]
-            start = time.perf_counter()
-            opt.step()
+            with fused.portable() if label in portable else contextlib.nullcontext():
+                start = time.perf_counter()
+                opt.step()
+                elapsed = time.perf_counter() - start
             if i >= 3:
-                times[label].append(time.perf_counter() - start)
+                times[label].append(elapsed)
     anchor = times[ROWS[0][0]]
     print("| step | median ms | vs `AdamW(fused=True)` FP32 (median, quartiles) | bytes/param | floor ms | time / floor |")
     print("|---|---|---|---|---|---|")
-    for label, _, nbytes in ROWS:
+    for label, _, nbytes in rows:
         ratios = [t / a for t, a in zip(times[label], anchor)]
         q = statistics.quantiles(ratios, n=4)
         median = statistics.median(times[label])

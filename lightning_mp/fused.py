@@ -18,6 +18,7 @@ step runs as a scalar loop, several times slower than torch's fused FP32 AdamW h
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -28,7 +29,7 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -80,6 +81,21 @@ def library() -> Optional[ctypes.CDLL]:
 
 def available() -> bool:
     return library() is not None
+
+
+@contextlib.contextmanager
+def portable() -> Iterator[None]:
+    """Within the block, steps run the kernel built with ``-DLMP_PORTABLE`` (the compiler's loops
+    everywhere, no hand-written AVX-512): to compare the two builds."""
+    global _library
+    saved = library()
+    if saved is None:
+        raise RuntimeError("the fused step is not available here (no C++ compiler)")
+    _library = _load(_build(("LMP_PORTABLE",)))
+    try:
+        yield
+    finally:
+        _library = saved
 
 
 def avx512() -> bool:

@@ -257,17 +257,16 @@ Q8_CASES = [(None, torch.float32, torch.float32)] + [
 
 @needs_kernel
 @pytest.mark.skipif(not fused.available() or not fused.avx512(), reason="no AVX-512 on this CPU: the step is the portable loop")
-def test_the_avx512_8bit_step_is_the_portable_loop_bit_for_bit(monkeypatch):
+def test_the_avx512_8bit_step_is_the_portable_loop_bit_for_bit():
     """Every storage kind, weight and gradient dtype, with and without unscale/clip/maximize: the
     hand-written loop writes the same bits as the portable one (built with -DLMP_PORTABLE)."""
-    loops = {"avx512": fused.library(), "portable": fused._load(fused._build(("LMP_PORTABLE",)))}
-    assert loops["avx512"].lmp_avx512() == 1 and loops["portable"].lmp_avx512() == 0
     subnormal_codes = normal_blocks = 0
     for (master, wdtype, gdtype), transform in [(case, t) for case in Q8_CASES for t in (False, True)]:
-        runs = {}
-        for name, lib in loops.items():
-            monkeypatch.setattr(fused, "_library", lib)
-            runs[name] = _q8_run(master, wdtype, gdtype, transform)
+        runs = {"avx512": _q8_run(master, wdtype, gdtype, transform)}
+        with fused.portable():
+            assert not fused.avx512()
+            runs["portable"] = _q8_run(master, wdtype, gdtype, transform)
+        assert fused.avx512()
         for a, b in zip(runs["avx512"], runs["portable"]):
             assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), (
                 master, wdtype, gdtype, transform, a.dtype, a.shape)
