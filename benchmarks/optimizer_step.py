@@ -1,6 +1,6 @@
 """The optimizer step under every storage policy against torch's fused FP32 AdamW, and its bandwidth floor.
 
-    python benchmarks/optimizer_step.py [--layers 12] [--width 1024] [--repeats 30]
+    python benchmarks/optimizer_step.py [--layers 12] [--width 1024] [--repeats 30] [--threads N]
 
 13.6M parameters (12 x width^2, 24 x width, 4 x width/4 x width, as the issue's measurement),
 AdamW, one process. Each round steps every optimizer once, in turn (each round starting one further
@@ -82,7 +82,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None, help="torch's (and the kernel's) threads; default: torch's")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {describe()}")
     if not fused.available():
         print("the fused step is not available here (no C++ compiler): lightning_mp.optim rows run eagerly")
