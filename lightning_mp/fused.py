@@ -3,8 +3,9 @@
 ``kernels/step.cpp`` holds AdamW and SGD for every storage kind (FP32 parameters, FP32 masters
 beside 16-bit weights, int16 remainders, Kahan compensations, stochastic rounding), with 16-bit or
 FP32 gradients and FP32, bf16 or 8-bit moments (AdamW's 8-bit step written by hand with AVX-512
-where the CPU has it, ``kernels/adamw_q8_avx512.h``; :func:`avx512` says which), plus the one-pass helpers of ``MasterWeightPrecision``'s
-step (upcast + unscale + inf/NaN check, check, rounding masters into weights). At the first step
+where the CPU has it, ``kernels/adamw_q8_avx512.h``; :func:`avx512` says which), plus the
+one-pass helpers of ``MasterWeightPrecision``'s step (upcast + unscale + inf/NaN check, check,
+rounding masters into weights). At the first step
 it is compiled with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``)
 for this CPU (``-march=native``, OpenMP on torch's own threads) into ``$LIGHTNING_MP_CACHE``
 (default ``~/.cache/lightning_mp``), once per source, compiler and CPU; the build time is reported
@@ -195,9 +196,10 @@ _PACKED = struct.Struct("@5Pqqff2P")  # a Segment's fields, as the C compiler la
 
 def segments(rows: Sequence[tuple]) -> ctypes.Array:
     """The Segment array of ``rows`` ``(w, s, g, m, v, index, a, b, ms, vs)``: tensors (``None``
-    where absent; ``g``, the gradient or the one tensor of a helper, gives the length), where the segment starts in the optimizer's numbering, the kernel's two
-    per-tensor numbers, and the 8-bit moments' block scales. Packed in one pass (a ctypes
-    structure per tensor costs more than the step of a small one)."""
+    where absent; ``g``, the gradient or a helper's one tensor, gives the length), where the
+    segment starts in the optimizer's numbering, the kernel's two per-tensor numbers, and the
+    8-bit moments' block scales. Packed in one pass (a ctypes structure per tensor costs more
+    than the step of a small one)."""
     buf = bytearray(_PACKED.size * len(rows))
     for k, (w, s, g, m, v, index, a, b, ms, vs) in enumerate(rows):
         _PACKED.pack_into(buf, k * _PACKED.size, _ptr(w), _ptr(s), g.data_ptr(), _ptr(m), _ptr(v), g.numel(),

@@ -275,6 +275,7 @@ class _StoredMasterOptimizer(Optimizer):
             p, g = local(item.param), local(item.grad)
             if not fused.applies(p, g, s, m, v, ms, vs):
                 return False
+            # the kernel reads the moments as moment_dtype
             if (m is not None and stored_dtype(m) != self.moment_dtype) or (v is not None and stored_dtype(v) != self.moment_dtype):
                 raise TypeError(f"{type(self).__name__}'s moments are {self.moment_dtype}, found {m.dtype} state")
             rows.setdefault(g.dtype, []).append((p, s, g, m, v, item.first, *self._segment(scalar), ms, vs))
