@@ -152,17 +152,14 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
         vhi = _mm512_mask_max_epu32(vhi, k, vhi, av);
       }
     };
-    uint8_t below = 0;
-    for (int64_t j = 0; j < n; ++j) below |= uint8_t(std::abs(int32_t(mc[j])) < (1 << QM)) | uint8_t(vc[j] < (1 << QM));
-    if (below) moments(std::false_type{});
-    else moments(std::true_type{});
+    if (codes_normal(mc, vc, n)) moments(std::true_type{});
+    else moments(std::false_type{});
     const float mmax = from_bits(_mm512_reduce_max_epu32(mhi)), vmax = from_bits(_mm512_reduce_max_epu32(vhi));
     const float mmin = from_bits(_mm512_reduce_min_epu32(mlo)), vmin = from_bits(_mm512_reduce_min_epu32(vlo));
     seg.ms[blk] = mmax;
     seg.vs[blk] = vmax;
-    const float minv = 1.0f / (mmax > 0.0f ? mmax : 1.0f), vinv = 1.0f / (vmax > 0.0f ? vmax : 1.0f);
-    // the smallest values over the scales, by the monotony of a rounded product
-    const bool normal = mmin * minv >= from_bits(uint32_t(127 + 1 - 15) << 23) && vmin * vinv >= from_bits(uint32_t(127 + 1 - 31) << 23);
+    const float minv = inverse_scale(mmax), vinv = inverse_scale(vmax);
+    const bool normal = values_normal(mmin, minv, vmin, vinv);
     auto weights_and_codes = [&](auto normal_values) __attribute__((always_inline)) {
       constexpr bool NV = decltype(normal_values)::value;
       const F minv_v = _mm512_set1_ps(minv), vinv_v = _mm512_set1_ps(vinv);

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 namespace {
 
@@ -203,6 +204,21 @@ template <int BIAS, bool NORMAL> inline int q8_encode(float u) {  // u in [0, 1]
   if constexpr (NORMAL) return normal;
   const int sub = int(std::nearbyint(u * from_bits(uint32_t(127 + BIAS - 1 + QM) << 23)));
   return u < from_bits(uint32_t(127 + 1 - BIAS) << 23) ? sub : normal;
+}
+
+// A block's decisions, the same in both loops. Whether its codes are all normal (decoding takes
+// the normal formula alone):
+inline bool codes_normal(const int8_t* mc, const uint8_t* vc, int64_t n) {
+  uint8_t below = 0;  // any code under 1 << QM
+  for (int64_t j = 0; j < n; ++j) below |= uint8_t(std::abs(int32_t(mc[j])) < (1 << QM)) | uint8_t(vc[j] < (1 << QM));
+  return !below;
+}
+// One over a block's scale, its largest magnitude (1 for a block of zeros):
+inline float inverse_scale(float max) { return 1.0f / (max > 0.0f ? max : 1.0f); }
+// Whether every new value over its scale is normal (encoding takes the normal formula alone), from
+// the smallest magnitudes, by the monotony of a rounded product:
+inline bool values_normal(float mmin, float minv, float vmin, float vinv) {
+  return mmin * minv >= from_bits(uint32_t(127 + 1 - 15) << 23) && vmin * vinv >= from_bits(uint32_t(127 + 1 - 31) << 23);
 }
 
 }  // namespace

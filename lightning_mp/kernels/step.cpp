@@ -129,14 +129,12 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
         vhi = av > vhi ? av : vhi;
       }
     };
-    uint8_t below = 0;  // any code under 1 << QM
-    for (int64_t j = 0; j < n; ++j) below |= uint8_t(std::abs(int32_t(mc[j])) < (1 << QM)) | uint8_t(vc[j] < (1 << QM));
-    if (below) step(std::false_type{});
-    else step(std::true_type{});
+    if (codes_normal(mc, vc, n)) step(std::true_type{});
+    else step(std::false_type{});
     const float mmax = from_bits(mhi), vmax = from_bits(vhi);
     seg.ms[blk] = mmax;
     seg.vs[blk] = vmax;
-    const float minv = 1.0f / (mmax > 0.0f ? mmax : 1.0f), vinv = 1.0f / (vmax > 0.0f ? vmax : 1.0f);
+    const float minv = inverse_scale(mmax), vinv = inverse_scale(vmax);
     auto encode_block = [&](auto normal_values) __attribute__((always_inline)) {
       for (int64_t j = 0; j < n; ++j) {
         const float m = mb[j];
@@ -145,10 +143,7 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
         vc[j] = uint8_t(q8_encode<31, normal_values>(vb[j] * vinv));
       }
     };
-    // the smallest values over the scales, by the monotony of a rounded product
-    const bool normal_values = from_bits(mlo) * minv >= from_bits(uint32_t(127 + 1 - 15) << 23) &&
-                               from_bits(vlo) * vinv >= from_bits(uint32_t(127 + 1 - 31) << 23);
-    if (normal_values) encode_block(std::true_type{});
+    if (values_normal(from_bits(mlo), minv, from_bits(vlo), vinv)) encode_block(std::true_type{});
     else encode_block(std::false_type{});
   }
 }
