@@ -64,6 +64,7 @@ class Hyper(ctypes.Structure):
 
 _library: Optional[ctypes.CDLL] = None
 _tried = False
+_portable: Optional[ctypes.CDLL] = None  # the -DLMP_PORTABLE build, for portable()
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -88,11 +89,13 @@ def available() -> bool:
 def portable() -> Iterator[None]:
     """Within the block, steps run the kernel built with ``-DLMP_PORTABLE`` (the compiler's loops
     everywhere, no hand-written AVX-512): to compare the two builds."""
-    global _library
+    global _library, _portable
     saved = library()
     if saved is None:
         raise RuntimeError("the fused step is not available here (no C++ compiler)")
-    _library = _load(_build(("LMP_PORTABLE",)))
+    if _portable is None:  # built (or found in the cache) and loaded once
+        _portable = _load(_build(("LMP_PORTABLE",)))
+    _library = _portable
     try:
         yield
     finally:
