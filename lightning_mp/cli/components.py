@@ -81,11 +81,11 @@ class _LastAtEnd(L.Callback):
 
 
 class _SubclassLoad(TorchCheckpointIO):
-    """Lightning's loader, but mapping storages with torch's default (each to the device it was
-    saved from, as Lightning's callable does): torch cannot rebuild a tensor subclass (torchao's
+    """Lightning's loader, but mapping storages with ``"cpu"`` instead of Lightning's callable
+    (which keeps every storage on the CPU too): torch cannot rebuild a tensor subclass (torchao's
     8-bit optimizer state) through a callable ``map_location``."""
 
-    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = "cpu", weights_only: Optional[bool] = None) -> dict[str, Any]:
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
