@@ -227,10 +227,12 @@ def _q8_run(master, wdtype, gdtype, transform):
     """Six 8-bit AdamW steps from random values, on gradients spread over 32 decades in some tensors
     (subnormal codes) and normal ones in others (blocks of normal codes), a step of zero gradients
     on part of each tensor; ``transform``: the
-    unscale factor, clip value and ``maximize`` the plugin can pass. Everything the step wrote."""
+    unscale factor, clip value and ``maximize`` the plugin can pass, and a beta1 under 0.5 (the
+    lerp's other form). Everything the step wrote."""
     g = torch.Generator().manual_seed(0)
     params = [torch.zeros(s, dtype=wdtype, requires_grad=True) for s in Q8_SHAPES]
-    opt = AdamW(params, lr=1e-2, weight_decay=0.1, master=master, moment_dtype="8bit", maximize=transform)
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, master=master, moment_dtype="8bit", maximize=transform,
+                betas=(0.25 if transform else 0.9, 0.999))
     for p in params:
         opt.set_master(p, torch.randn(p.shape, generator=g))
     for step in range(6):
@@ -258,8 +260,9 @@ Q8_CASES = [(None, torch.float32, torch.float32)] + [
 @needs_kernel
 @pytest.mark.skipif(not fused.available() or not fused.avx512(), reason="no AVX-512 on this CPU: the step is the portable loop")
 def test_the_avx512_8bit_step_is_the_portable_loop_bit_for_bit():
-    """Every storage kind, weight and gradient dtype, with and without unscale/clip/maximize: the
-    hand-written loop writes the same bits as the portable one (built with -DLMP_PORTABLE)."""
+    """Every storage kind, weight and gradient dtype, with and without unscale/clip/maximize, both
+    forms of the lerp: the hand-written loop writes the same bits as the portable one (built with
+    -DLMP_PORTABLE)."""
     subnormal_codes = normal_blocks = 0
     for (master, wdtype, gdtype), transform in [(case, t) for case in Q8_CASES for t in (False, True)]:
         runs = {"avx512": _q8_run(master, wdtype, gdtype, transform)}

@@ -75,9 +75,10 @@ template <int K, int W> inline void encode(const Arrays& a, int64_t i, M k, F p,
     const I w = bf16_rne(p);
     store16(a.w + i, k, w);
     store16(a.c + i, k, bf16_rne(_mm512_sub_ps(p, f(_mm512_slli_epi32(w, 16)))));
-  } else {
-    const I b = _mm512_add_epi32(u(p), sext16(lane)), lo = sext16(b);
-    store16(a.w + i, k, _mm512_srli_epi32(_mm512_sub_epi32(b, lo), 16));
+  } else {  // formats.h's round_stochastic, in 3 operations instead of 7: for bits b and a 16-bit lane,
+    // b + sext16(lane) rounded half up to a multiple of 2**16 is b + (lane ^ 0x8000) rounded down,
+    // so that with `lane` holding lane ^ 0x8000 (zero-extended) the weight is (b + lane) >> 16
+    store16(a.w + i, k, _mm512_srli_epi32(_mm512_add_epi32(u(p), lane), 16));
   }
 }
 template <int BIAS, bool NORMAL> inline F q8_decode(I c) {
@@ -115,8 +116,8 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
           neg_step = _mm512_set1_ps(seg.a), bc2 = _mm512_set1_ps(seg.b), decay = _mm512_set1_ps(h.has_decay ? h.decay : 1.0f);
   const bool small = std::fabs(h.c1) < 0.5f;
   const F lerp_c = _mm512_set1_ps(small ? h.c1 : h.c1 - 1.0f);
-  const M from_m0 = small ? M(0xFFFF) : M(0);  // the lerp's base: m0 (small weight) or g
-  const I seg_key = c32(segment_key(mix(h.seed ^ mix(h.counter)), seg.index)), iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const I seg_key = c32(segment_key(mix(h.seed ^ mix(h.counter)), seg.index));
+  const I iota_g = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), c32(0x9E3779B9U));
   const I absmask = c32(0x7FFFFFFFu), signmask = c32(0x80000000u);
   int8_t* __restrict__ mq = static_cast<int8_t*>(seg.m);
   uint8_t* __restrict__ vq = static_cast<uint8_t*>(seg.v);
@@ -126,8 +127,9 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
     int8_t* __restrict__ mc = mq + b0;
     uint8_t* __restrict__ vc = vq + b0;
     I mlo = c32(~0u), mhi = _mm512_setzero_si512(), vlo = c32(~0u), vhi = _mm512_setzero_si512();
-    auto moments = [&](auto normal_codes) __attribute__((always_inline)) {
-      constexpr bool NC = decltype(normal_codes)::value;
+    // (the lerp's base, m0 for a small weight or g, and whether the codes are all normal: compile time)
+    auto moments = [&](auto normal_codes, auto small_weight) __attribute__((always_inline)) {
+      constexpr bool NC = decltype(normal_codes)::value, SMALL = decltype(small_weight)::value;
       const F ms = _mm512_set1_ps(seg.ms[blk]), vs = _mm512_set1_ps(seg.vs[blk]);
       for (int64_t j = 0; j < n; j += 16) {
         const M k = tail(n - j);
@@ -141,7 +143,7 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
           g = _mm512_min_ps(clamp, g);   // g > clamp ? clamp : g
           g = _mm512_mul_ps(g, sign);
         }
-        const F m = _mm512_fmadd_ps(lerp_c, _mm512_sub_ps(g, m0), _mm512_mask_blend_ps(from_m0, g, m0));
+        const F m = _mm512_fmadd_ps(lerp_c, _mm512_sub_ps(g, m0), SMALL ? m0 : g);
         const F v = _mm512_add_ps(_mm512_mul_ps(v0, beta2), _mm512_mul_ps(_mm512_mul_ps(c2, g), g));
         _mm512_store_ps(mb + j, m);
         _mm512_store_ps(vb + j, v);
@@ -152,8 +154,10 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
         vhi = _mm512_mask_max_epu32(vhi, k, vhi, av);
       }
     };
-    if (codes_normal(mc, vc, n)) moments(std::true_type{});
-    else moments(std::false_type{});
+    using T = std::true_type;
+    using N = std::false_type;
+    if (codes_normal(mc, vc, n)) small ? moments(T{}, T{}) : moments(T{}, N{});
+    else small ? moments(N{}, T{}) : moments(N{}, N{});
     const float mmax = from_bits(_mm512_reduce_max_epu32(mhi)), vmax = from_bits(_mm512_reduce_max_epu32(vhi));
     const float mmin = from_bits(_mm512_reduce_min_epu32(mlo)), vmin = from_bits(_mm512_reduce_min_epu32(vlo));
     seg.ms[blk] = mmax;
@@ -172,10 +176,12 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
         d = _mm512_div_ps(d, bc2);
         d = _mm512_add_ps(d, eps);
         const F p = _mm512_add_ps(_mm512_mul_ps(decode<K>(a, i, k), decay), _mm512_div_ps(_mm512_mul_ps(neg_step, m), d));
-        if constexpr (K == STOCHASTIC) {  // formats.h's q8_lane: a hash for this vector and the next
-          if ((i & 16) == 0)
-            hashes = hash32(_mm512_xor_si512(seg_key, _mm512_mullo_epi32(_mm512_add_epi32(c32(uint32_t((i >> 5) << 4)), iota), c32(0x9E3779B9U))));
-          lane = (i & 16) == 0 ? hashes : _mm512_srli_epi32(hashes, 16);
+        if constexpr (K == STOCHASTIC) {  // formats.h's q8_lane (each lane ^ 0x8000, as encode takes it):
+          if ((i & 16) == 0) {            // a hash for this vector and the next; (word + iota) * G is word * G + iota * G
+            const I words = _mm512_add_epi32(c32(uint32_t((i >> 5) << 4) * 0x9E3779B9U), iota_g);
+            hashes = _mm512_xor_si512(hash32(_mm512_xor_si512(seg_key, words)), c32(0x80008000u));
+          }
+          lane = (i & 16) == 0 ? _mm512_and_si512(hashes, c32(0xFFFFu)) : _mm512_srli_epi32(hashes, 16);
         }
         encode<K, W>(a, i, k, p, lane);
         const I c = q8_encode<15, NV>(_mm512_mul_ps(f(_mm512_and_si512(u(m), absmask)), minv_v));
