@@ -220,13 +220,13 @@ def test_non_contiguous_parameters_step_eagerly():
 
 # -- the 8-bit AdamW step's two loops: by hand with AVX-512, and portable ----------------------------
 
-Q8_SHAPES = [(37, 29), (256,), (1000,), (17,), (300, 7)]  # tails of 1 to 15 elements, blocks cut short
+Q8_SHAPES = [(37, 29), (256,), (1000,), (17,), (300, 7), (33,), (287,)]  # 32-element steps cut to 1 to 31, blocks cut short
 
 
 def _q8_run(master, wdtype, gdtype, transform):
     """Six 8-bit AdamW steps from random values, on gradients spread over 32 decades in some tensors
     (subnormal codes) and normal ones in others (blocks of normal codes), a step of zero gradients
-    on part of each tensor; ``transform``: the
+    on part of each tensor, its last element the largest; ``transform``: the
     unscale factor, clip value and ``maximize`` the plugin can pass, and a beta1 under 0.5 (the
     lerp's other form). Everything the step wrote."""
     g = torch.Generator().manual_seed(0)
@@ -241,6 +241,7 @@ def _q8_run(master, wdtype, gdtype, transform):
             if k % 2 == 0:
                 x *= torch.logspace(-30, 2, p.numel())[torch.randperm(p.numel(), generator=g)].view(p.shape)
             x.view(-1)[: 40 if step == 3 else 0] = 0
+            x.view(-1)[-1] = 1e3  # the largest of its block: a tail's last element sets the scale
             if gdtype == torch.float32 and wdtype != torch.float32:
                 opt.step_grads[p] = x  # the plugin's FP32 gradients of 16-bit weights
             else:

@@ -1,10 +1,16 @@
 // AdamW with 8-bit moments, written with AVX-512 intrinsics (F, BW and VL): step.cpp's
-// adamw_q8_range op for op, bit for bit (tests/test_fused.py compares the two builds), 16 elements
+// adamw_q8_range op for op, bit for bit (tests/test_fused.py compares the two builds), 32 elements
 // a step. Why by hand: GCC vectorizes the portable loop at the width of its narrowest type, the
 // 8-bit codes, so 64 elements an iteration, whose live values spill out of the 32 registers; here
-// every value is one register of 16 floats, a block's tail is a masked load and store, and the
-// gradient's unscale/clip is left out where there is none (multiplying by 1 and clamping at
+// the 32 elements are two registers of 16 floats, a block's tail is a masked load and store, and
+// the gradient's unscale/clip is left out where there is none (multiplying by 1 and clamping at
 // infinity are exact, so the results are the same).
+//
+// The two registers hold the even and the odd elements of the 32 (a Pair): a register of 32
+// 16-bit values splits into them in one operation each (its low halves shifted up, its high halves
+// masked) and joins back in two, where keeping the elements in order would take a widening or
+// narrowing shuffle per register; every operation of the step is elementwise, so the order
+// within the pair is free, and the noise lanes are permuted to match.
 #pragma once
 
 #include <immintrin.h>
@@ -21,24 +27,47 @@ inline F f(I x) { return _mm512_castsi512_ps(x); }
 inline I u(F x) { return _mm512_castps_si512(x); }
 inline I c32(uint32_t x) { return _mm512_set1_epi32(int32_t(x)); }
 inline I sext16(I x) { return _mm512_srai_epi32(_mm512_slli_epi32(x, 16), 16); }
-inline F bf16(const uint16_t* p, M k) { return f(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16)); }
+
+struct Pair { F e, o; };  // elements 0, 2, ..., 30 and 1, 3, ..., 31 of 32
+struct IPair { I e, o; };
+struct Tail {             // the lanes of [j, n): of the 32 in order, of the even and of the odd
+  __mmask32 all;
+  M e, o;
+};
+inline M lanes(int64_t left) { return left >= 16 ? M(0xFFFF) : M((1u << left) - 1); }
+inline Tail tail(int64_t left) {
+  return {left >= 32 ? __mmask32(~0u) : __mmask32((1u << left) - 1), lanes((left + 1) / 2), lanes(left / 2)};
+}
+// 32 values of 16 bits: the even ones are the low halves of the 32-bit lanes, the odd ones the high
+inline I load16(const uint16_t* p, const Tail& t) { return _mm512_maskz_loadu_epi16(t.all, p); }
+inline Pair bf16(const uint16_t* p, const Tail& t) {
+  const I x = load16(p, t);
+  return {f(_mm512_slli_epi32(x, 16)), f(_mm512_and_si512(x, c32(0xFFFF0000u)))};
+}
+// ... and back: `lo` values in the low halves of e and o, or `hi` values in the high halves
+inline void store16_lo(uint16_t* p, const Tail& t, I e, I o) {
+  _mm512_mask_storeu_epi16(p, t.all, _mm512_ternarylogic_epi32(c32(0xFFFF0000u), _mm512_slli_epi32(o, 16), e, 0xCA));
+}
+inline void store16_hi(uint16_t* p, const Tail& t, I e, I o) {
+  _mm512_mask_storeu_epi16(p, t.all, _mm512_ternarylogic_epi32(c32(0xFFFF0000u), o, _mm512_srli_epi32(e, 16), 0xCA));
+}
+// 32-bit values in order: 16 and 16, deinterleaved into the pair (two shuffles each way)
+inline I evens() { return _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30); }
+inline I odds() { return _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31); }
+inline Pair split(F a, F b) { return {_mm512_permutex2var_ps(a, evens(), b), _mm512_permutex2var_ps(a, odds(), b)}; }
+inline Pair f32(const float* p, const Tail& t) {
+  return split(_mm512_maskz_loadu_ps(M(t.all), p), _mm512_maskz_loadu_ps(M(t.all >> 16), p + 16));
+}
+inline void store_f32(float* p, const Tail& t, Pair x) {
+  const I lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const I hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  _mm512_mask_storeu_ps(p, M(t.all), _mm512_permutex2var_ps(x.e, lo, x.o));
+  _mm512_mask_storeu_ps(p + 16, M(t.all >> 16), _mm512_permutex2var_ps(x.e, hi, x.o));
+}
 inline I bf16_rne(F x) {  // as f32_to_bf16, in the low 16 bits of each lane
   const I b = u(x);
   const I r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, c32(0x7FFF)), _mm512_and_si512(_mm512_srli_epi32(b, 16), c32(1))), 16);
   return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, c32(0x7FC0));
-}
-// Narrowing stores: the low 16 (8) bits of each lane, narrowed in a register and then stored. The
-// empty asm keeps the compiler from folding the two into one narrowing store to memory (vpmovdw
-// m256, zmm), which Zen 4 runs slower (measured: the 8-bit step 3 % faster this way).
-inline void store16(uint16_t* p, M k, I x) {
-  __m256i y = _mm512_cvtepi32_epi16(x);
-  asm("" : "+x"(y));
-  _mm256_mask_storeu_epi16(p, k, y);
-}
-inline void store8(void* p, M k, I x) {
-  __m128i y = _mm512_cvtepi32_epi8(x);
-  asm("" : "+x"(y));
-  _mm_mask_storeu_epi8(p, k, y);
 }
 inline I hash32(I x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
@@ -47,38 +76,49 @@ inline I hash32(I x) {
   x = _mm512_mullo_epi32(x, c32(0x846CA68BU));
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
-template <int G> inline F load_g(const void* g, int64_t i, M k) {
-  if constexpr (G == F32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(g) + i);
-  else if constexpr (G == BF16) return bf16(static_cast<const uint16_t*>(g) + i, k);
-  else return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(g) + i));
+template <int G> inline Pair load_g(const void* g, int64_t i, const Tail& t) {
+  if constexpr (G == F32) return f32(static_cast<const float*>(g) + i, t);
+  else if constexpr (G == BF16) return bf16(static_cast<const uint16_t*>(g) + i, t);
+  else {
+    const uint16_t* p = static_cast<const uint16_t*>(g) + i;
+    return split(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(M(t.all), p)), _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(M(t.all >> 16), p + 16)));
+  }
 }
-template <int K> inline F decode(const Arrays& a, int64_t i, M k) {
-  if constexpr (K == F32_PARAM || K == F32_MASTER) return _mm512_maskz_loadu_ps(k, a.f32 + i);
-  else if constexpr (K == REMAINDER)
-    return f(_mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, a.w + i)), 16),
-                              _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, a.r + i))));
-  else if constexpr (K == KAHAN) return _mm512_add_ps(bf16(a.w + i, k), bf16(a.c + i, k));
-  else return bf16(a.w + i, k);
-}
-template <int K, int W> inline void encode(const Arrays& a, int64_t i, M k, F p, I lane) {
-  if constexpr (K == F32_PARAM) {
-    _mm512_mask_storeu_ps(a.f32 + i, k, p);
-  } else if constexpr (K == F32_MASTER) {
-    _mm512_mask_storeu_ps(a.f32 + i, k, p);
-    if constexpr (W == F16) _mm256_mask_storeu_epi16(a.w + i, k, _mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    else store16(a.w + i, k, bf16_rne(p));
-  } else if constexpr (K == REMAINDER) {
-    const I b = u(p), lo = sext16(b);
-    store16(reinterpret_cast<uint16_t*>(a.r) + i, k, lo);
-    store16(a.w + i, k, _mm512_srli_epi32(_mm512_sub_epi32(b, lo), 16));
+template <int K> inline Pair decode(const Arrays& a, int64_t i, const Tail& t) {
+  if constexpr (K == F32_PARAM || K == F32_MASTER) return f32(a.f32 + i, t);
+  else if constexpr (K == REMAINDER) {  // (bf16 << 16) + the remainder, sign-extended
+    const I w = load16(a.w + i, t), r = load16(reinterpret_cast<const uint16_t*>(a.r) + i, t);
+    return {f(_mm512_add_epi32(_mm512_slli_epi32(w, 16), sext16(r))),
+            f(_mm512_add_epi32(_mm512_and_si512(w, c32(0xFFFF0000u)), _mm512_srai_epi32(r, 16)))};
   } else if constexpr (K == KAHAN) {
-    const I w = bf16_rne(p);
-    store16(a.w + i, k, w);
-    store16(a.c + i, k, bf16_rne(_mm512_sub_ps(p, f(_mm512_slli_epi32(w, 16)))));
+    const Pair w = bf16(a.w + i, t), c = bf16(a.c + i, t);
+    return {_mm512_add_ps(w.e, c.e), _mm512_add_ps(w.o, c.o)};
+  } else return bf16(a.w + i, t);
+}
+template <int K, int W> inline void encode(const Arrays& a, int64_t i, const Tail& t, Pair p, IPair lane) {
+  if constexpr (K == F32_PARAM) {
+    store_f32(a.f32 + i, t, p);
+  } else if constexpr (K == F32_MASTER) {
+    store_f32(a.f32 + i, t, p);
+    if constexpr (W == F16) {
+      const I w = _mm512_ternarylogic_epi32(c32(0xFFFF0000u), _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_cvtps_ph(p.o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), 16),
+                                            _mm512_cvtepu16_epi32(_mm512_cvtps_ph(p.e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), 0xCA);
+      _mm512_mask_storeu_epi16(a.w + i, t.all, w);
+    } else {
+      store16_lo(a.w + i, t, bf16_rne(p.e), bf16_rne(p.o));
+    }
+  } else if constexpr (K == REMAINDER) {  // the low 16 bits are the remainder; the rest, exact, the bf16 weight
+    const I be = u(p.e), bo = u(p.o);
+    store16_lo(reinterpret_cast<uint16_t*>(a.r) + i, t, be, bo);
+    store16_hi(a.w + i, t, _mm512_sub_epi32(be, sext16(be)), _mm512_sub_epi32(bo, sext16(bo)));
+  } else if constexpr (K == KAHAN) {
+    const I we = bf16_rne(p.e), wo = bf16_rne(p.o);
+    store16_lo(a.w + i, t, we, wo);
+    store16_lo(a.c + i, t, bf16_rne(_mm512_sub_ps(p.e, f(_mm512_slli_epi32(we, 16)))), bf16_rne(_mm512_sub_ps(p.o, f(_mm512_slli_epi32(wo, 16)))));
   } else {  // formats.h's round_stochastic, in 3 operations instead of 7: for bits b and a 16-bit lane,
     // b + sext16(lane) rounded half up to a multiple of 2**16 is b + (lane ^ 0x8000) rounded down,
-    // so that with `lane` holding lane ^ 0x8000 (zero-extended) the weight is (b + lane) >> 16
-    store16(a.w + i, k, _mm512_srli_epi32(_mm512_add_epi32(u(p), lane), 16));
+    // so that with `lane` holding lane ^ 0x8000 (zero-extended) the weight is the high half of b + lane
+    store16_hi(a.w + i, t, _mm512_add_epi32(u(p.e), lane.e), _mm512_add_epi32(u(p.o), lane.o));
   }
 }
 template <int BIAS, bool NORMAL> inline F q8_decode(I c) {
@@ -96,8 +136,13 @@ template <int BIAS, bool NORMAL> inline I q8_encode(F x) {
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, _mm512_set1_ps(from_bits(uint32_t(127 + 1 - BIAS) << 23)), _CMP_LT_OQ), normal, sub);
 }
-
-inline M tail(int64_t left) { return left >= 16 ? M(0xFFFF) : M((1u << left) - 1); }  // the lanes of [j, n)
+// 32 codes, the even ones in the low byte of e's lanes and the odd in o's: joined into 16-bit
+// lanes (e's byte low), narrowed, stored
+inline void store8(void* p, const Tail& t, I e, I o) {
+  __m256i y = _mm512_cvtepi32_epi16(_mm512_ternarylogic_epi32(c32(0xFF00u), _mm512_slli_epi32(o, 8), e, 0xCA));
+  asm("" : "+x"(y));  // keeps the compiler from folding narrowing and store into one (vpmovdw m256), slower on Zen 4
+  _mm256_mask_storeu_epi8(p, t.all, y);
+}
 
 // Per block, two passes. The first decodes the moments and updates them (as step.cpp's
 // adamw_q8_range) while taking their new extreme magnitudes, which give the block's scales. The
@@ -118,10 +163,15 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
   const F lerp_c = _mm512_set1_ps(small ? h.c1 : h.c1 - 1.0f);
   const I seg_key = c32(segment_key(mix(h.seed ^ mix(h.counter)), seg.index));
   const I iota_g = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), c32(0x9E3779B9U));
+  // formats.h's q8_lane gives element k < 16 of each 32 the low half of hash k and element 16 + k
+  // its high half; as 16-bit words of the hashes, element 2j's is word 4j (j < 8) or 4j - 31, and
+  // element 2j + 1's word 4j + 2 or 4j - 29 (a permutation into the low half of lane j)
+  const I lane_e = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+  const I lane_o = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
   const I absmask = c32(0x7FFFFFFFu), signmask = c32(0x80000000u);
   int8_t* __restrict__ mq = static_cast<int8_t*>(seg.m);
   uint8_t* __restrict__ vq = static_cast<uint8_t*>(seg.v);
-  alignas(64) float mb[QBLOCK], vb[QBLOCK];
+  alignas(64) float mb[QBLOCK], vb[QBLOCK];  // the new moments, as pairs
   for (int64_t b0 = begin; b0 < end; b0 += QBLOCK) {
     const int64_t n = b0 + QBLOCK < end ? QBLOCK : end - b0, blk = b0 / QBLOCK;
     int8_t* __restrict__ mc = mq + b0;
@@ -131,27 +181,39 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
     auto moments = [&](auto normal_codes, auto small_weight) __attribute__((always_inline)) {
       constexpr bool NC = decltype(normal_codes)::value, SMALL = decltype(small_weight)::value;
       const F ms = _mm512_set1_ps(seg.ms[blk]), vs = _mm512_set1_ps(seg.vs[blk]);
-      for (int64_t j = 0; j < n; j += 16) {
-        const M k = tail(n - j);
-        const I cm = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, mc + j));
-        const F m0 = f(_mm512_or_si512(u(_mm512_mul_ps(q8_decode<15, NC>(_mm512_abs_epi32(cm)), ms)), _mm512_and_si512(cm, signmask)));
-        const F v0 = _mm512_mul_ps(q8_decode<31, NC>(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, vc + j))), vs);
-        F g = load_g<G>(a.g, b0 + j, k);
+      for (int64_t j = 0; j < n; j += 32) {
+        const Tail t = tail(n - j);
+        // codes widened to 16 bits: m's magnitudes (and signs), v's codes
+        const I cm = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(t.all, mc + j)), am16 = _mm512_abs_epi16(cm);
+        const I cv = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(t.all, vc + j));
+        const F mse = _mm512_mul_ps(q8_decode<15, NC>(NC ? am16 : _mm512_and_si512(am16, c32(0xFFFF))), ms);  // (normal: the shift drops the odd half)
+        const F mso = _mm512_mul_ps(q8_decode<15, NC>(_mm512_srli_epi32(am16, 16)), ms);
+        const Pair m0{f(_mm512_ternarylogic_epi32(u(mse), _mm512_slli_epi32(cm, 16), signmask, 0xF8)),  // | sign & signmask
+                      f(_mm512_ternarylogic_epi32(u(mso), cm, signmask, 0xF8))};
+        const Pair v0{_mm512_mul_ps(q8_decode<31, NC>(NC ? cv : _mm512_and_si512(cv, c32(0xFFFF))), vs),
+                      _mm512_mul_ps(q8_decode<31, NC>(_mm512_srli_epi32(cv, 16)), vs)};
+        Pair g = load_g<G>(a.g, b0 + j, t);
         if constexpr (!PLAIN) {
-          g = _mm512_mul_ps(g, factor);
-          g = _mm512_max_ps(nclamp, g);  // g < -clamp ? -clamp : g (NaN stays)
-          g = _mm512_min_ps(clamp, g);   // g > clamp ? clamp : g
-          g = _mm512_mul_ps(g, sign);
+          for (F* x : {&g.e, &g.o}) {
+            *x = _mm512_mul_ps(*x, factor);
+            *x = _mm512_max_ps(nclamp, *x);  // g < -clamp ? -clamp : g (NaN stays)
+            *x = _mm512_min_ps(clamp, *x);   // g > clamp ? clamp : g
+            *x = _mm512_mul_ps(*x, sign);
+          }
         }
-        const F m = _mm512_fmadd_ps(lerp_c, _mm512_sub_ps(g, m0), SMALL ? m0 : g);
-        const F v = _mm512_add_ps(_mm512_mul_ps(v0, beta2), _mm512_mul_ps(_mm512_mul_ps(c2, g), g));
-        _mm512_store_ps(mb + j, m);
-        _mm512_store_ps(vb + j, v);
-        const I am = _mm512_and_si512(u(m), absmask), av = _mm512_and_si512(u(v), absmask);
-        mlo = _mm512_mask_min_epu32(mlo, k, mlo, am);
-        mhi = _mm512_mask_max_epu32(mhi, k, mhi, am);
-        vlo = _mm512_mask_min_epu32(vlo, k, vlo, av);
-        vhi = _mm512_mask_max_epu32(vhi, k, vhi, av);
+        auto update = [&](F g, F m0, F v0, M k, float* mp, float* vp) __attribute__((always_inline)) {
+          const F m = _mm512_fmadd_ps(lerp_c, _mm512_sub_ps(g, m0), SMALL ? m0 : g);
+          const F v = _mm512_add_ps(_mm512_mul_ps(v0, beta2), _mm512_mul_ps(_mm512_mul_ps(c2, g), g));
+          _mm512_store_ps(mp, m);
+          _mm512_store_ps(vp, v);
+          const I am = _mm512_and_si512(u(m), absmask), av = _mm512_and_si512(u(v), absmask);
+          mlo = _mm512_mask_min_epu32(mlo, k, mlo, am);
+          mhi = _mm512_mask_max_epu32(mhi, k, mhi, am);
+          vlo = _mm512_mask_min_epu32(vlo, k, vlo, av);
+          vhi = _mm512_mask_max_epu32(vhi, k, vhi, av);
+        };
+        update(g.e, m0.e, v0.e, t.e, mb + j, vb + j);
+        update(g.o, m0.o, v0.o, t.o, mb + j + 16, vb + j + 16);
       }
     };
     using T = std::true_type;
@@ -167,27 +229,30 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
     auto weights_and_codes = [&](auto normal_values) __attribute__((always_inline)) {
       constexpr bool NV = decltype(normal_values)::value;
       const F minv_v = _mm512_set1_ps(minv), vinv_v = _mm512_set1_ps(vinv);
-      I hashes = _mm512_setzero_si512(), lane = hashes;  // (blocks start at multiples of 32)
-      for (int64_t j = 0; j < n; j += 16) {
-        const M k = tail(n - j);
+      for (int64_t j = 0; j < n; j += 32) {
+        const Tail t = tail(n - j);
         const int64_t i = b0 + j;
-        const F m = _mm512_load_ps(mb + j), v = _mm512_load_ps(vb + j);
-        F d = _mm512_sqrt_ps(v);
-        d = _mm512_div_ps(d, bc2);
-        d = _mm512_add_ps(d, eps);
-        const F p = _mm512_add_ps(_mm512_mul_ps(decode<K>(a, i, k), decay), _mm512_div_ps(_mm512_mul_ps(neg_step, m), d));
-        if constexpr (K == STOCHASTIC) {  // formats.h's q8_lane (each lane ^ 0x8000, as encode takes it):
-          if ((i & 16) == 0) {            // a hash for this vector and the next; (word + iota) * G is word * G + iota * G
-            const I words = _mm512_add_epi32(c32(uint32_t((i >> 5) << 4) * 0x9E3779B9U), iota_g);
-            hashes = _mm512_xor_si512(hash32(_mm512_xor_si512(seg_key, words)), c32(0x80008000u));
-          }
-          lane = (i & 16) == 0 ? _mm512_and_si512(hashes, c32(0xFFFFu)) : _mm512_srli_epi32(hashes, 16);
+        const Pair m{_mm512_load_ps(mb + j), _mm512_load_ps(mb + j + 16)}, v{_mm512_load_ps(vb + j), _mm512_load_ps(vb + j + 16)};
+        const Pair w = decode<K>(a, i, t);
+        auto step = [&](F w, F m, F v) __attribute__((always_inline)) {
+          F d = _mm512_sqrt_ps(v);
+          d = _mm512_div_ps(d, bc2);
+          d = _mm512_add_ps(d, eps);
+          return _mm512_add_ps(_mm512_mul_ps(w, decay), _mm512_div_ps(_mm512_mul_ps(neg_step, m), d));
+        };
+        IPair lane{};
+        if constexpr (K == STOCHASTIC) {  // formats.h's q8_lane, each lane ^ 0x8000 as encode takes it
+          const I words = _mm512_add_epi32(c32(uint32_t(i >> 1) * 0x9E3779B9U), iota_g);  // (i / 32 * 16 + k) * G
+          const I hashes = _mm512_xor_si512(hash32(_mm512_xor_si512(seg_key, words)), c32(0x80008000u));
+          lane = {_mm512_maskz_permutexvar_epi16(0x55555555u, lane_e, hashes), _mm512_maskz_permutexvar_epi16(0x55555555u, lane_o, hashes)};
         }
-        encode<K, W>(a, i, k, p, lane);
-        const I c = q8_encode<15, NV>(_mm512_mul_ps(f(_mm512_and_si512(u(m), absmask)), minv_v));
-        const I signed_c = _mm512_mask_sub_epi32(c, _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_si512(), c);
-        store8(mc + j, k, signed_c);
-        store8(vc + j, k, q8_encode<31, NV>(_mm512_mul_ps(v, vinv_v)));
+        encode<K, W>(a, i, t, {step(w.e, m.e, v.e), step(w.o, m.o, v.o)}, lane);
+        auto m_code = [&](F m) __attribute__((always_inline)) {
+          const I c = q8_encode<15, NV>(_mm512_mul_ps(f(_mm512_and_si512(u(m), absmask)), minv_v));
+          return _mm512_mask_sub_epi32(c, _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_si512(), c);
+        };
+        store8(mc + j, t, m_code(m.e), m_code(m.o));
+        store8(vc + j, t, q8_encode<31, NV>(_mm512_mul_ps(v.e, vinv_v)), q8_encode<31, NV>(_mm512_mul_ps(v.o, vinv_v)));
       }
     };
     if (normal) weights_and_codes(std::true_type{});
