@@ -226,7 +226,7 @@ Q8_SHAPES = [(37, 29), (256,), (1000,), (17,), (300, 7), (33,), (287,)]  # 32-el
 def _q8_run(master, wdtype, gdtype, transform):
     """Six 8-bit AdamW steps from random values, on gradients spread over 32 decades in some tensors
     (subnormal codes) and normal ones in others (blocks of normal codes), a step of zero gradients
-    on part of each tensor, its last element the largest; ``transform``: the
+    on part of each tensor, its last element the largest, one tensor's scales large; ``transform``: the
     unscale factor, clip value and ``maximize`` the plugin can pass, and a beta1 under 0.5 (the
     lerp's other form). Everything the step wrote."""
     g = torch.Generator().manual_seed(0)
@@ -241,7 +241,10 @@ def _q8_run(master, wdtype, gdtype, transform):
             if k % 2 == 0:
                 x *= torch.logspace(-30, 2, p.numel())[torch.randperm(p.numel(), generator=g)].view(p.shape)
             x.view(-1)[: 40 if step == 3 else 0] = 0
-            x.view(-1)[-1] = 1e3  # the largest of its block: a tail's last element sets the scale
+            if k == 1:  # scales past 2**16 (m) and 2**32 (v) over codes all normal
+                x *= 1e3 if gdtype == torch.float16 else 1e7
+            else:  # the largest of its block: a tail's last element sets the scale
+                x.view(-1)[-1] = 1e3
             if gdtype == torch.float32 and wdtype != torch.float32:
                 opt.step_grads[p] = x  # the plugin's FP32 gradients of 16-bit weights
             else:

@@ -121,16 +121,23 @@ template <int K, int W> inline void encode(const Arrays& a, int64_t i, const Tai
     store16_hi(a.w + i, t, _mm512_add_epi32(u(p.e), lane.e), _mm512_add_epi32(u(p.o), lane.o));
   }
 }
-template <int BIAS, bool NORMAL> inline F q8_decode(I c) {
+template <int BIAS> inline F q8_decode(I c) {  // any code (the normal ones: q8_unbiased, below)
   const F normal = f(_mm512_add_epi32(_mm512_slli_epi32(c, 23 - QM), c32(uint32_t(127 - BIAS) << 23)));
-  if constexpr (NORMAL) return normal;
   const F sub = _mm512_mul_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(from_bits(uint32_t(127 + 1 - BIAS - QM) << 23)));
   return _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(c, _mm512_set1_epi32(1 << QM)), sub, normal);
 }
+// A normal code's bits shifted into place, without the bias: its value times 2**(BIAS - 127),
+// exactly (a normal FP32). Times the block's scale times 2**(127 - BIAS), it is the same real
+// product as the decoded value times the scale, rounded once: one operation fewer per code where
+// that scale is exact (the scale under 2**(BIAS + 1)).
+inline F q8_unbiased(I c) { return f(_mm512_slli_epi32(c, 23 - QM)); }
+template <int BIAS> inline float unbiased_scale(float scale) { return scale * from_bits(uint32_t(127 + 127 - BIAS) << 23); }
+template <int BIAS> inline bool unbiases(float scale) { return scale < from_bits(uint32_t(127 + BIAS + 1) << 23); }
 template <int BIAS, bool NORMAL> inline I q8_encode(F x) {
   const I b = u(x);
-  const I normal = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, c32(((1u << (22 - QM)) - 1) - (uint32_t(127 - BIAS) << 23))),
-                                                      _mm512_and_si512(_mm512_srli_epi32(b, 23 - QM), c32(1))), 23 - QM);
+  const I biased = _mm512_add_epi32(b, c32(((1u << (22 - QM)) - 1) - (uint32_t(127 - BIAS) << 23)));
+  const __mmask16 odd = _mm512_test_epi32_mask(b, c32(1u << (23 - QM)));  // ties to even: + 1 where the kept lsb is 1
+  const I normal = _mm512_srli_epi32(_mm512_mask_add_epi32(biased, odd, biased, c32(1)), 23 - QM);
   if constexpr (NORMAL) return normal;
   const I sub = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(from_bits(uint32_t(127 + BIAS - 1 + QM) << 23))),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -177,21 +184,23 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
     int8_t* __restrict__ mc = mq + b0;
     uint8_t* __restrict__ vc = vq + b0;
     I mlo = c32(~0u), mhi = _mm512_setzero_si512(), vlo = c32(~0u), vhi = _mm512_setzero_si512();
-    // (the lerp's base, m0 for a small weight or g, and whether the codes are all normal: compile time)
+    // (compile time: the lerp's base, m0 for a small weight or g, and whether the codes are all
+    // normal and the scales under q8_unbiased's bound, the common case, or the block takes q8_decode)
     auto moments = [&](auto normal_codes, auto small_weight) __attribute__((always_inline)) {
       constexpr bool NC = decltype(normal_codes)::value, SMALL = decltype(small_weight)::value;
-      const F ms = _mm512_set1_ps(seg.ms[blk]), vs = _mm512_set1_ps(seg.vs[blk]);
+      const F ms = _mm512_set1_ps(NC ? unbiased_scale<15>(seg.ms[blk]) : seg.ms[blk]);
+      const F vs = _mm512_set1_ps(NC ? unbiased_scale<31>(seg.vs[blk]) : seg.vs[blk]);
       for (int64_t j = 0; j < n; j += 32) {
         const Tail t = tail(n - j);
         // codes widened to 16 bits: m's magnitudes (and signs), v's codes
         const I cm = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(t.all, mc + j)), am16 = _mm512_abs_epi16(cm);
         const I cv = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(t.all, vc + j));
-        const F mse = _mm512_mul_ps(q8_decode<15, NC>(NC ? am16 : _mm512_and_si512(am16, c32(0xFFFF))), ms);  // (normal: the shift drops the odd half)
-        const F mso = _mm512_mul_ps(q8_decode<15, NC>(_mm512_srli_epi32(am16, 16)), ms);
+        const F mse = _mm512_mul_ps(NC ? q8_unbiased(am16) : q8_decode<15>(_mm512_and_si512(am16, c32(0xFFFF))), ms);  // (normal: the shift drops the odd half)
+        const F mso = _mm512_mul_ps(NC ? q8_unbiased(_mm512_srli_epi32(am16, 16)) : q8_decode<15>(_mm512_srli_epi32(am16, 16)), ms);
         const Pair m0{f(_mm512_ternarylogic_epi32(u(mse), _mm512_slli_epi32(cm, 16), signmask, 0xF8)),  // | sign & signmask
                       f(_mm512_ternarylogic_epi32(u(mso), cm, signmask, 0xF8))};
-        const Pair v0{_mm512_mul_ps(q8_decode<31, NC>(NC ? cv : _mm512_and_si512(cv, c32(0xFFFF))), vs),
-                      _mm512_mul_ps(q8_decode<31, NC>(_mm512_srli_epi32(cv, 16)), vs)};
+        const Pair v0{_mm512_mul_ps(NC ? q8_unbiased(cv) : q8_decode<31>(_mm512_and_si512(cv, c32(0xFFFF))), vs),
+                      _mm512_mul_ps(NC ? q8_unbiased(_mm512_srli_epi32(cv, 16)) : q8_decode<31>(_mm512_srli_epi32(cv, 16)), vs)};
         Pair g = load_g<G>(a.g, b0 + j, t);
         if constexpr (!PLAIN) {
           for (F* x : {&g.e, &g.o}) {
@@ -218,7 +227,7 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
     };
     using T = std::true_type;
     using N = std::false_type;
-    if (codes_normal(mc, vc, n)) small ? moments(T{}, T{}) : moments(T{}, N{});
+    if (codes_normal(mc, vc, n) && unbiases<15>(seg.ms[blk]) && unbiases<31>(seg.vs[blk])) small ? moments(T{}, T{}) : moments(T{}, N{});
     else small ? moments(N{}, T{}) : moments(N{}, N{});
     const float mmax = from_bits(_mm512_reduce_max_epu32(mhi)), vmax = from_bits(_mm512_reduce_max_epu32(vhi));
     const float mmin = from_bits(_mm512_reduce_min_epu32(mlo)), vmin = from_bits(_mm512_reduce_min_epu32(vlo));
