@@ -104,17 +104,19 @@ try:  # FSDP2's parameters, gradients and optimizer state are DTensors
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
+_DTENSOR = DTensor if DTensor is not None else ()  # (isinstance(t, ()) is False)
 
 
 def sharded(t: Tensor) -> bool:
     """Whether ``t`` is a DTensor (FSDP2's parameters, gradients, optimizer state)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    return isinstance(t, _DTENSOR)
 
 
 def local(t: Tensor) -> Tensor:
     """The elements of ``t`` this process holds: a DTensor's local shard, any other tensor itself.
-    Storage, kernels and foreach ops work on these; the DTensors stay what checkpoints see."""
-    return t._local_tensor if sharded(t) else t
+    Storage, kernels and foreach ops work on these; the DTensors stay what checkpoints see.
+    (Called for every tensor at every step: one isinstance, no further call.)"""
+    return t._local_tensor if isinstance(t, _DTENSOR) else t
 
 
 def shard_offset(t: Tensor) -> int:

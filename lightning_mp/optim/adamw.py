@@ -68,8 +68,11 @@ class AdamW(_StoredMasterOptimizer):
         steps = [state["step"] for state in states]
         torch._foreach_add_(steps, 1)
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        # torch's step size and bias correction, per tensor, in Python floats (one read of the counts)
-        return [((lr / (1 - beta1**t)) * -1, (1 - beta2**t) ** 0.5) for t in torch.stack(steps).tolist()]
+        # torch's step size and bias correction, per tensor, in Python floats (one read of the
+        # counts; computed once per distinct count)
+        counts = torch.stack(steps).tolist()
+        scalars = {t: ((lr / (1 - beta1**t)) * -1, (1 - beta2**t) ** 0.5) for t in set(counts)}
+        return [scalars[t] for t in counts]
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         lr, wd = group["lr"], group["weight_decay"]

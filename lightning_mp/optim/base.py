@@ -130,8 +130,11 @@ class _StoredMasterOptimizer(Optimizer):
         self.store.sync(params)
         self.store.ensure(params, policy)
         key = POLICY[policy].state_key
+        storage = self.store.storage
         for p in params:
             state = self.state[p]
+            if key is not None and state.get(key) is storage(p):
+                continue  # shown already (every step after the first, where the parameter is not a DTensor)
             for other in STATE_KEYS:
                 if other != key:
                     state.pop(other, None)
@@ -265,20 +268,23 @@ class _StoredMasterOptimizer(Optimizer):
             return False  # (the kernel is built only for a step on CPU tensors)
         kind = self._policy(items[0].param)  # one per bucket: the parameters share a dtype
         code = fused.F32_PARAM if kind is None else fused.KIND[kind]
-        keys = (*self._state_keys, None)[:2]  # (SGD: a momentum buffer and no second moment)
+        mkey, vkey = (*self._state_keys, None)[:2]  # (SGD: a momentum buffer and no second moment)
+        mscale, vscale = (None if k is None else k + quant.SCALE for k in (mkey, vkey))
+        storage, state_of, segment, moment_dtype = self.store.storage, self.state, self._segment, self.moment_dtype
         rows: dict[torch.dtype, list[tuple]] = {}
-        for item, scalar in zip(items, scalars):
-            state = self.state[item.param]
-            m, v = (None if k not in state else local(state[k]) for k in keys)
-            ms, vs = (None if k is None else state.get(k + quant.SCALE) for k in keys)
-            s = None if kind is None else self.store.storage(item.param)
+        for item, scalar in zip(items, scalars):  # (every step, for every tensor: kept lean)
+            state = state_of[item.param]
+            m, v = state.get(mkey), state.get(vkey)
+            m, v = None if m is None else local(m), None if v is None else local(v)
+            ms, vs = state.get(mscale), state.get(vscale)
+            s = None if kind is None else storage(item.param)
             p, g = local(item.param), local(item.grad)
             if not fused.applies(p, g, s, m, v, ms, vs):
                 return False
             # the kernel reads the moments as moment_dtype
-            if (m is not None and stored_dtype(m) != self.moment_dtype) or (v is not None and stored_dtype(v) != self.moment_dtype):
-                raise TypeError(f"{type(self).__name__}'s moments are {self.moment_dtype}, found {m.dtype} state")
-            rows.setdefault(g.dtype, []).append((p, s, g, m, v, item.first, *self._segment(scalar), ms, vs))
+            if (m is not None and stored_dtype(m) != moment_dtype) or (v is not None and stored_dtype(v) != moment_dtype):
+                raise TypeError(f"{type(self).__name__}'s moments are {moment_dtype}, found {m.dtype} state")
+            rows.setdefault(g.dtype, []).append((p, s, g, m, v, item.first, *segment(scalar), ms, vs))
         factor, clamp = transform
         h = fused.hyper(**self._hyper(group), factor=0.0 if factor is None else float(factor),
                         has_factor=factor is not None, clamp=0.0 if clamp is None else float(clamp),
