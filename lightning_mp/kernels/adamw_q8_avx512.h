@@ -14,6 +14,7 @@
 #pragma once
 
 #include <immintrin.h>
+#include <initializer_list>  // (the gradient's transform loops over the pair)
 
 #include "formats.h"
 
