@@ -335,6 +335,23 @@ class Trajectory(L.Callback):
 
 
 @needs_kernel
+def test_step_counters_count_in_one_call_as_torchs_foreach_add(monkeypatch):
+    """AdamW's step counters: the kernel's one call adds 1 in FP32 as torch's foreach add does
+    (2**24 + 1 rounds back to 2**24 in both) and returns the new counts; counters of another kind,
+    or kernels not loaded yet, leave it to torch (nothing done)."""
+    steps = [torch.tensor(float(k)) for k in (0, 1, 41, 2**24 - 1, 2**24)]
+    expected = [t.clone() for t in steps]
+    torch._foreach_add_(expected, 1)
+    assert fused.available()
+    assert fused.count(steps) == [t.item() for t in expected] == [1.0, 2.0, 42.0, 2.0**24, 2.0**24]
+    assert all(torch.equal(a, b) for a, b in zip(steps, expected))
+    other = [torch.tensor(3.0), torch.tensor(3.0, dtype=torch.float64)]
+    assert fused.count(other) is None and other[0].item() == 3.0
+    monkeypatch.setattr(fused, "_library", None)
+    assert fused.count([torch.tensor(3.0)]) is None
+
+
+@needs_kernel
 def test_fused_helpers_round_upcast_and_check_as_torch():
     x = torch.randn(70001) * 3
     x[:6] = torch.tensor([0.0, -0.0, 1e-40, 3.4e38, float("inf"), 1 + 2.0**-8])  # subnormal, overflow, a tie

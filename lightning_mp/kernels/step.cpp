@@ -345,6 +345,12 @@ void lmp_round(int wdtype, const Segment* segs, int64_t nseg, int threads) {
   });
 }
 
+// Adds 1 to each of n FP32 step counters (0-dim tensors) and writes their new values to out: the
+// optimizer's counts in one call, where torch's foreach add costs a dispatch per counter.
+void lmp_count(float* const* counters, int64_t n, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = *counters[i] = *counters[i] + 1.0f;
+}
+
 // Multiplies a[0:n] by s in place, on `threads` threads: the machine's streaming rate for an
 // in-place update (benchmarks/optimizer_step.py's bandwidth floor).
 void lmp_scale(float* a, int64_t n, float s, int threads) {

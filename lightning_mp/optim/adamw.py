@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_mp import fused
 from lightning_mp.optim import quant
 from lightning_mp.optim.base import EIGHT_BIT, MomentDtype, Params, _StoredMasterOptimizer
 
@@ -66,11 +67,12 @@ class AdamW(_StoredMasterOptimizer):
                     else:
                         state[key] = torch.zeros_like(p, dtype=self.moment_dtype)
         steps = [state["step"] for state in states]
-        torch._foreach_add_(steps, 1)
+        counts = fused.count(steps)  # (the same FP32 additions, in one call)
+        if counts is None:
+            torch._foreach_add_(steps, 1)
+            counts = torch.stack(steps).tolist()  # (one read of the counts)
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        # torch's step size and bias correction, per tensor, in Python floats (one read of the
-        # counts; computed once per distinct count)
-        counts = torch.stack(steps).tolist()
+        # torch's step size and bias correction, per tensor, in Python floats (once per distinct count)
         scalars = {t: ((lr / (1 - beta1**t)) * -1, (1 - beta2**t) ** 0.5) for t in set(counts)}
         return [scalars[t] for t in counts]
 
