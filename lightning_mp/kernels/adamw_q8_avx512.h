@@ -70,6 +70,9 @@ inline I bf16_rne(F x) {  // as f32_to_bf16, in the low 16 bits of each lane
   const I r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, c32(0x7FFF)), _mm512_and_si512(_mm512_srli_epi32(b, 16), c32(1))), 16);
   return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, c32(0x7FC0));
 }
+inline I f16_rne(F x) {  // as f32_to_f16, in the low 16 bits of each lane
+  return _mm512_cvtepu16_epi32(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 inline I hash32(I x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   x = _mm512_mullo_epi32(x, c32(0x7FEB352DU));
@@ -101,13 +104,8 @@ template <int K, int W> inline void encode(const Arrays& a, int64_t i, const Tai
     store_f32(a.f32 + i, t, p);
   } else if constexpr (K == F32_MASTER) {
     store_f32(a.f32 + i, t, p);
-    if constexpr (W == F16) {
-      const I w = _mm512_ternarylogic_epi32(c32(0xFFFF0000u), _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_cvtps_ph(p.o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), 16),
-                                            _mm512_cvtepu16_epi32(_mm512_cvtps_ph(p.e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), 0xCA);
-      _mm512_mask_storeu_epi16(a.w + i, t.all, w);
-    } else {
-      store16_lo(a.w + i, t, bf16_rne(p.e), bf16_rne(p.o));
-    }
+    if constexpr (W == F16) store16_lo(a.w + i, t, f16_rne(p.e), f16_rne(p.o));
+    else store16_lo(a.w + i, t, bf16_rne(p.e), bf16_rne(p.o));
   } else if constexpr (K == REMAINDER) {  // the low 16 bits are the remainder; the rest, exact, the bf16 weight
     const I be = u(p.e), bo = u(p.o);
     store16_lo(reinterpret_cast<uint16_t*>(a.r) + i, t, be, bo);
