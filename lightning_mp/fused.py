@@ -257,7 +257,8 @@ def count(steps: Sequence[Tensor]) -> Optional[list[float]]:
     """Add 1 to each of an optimizer's step counters (0-dim FP32 tensors on the CPU, as torch keeps
     them) and return their new values, in one call; ``None``, and nothing done, where the kernels
     are not loaded yet (this never builds them) or a counter is of another kind. (torch's foreach
-    add dispatches once per counter: 0.1-0.3 ms a step for 40 of them here.)"""
+    add dispatches once per counter: 0.13-0.26 ms a step for 40 of them on 2 cores of an AMD EPYC,
+    2026-12-07.)"""
     if _library is None or not all(type(t) is Tensor and t.dtype == torch.float32 and t.is_cpu and t.dim() == 0
                                    for t in steps):
         return None

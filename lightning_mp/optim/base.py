@@ -141,7 +141,7 @@ class _StoredMasterOptimizer(Optimizer):
             # Not a sharded int16 remainder: int16 travels through neither NCCL nor gloo, and the
             # model's checkpoint holds the exact FP32 values, which give the remainders back.
             if key is not None and not (key == "remainder" and sharded(p)):
-                state[key] = like(self.store.storage(p), p)  # a DTensor beside a DTensor parameter
+                state[key] = like(storage(p), p)  # a DTensor beside a DTensor parameter
 
     @torch.no_grad()
     def master_value(self, p: Tensor) -> Tensor:
