@@ -18,6 +18,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from conftest import leave_process_group
 from lightning_mp import MoEModule, precision_plugin
 from lightning_mp.trainer import FSDP2Strategy
 
@@ -123,3 +124,4 @@ trainer = L.Trainer(
     callbacks=[Record()] + ([checkpoints] if checkpoints else []),
 )
 trainer.fit(model, DataLoader(data, batch_sampler=RankMicroBatches()), ckpt_path=args.get("resume"))
+leave_process_group()

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent('''
     import torch, lightning.pytorch as L
     from torch.utils.data import DataLoader, Subset, TensorDataset
     sys.path.insert(0, {tests!r})
-    from conftest import Dot, TinyRegressor, regression_data
+    from conftest import Dot, TinyRegressor, leave_process_group, regression_data
     from lightning_mp import precision_plugin
 
     args = json.loads(sys.argv[1])
@@ -55,9 +55,7 @@ SCRIPT = textwrap.dedent('''
     mine = [i for i in range(len(dataset)) if (i // batch_size) % world == trainer.global_rank]
     data = DataLoader(Subset(dataset, mine), batch_size=batch_size)
     trainer.fit(model, data, ckpt_path=args.get("ckpt_in"))
-    if torch.distributed.is_initialized():  # every rank done before any leaves (a rare abort at exit otherwise)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
     if args.get("ckpt_out"):
         trainer.save_checkpoint(args["ckpt_out"])
 ''')

@@ -250,6 +250,7 @@ DDP_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {tests!r})
     import lightning_mp
     from lightning_mp.fabric import MasterWeightPrecision
+    from conftest import leave_process_group
     from test_fabric import Net, coefficients
 
     fabric = lightning_mp.Fabric(accelerator="cpu", devices=2, strategy="ddp",
@@ -271,6 +272,7 @@ DDP_SCRIPT = textwrap.dedent('''
     total = fabric.all_reduce(torch.ones(()), reduce_op="sum")
     if fabric.global_rank == 0:
         torch.save({{"state": state, "total": total}}, {out!r})
+    leave_process_group()
 ''')
 
 
@@ -335,6 +337,7 @@ FSDP2_SCRIPT = textwrap.dedent('''
     from lightning.fabric.strategies import ModelParallelStrategy
     import lightning_mp
     from lightning_mp.fabric import FSDP2MasterWeightPrecision
+    from conftest import leave_process_group
     from test_fabric import Probe
 
     args = json.loads(sys.argv[1])
@@ -371,6 +374,7 @@ FSDP2_SCRIPT = textwrap.dedent('''
     if fabric.global_rank == 0:
         torch.save({{"state": state, "skipped": plugin.skipped_steps, "dtypes": dtypes,
                     "lr": opt.param_groups[0]["lr"]}}, args["out"] + "/result.pt")
+    leave_process_group()
 ''')
 
 

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent('''
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.utils.data import DataLoader, Subset
     sys.path.insert(0, {tests!r})
-    from conftest import TinyRegressor, regression_data
+    from conftest import TinyRegressor, leave_process_group, regression_data
     from lightning_mp import precision_plugin
     from lightning_mp.precision import FSDP2MasterWeightPrecision
 
@@ -127,9 +127,7 @@ SCRIPT = textwrap.dedent('''
     dataset = regression_data(n=args.get("n", 64)).dataset
     mine = [i for i in range(len(dataset)) if (i // 8) % 2 == trainer.global_rank]
     trainer.fit(model, DataLoader(Subset(dataset, mine), batch_size=8), ckpt_path=args.get("resume"))
-    if torch.distributed.is_initialized():  # every rank done before any leaves (a rare abort at exit otherwise)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 ''')
 
 
