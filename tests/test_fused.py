@@ -228,13 +228,20 @@ def _q8_run(master, wdtype, gdtype, transform):
     (subnormal codes) and normal ones in others (blocks of normal codes), a step of zero gradients
     on part of each tensor, its last element the largest, one tensor's scales large; ``transform``: the
     unscale factor, clip value and ``maximize`` the plugin can pass, and a beta1 under 0.5 (the
-    lerp's other form). Everything the step wrote."""
+    lerp's other form). Last, a tensor at lr 0 whose FP32 values' low halves take all 2**16 patterns
+    (every remainder, its ties included): its weights must not move. Everything the step wrote, and
+    that tensor's FP32 values before the steps."""
     g = torch.Generator().manual_seed(0)
     params = [torch.zeros(s, dtype=wdtype, requires_grad=True) for s in Q8_SHAPES]
-    opt = AdamW(params, lr=1e-2, weight_decay=0.1, master=master, moment_dtype="8bit", maximize=transform,
-                betas=(0.25 if transform else 0.9, 0.999))
+    still = torch.zeros(1 << 16, dtype=wdtype, requires_grad=True)
+    opt = AdamW([{"params": params}, {"params": [still], "lr": 0.0, "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1,
+                master=master, moment_dtype="8bit", maximize=transform, betas=(0.25 if transform else 0.9, 0.999))
     for p in params:
         opt.set_master(p, torch.randn(p.shape, generator=g))
+    high = torch.randn(1 << 16, generator=g).to(BF16).float().view(torch.int32)  # (its low half zero)
+    opt.set_master(still, (high | torch.arange(1 << 16, dtype=torch.int32)).view(torch.float32))
+    before = opt.master_value(still).clone()
+    params.append(still)
     for step in range(6):
         for k, p in enumerate(params):
             x = torch.randn(p.shape, generator=g)
@@ -253,7 +260,7 @@ def _q8_run(master, wdtype, gdtype, transform):
             opt.grad_factor, opt.grad_clamp = torch.tensor(0.5), 0.01
         opt.step()
     return [t.clone() for p in params for t in (p.detach(), opt.master_value(p), *(
-        v for k, v in opt.state[p].items() if k != "step"))]
+        v for k, v in opt.state[p].items() if k != "step"))] + [before, opt.master_value(still).clone()]
 
 
 Q8_CASES = [(None, torch.float32, torch.float32)] + [
@@ -274,6 +281,8 @@ def test_the_avx512_8bit_step_is_the_portable_loop_bit_for_bit():
             assert not fused.avx512()
             runs["portable"] = _q8_run(master, wdtype, gdtype, transform)
         assert fused.avx512()
+        if master in (None, "fp32", "remainder"):  # exact storage: the unmoved tensor's values, bit for bit
+            assert torch.equal(runs["avx512"][-2].view(torch.int32), runs["avx512"][-1].view(torch.int32))
         for a, b in zip(runs["avx512"], runs["portable"]):
             assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), (
                 master, wdtype, gdtype, transform, a.dtype, a.shape)

@@ -107,9 +107,11 @@ template <int K, int W> inline void encode(const Arrays& a, int64_t i, const Tai
     if constexpr (W == F16) store16_lo(a.w + i, t, f16_rne(p.e), f16_rne(p.o));
     else store16_lo(a.w + i, t, bf16_rne(p.e), bf16_rne(p.o));
   } else if constexpr (K == REMAINDER) {  // the low 16 bits are the remainder; the rest, exact, the bf16 weight
+    // (formats.h's encode: the weight is the high half of b - int16(b), which is b's high half plus
+    // 1 where the low half is 0x8000 or more: the high half of b + 0x8000, in one operation)
     const I be = u(p.e), bo = u(p.o);
     store16_lo(reinterpret_cast<uint16_t*>(a.r) + i, t, be, bo);
-    store16_hi(a.w + i, t, _mm512_sub_epi32(be, sext16(be)), _mm512_sub_epi32(bo, sext16(bo)));
+    store16_hi(a.w + i, t, _mm512_add_epi32(be, c32(0x8000u)), _mm512_add_epi32(bo, c32(0x8000u)));
   } else if constexpr (K == KAHAN) {
     const I we = bf16_rne(p.e), wo = bf16_rne(p.o);
     store16_lo(a.w + i, t, we, wo);
@@ -256,7 +258,10 @@ void adamw_q8_range(const Segment& seg, const Hyper& h, int64_t begin, int64_t e
         }
         encode<K, W>(a, i, t, {step(w.e, m.e, v.e), step(w.o, m.o, v.o)}, lane);
         auto m_code = [&](F m) __attribute__((always_inline)) {
-          const I c = q8_encode<15, NV>(_mm512_mul_ps(f(_mm512_and_si512(u(m), absmask)), minv_v));
+          // The normal formula on a signed value: the sign bit changes only bit 31 of the sum, so bit
+          // 8 + QM of the code, and the stored low byte of the code or its negation is the same. The
+          // general one compares magnitudes: it takes |m|.
+          const I c = q8_encode<15, NV>(_mm512_mul_ps(NV ? m : f(_mm512_and_si512(u(m), absmask)), minv_v));
           return _mm512_mask_sub_epi32(c, _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_si512(), c);
         };
         store8(mc + j, t, m_code(m.e), m_code(m.o));
