@@ -204,15 +204,13 @@ def segments(rows: Sequence[tuple]) -> ctypes.Array:
     segment starts in the optimizer's numbering, the kernel's two per-tensor numbers, and the
     8-bit moments' block scales. Packed in one pass (a ctypes structure per tensor costs more
     than the step of a small one)."""
-    buf = bytearray(_PACKED.size * len(rows))
-    for k, (w, s, g, m, v, index, a, b, ms, vs) in enumerate(rows):
-        _PACKED.pack_into(buf, k * _PACKED.size, _ptr(w), _ptr(s), g.data_ptr(), _ptr(m), _ptr(v), g.numel(),
-                          index, a, b, _ptr(ms), _ptr(vs))
+    size, pack = _PACKED.size, _PACKED.pack_into
+    buf = bytearray(size * len(rows))
+    for k, (w, s, g, m, v, index, a, b, ms, vs) in enumerate(rows):  # (the pointers inline: 0 for None)
+        pack(buf, k * size, 0 if w is None else w.data_ptr(), 0 if s is None else s.data_ptr(), g.data_ptr(),
+             0 if m is None else m.data_ptr(), 0 if v is None else v.data_ptr(), g.numel(), index, a, b,
+             0 if ms is None else ms.data_ptr(), 0 if vs is None else vs.data_ptr())
     return (Segment * len(rows)).from_buffer(buf)
-
-
-def _ptr(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def run(op: str, kind: int, wdtype: torch.dtype, gdtype: torch.dtype, mdtype: Any, array: ctypes.Array,

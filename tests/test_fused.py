@@ -149,6 +149,22 @@ def test_8bit_adamw_stochastic_rounding_goes_up_with_the_exact_probability_indep
 
 
 @needs_kernel
+@pytest.mark.parametrize("moment_dtype, found", [(torch.float32, BF16), ("8bit", torch.float32)])
+def test_the_fused_step_refuses_moments_of_another_dtype_in_one_line(moment_dtype, found):
+    """The kernel reads the moments as moment_dtype: state of another dtype (put there by hand) is
+    an error, and nothing is stepped."""
+    p = torch.ones(300, dtype=BF16, requires_grad=True)
+    opt = AdamW([p], lr=1e-2, master="remainder", moment_dtype=moment_dtype)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    before = p.detach().clone()
+    opt.state[p]["exp_avg_sq"] = torch.zeros(300, dtype=found)
+    with pytest.raises(TypeError, match=rf"^AdamW's moments are .*, found {found} state$"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@needs_kernel
 def test_the_kernel_is_built_once_not_per_step_or_policy(monkeypatch):
     import subprocess
 

@@ -52,9 +52,7 @@ def moment_dtype_of(value: MomentDtype) -> MomentDtype:
     return found
 
 
-def stored_dtype(t: Tensor) -> MomentDtype:
-    """The moment dtype a stored moment tensor belongs to (8-bit codes are int8 or uint8)."""
-    return EIGHT_BIT if t.dtype in (torch.int8, torch.uint8) else t.dtype
+_STORED_AS = {EIGHT_BIT: (torch.int8, torch.uint8)}  # the dtypes of a moment_dtype's tensors, where not itself
 
 
 class _StoredMasterOptimizer(Optimizer):
@@ -271,6 +269,7 @@ class _StoredMasterOptimizer(Optimizer):
         mkey, vkey = (*self._state_keys, None)[:2]  # (SGD: a momentum buffer and no second moment)
         mscale, vscale = (None if k is None else k + quant.SCALE for k in (mkey, vkey))
         storage, state_of, segment, moment_dtype = self.store.storage, self.state, self._segment, self.moment_dtype
+        stored = _STORED_AS.get(moment_dtype, (moment_dtype,))  # the dtypes of the moments the kernel reads
         rows: dict[torch.dtype, list[tuple]] = {}
         for item, scalar in zip(items, scalars):  # (every step, for every tensor: kept lean)
             state = state_of[item.param]
@@ -282,8 +281,9 @@ class _StoredMasterOptimizer(Optimizer):
             if not fused.applies(p, g, s, m, v, ms, vs):
                 return False
             # the kernel reads the moments as moment_dtype
-            if (m is not None and stored_dtype(m) != moment_dtype) or (v is not None and stored_dtype(v) != moment_dtype):
-                raise TypeError(f"{type(self).__name__}'s moments are {moment_dtype}, found {m.dtype} state")
+            bad = m if m is not None and m.dtype not in stored else v if v is not None and v.dtype not in stored else None
+            if bad is not None:
+                raise TypeError(f"{type(self).__name__}'s moments are {moment_dtype}, found {bad.dtype} state")
             rows.setdefault(g.dtype, []).append((p, s, g, m, v, item.first, *segment(scalar), ms, vs))
         factor, clamp = transform
         h = fused.hyper(**self._hyper(group), factor=0.0 if factor is None else float(factor),
