@@ -28,8 +28,9 @@ class Returned(TinyRegressor):
 def test_the_users_torch_optimizer_keeps_its_object_and_state_format(optimizer, caplog):
     model = Returned(optimizer=optimizer, scheduler=True)
     with caplog.at_level(logging.INFO, logger="lightning_mp"):
-        t = trainer("bf16-master", max_steps=3)
+        t = trainer("bf16-master", max_steps=3, limit_val_batches=1)
         t.fit(model, regression_data())
+        t.validate(model, regression_data(), verbose=False)  # connects the fitted optimizer again: said once
     opt = t.optimizers[0]
     assert opt is model.made["optimizer"] and isinstance(opt, (torch.optim.AdamW, torch.optim.SGD))  # the user's
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # its groups, the scheduler's lr

@@ -10,6 +10,7 @@ on those values, and every checkpoint path reads and writes them through the mod
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional, Union
@@ -351,11 +352,22 @@ def _store_policy(master: str, dtype: torch.dtype) -> str:
     return master
 
 
+_REPORTED: weakref.WeakKeyDictionary[Optimizer, str] = weakref.WeakKeyDictionary()  # optimizer -> its line
+
+
 def report_storage(precision: str, what: str, optimizers: list[Optimizer], storage: list[str]) -> None:
-    """One line at the start: how each optimizer's 16-bit ``what`` (weight, shard) keeps its FP32 value."""
-    if optimizers:
-        messages.info(f"lightning-mp: {precision} keeps each {what}'s FP32 value "
-                      + "; ".join(f"for {type(o).__qualname__} {kind}" for o, kind in zip(optimizers, storage)))
+    """One line at the start: how each optimizer's 16-bit ``what`` (weight, shard) keeps its FP32
+    value; not again for the same optimizers and storage (``trainer.validate`` after ``fit``
+    connects the fitted optimizers once more)."""
+    if not optimizers:
+        return
+    line = (f"lightning-mp: {precision} keeps each {what}'s FP32 value "
+            + "; ".join(f"for {type(o).__qualname__} {kind}" for o, kind in zip(optimizers, storage)))
+    if all(_REPORTED.get(o) == line for o in optimizers):
+        return
+    for o in optimizers:
+        _REPORTED[o] = line
+    messages.info(line)
 
 
 def check_master_options(precision: str, master: str, max_consecutive_skips: Optional[int], kept: str) -> None:
