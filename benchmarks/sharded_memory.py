@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_mp import bytes_per_param, memory_audit, precision_plugin
 from lightning_mp.machine import describe
 from lightning_mp.optim import AdamW
+from lightning_mp.parallel import leave_process_group
 from lightning_mp.precision import FSDP2MasterWeightPrecision
 
 CONFIGS = {
@@ -107,9 +108,7 @@ def run_one(config: str, args: argparse.Namespace) -> None:
     model = MLP(args.layers, args.width, config)
     data = TensorDataset(torch.randn(3 * 8 * args.devices, args.width), torch.randn(3 * 8 * args.devices, 1))
     trainer.fit(model, DataLoader(data, batch_size=8))
-    if torch.distributed.is_initialized():  # every rank done before any leaves (a rare abort at exit otherwise)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
     if trainer.global_rank == 0:
         Path(args.out).write_text(json.dumps(model.audits))
 

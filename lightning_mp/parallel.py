@@ -5,7 +5,8 @@ Dense parameters (attention, embeddings, norms, routers, shared experts) are FSD
 every data-parallel rank. With ``expert_parallel=ep`` (torchtitan's layout) the ranks form a
 ``(world / ep, ep)`` mesh: the ``ep`` consecutive ranks of an ``expert_parallel`` group each own
 ``n_experts / ep`` experts whole, and the routed experts are FSDP2-sharded only over the
-``expert_replicate`` dimension, the ranks that hold the same experts.
+``expert_replicate`` dimension, the ranks that hold the same experts. At the end of a run,
+:func:`leave_process_group`.
 """
 
 from __future__ import annotations
@@ -84,6 +85,18 @@ def outermost(modules: list[nn.Module]) -> list[nn.Module]:
     """The modules not inside another one of them (a kept subtree is sharded once)."""
     inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
     return [m for m in modules if id(m) not in inner]
+
+
+def leave_process_group() -> None:
+    """At the end of a multi-process run: every rank waits for the others, then leaves the process
+    group. Lightning destroys only NCCL groups at exit; a gloo group (CPU processes) left to the
+    interpreter's exit makes torch abort now and then after the run has finished ("terminate called
+    without an active exception"; pytorch PR 179291). Nothing to do in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _world_size() -> int:

@@ -31,15 +31,6 @@ def trainer(precision="bf16-master", plugin_kwargs=None, **kwargs) -> L.Trainer:
     return L.Trainer(plugins=[plugin], **options)
 
 
-def leave_process_group() -> None:
-    """The end of a multi-process test script: every rank waits for the others, then leaves the
-    gloo process group. Left to interpreter exit, a 2-process CPU run aborts now and then after it
-    has finished ("terminate called without an active exception", exit -6)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 def regression_data(n=32, d=8, batch_size=8, seed=0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)

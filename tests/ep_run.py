@@ -18,8 +18,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from conftest import leave_process_group
 from lightning_mp import MoEModule, precision_plugin
+from lightning_mp.parallel import leave_process_group
 from lightning_mp.trainer import FSDP2Strategy
 
 args = json.loads(sys.argv[1])

@@ -17,8 +17,9 @@ SCRIPT = textwrap.dedent('''
     import torch, lightning.pytorch as L
     from torch.utils.data import DataLoader, Subset, TensorDataset
     sys.path.insert(0, {tests!r})
-    from conftest import Dot, TinyRegressor, leave_process_group, regression_data
+    from conftest import Dot, TinyRegressor, regression_data
     from lightning_mp import precision_plugin
+    from lightning_mp.parallel import leave_process_group
 
     args = json.loads(sys.argv[1])
 
@@ -150,6 +151,7 @@ MOE_SCRIPT = textwrap.dedent('''
     import torch, lightning.pytorch as L
     from torch.utils.data import DataLoader, Subset, TensorDataset
     from lightning_mp import MoEModule
+    from lightning_mp.parallel import leave_process_group
 
     args = json.loads(sys.argv[1])
     world = args["devices"]
@@ -180,9 +182,7 @@ MOE_SCRIPT = textwrap.dedent('''
     batch_size = 4 * 2 // world  # a step's global batch: 2 micro-batches of 8 sequences over all ranks
     mine = [i for i in range(len(dataset)) if (i // batch_size) % world == trainer.global_rank]
     trainer.fit(model, DataLoader(Subset(dataset, mine), batch_size=batch_size))
-    if torch.distributed.is_initialized():  # every rank done before any leaves (a rare abort at exit otherwise)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 ''')
 
 
@@ -206,6 +206,7 @@ VALIDATION_SCRIPT = textwrap.dedent('''
     import torch, lightning.pytorch as L
     from torch.utils.data import DataLoader, Subset, TensorDataset
     from lightning_mp import MoEModule
+    from lightning_mp.parallel import leave_process_group
 
     args = json.loads(sys.argv[1])
     world = args["devices"]
@@ -230,9 +231,7 @@ VALIDATION_SCRIPT = textwrap.dedent('''
                                                   reduction="none")
     metrics["closed_form"] = per_token.mean().item()
     json.dump(metrics, open(f"{args['out']}/rank{trainer.global_rank}.json", "w"))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 ''')
 
 

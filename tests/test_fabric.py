@@ -250,7 +250,7 @@ DDP_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {tests!r})
     import lightning_mp
     from lightning_mp.fabric import MasterWeightPrecision
-    from conftest import leave_process_group
+    from lightning_mp.parallel import leave_process_group
     from test_fabric import Net, coefficients
 
     fabric = lightning_mp.Fabric(accelerator="cpu", devices=2, strategy="ddp",
@@ -337,7 +337,7 @@ FSDP2_SCRIPT = textwrap.dedent('''
     from lightning.fabric.strategies import ModelParallelStrategy
     import lightning_mp
     from lightning_mp.fabric import FSDP2MasterWeightPrecision
-    from conftest import leave_process_group
+    from lightning_mp.parallel import leave_process_group
     from test_fabric import Probe
 
     args = json.loads(sys.argv[1])

@@ -21,8 +21,9 @@ SCRIPT = textwrap.dedent('''
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.utils.data import DataLoader, Subset
     sys.path.insert(0, {tests!r})
-    from conftest import TinyRegressor, leave_process_group, regression_data
+    from conftest import TinyRegressor, regression_data
     from lightning_mp import precision_plugin
+    from lightning_mp.parallel import leave_process_group
     from lightning_mp.precision import FSDP2MasterWeightPrecision
 
     args = json.loads(sys.argv[1])

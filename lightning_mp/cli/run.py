@@ -24,6 +24,7 @@ from lightning_mp.cli.components import build, output_dir
 from lightning_mp.cli.checks import check_resume, checkpoint_path, init_from_path
 from lightning_mp.cli.console import Progress, log
 from lightning_mp.diagnostics import bytes_per_param, memory_audit
+from lightning_mp.parallel import leave_process_group
 
 
 class _Validations(L.Callback):
@@ -106,17 +107,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(summary, run_dir)
-    _leave_process_group()
+    leave_process_group()
     return summary
-
-
-def _leave_process_group() -> None:
-    """Under DDP/FSDP, every rank waits for the others, then leaves the process group. Lightning's
-    exit handler destroys it without waiting, and a 2-process CPU run was seen to abort at exit
-    ("terminate called without an active exception") after it had finished."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def _training_state(model: L.LightningModule, trainer: L.Trainer) -> dict[str, int]:
