@@ -57,7 +57,7 @@ def _steps(ours, opt, ref, ref_opt, n=5, seed=1):
 def blocks(request, monkeypatch):
     """The default blocks (one per step here), or 100-element blocks that split tensors and merge pieces."""
     if request.param == "small":
-        monkeypatch.setitem(lightning_mp.optim._BLOCK_NUMEL, "cpu", 100)
+        monkeypatch.setitem(lightning_mp.optim.blocks.BLOCK_NUMEL, "cpu", 100)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -30,12 +30,8 @@ from torch.optim import Optimizer
 from lightning_mp import fused
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim import compiled, quant
+from lightning_mp.optim.blocks import Piece, block_numel, blocks
 from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, _upcast, like, local, shard_offset, sharded, stochastic_round_
-
-# Elements stepped at once by the eager path (see _blocks): on a CPU 2 MiB of FP32 per
-# temporary, which stays in cache across a step's ops; elsewhere 64 MiB, which bounds the step's
-# temporaries.
-_BLOCK_NUMEL = {"cpu": 1 << 19, "cuda": 1 << 24}
 
 Params = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
 
@@ -188,7 +184,7 @@ class _StoredMasterOptimizer(Optimizer):
                 if not (self._fused_step(group, items, scalars, transform)
                         or self._compiled_step(group, items, scalars, transform)):
                     by_param = dict(zip(params, scalars))
-                    for block in _blocks(params, _BLOCK_NUMEL.get(device.type, _BLOCK_NUMEL["cuda"]), grads):
+                    for block in blocks(params, block_numel(device.type), grads):
                         self._step_block(group, block, by_param, transform, grads)
                 self.store.record(params)
         return loss
@@ -198,18 +194,18 @@ class _StoredMasterOptimizer(Optimizer):
     def _step_block(
         self,
         group: dict[str, Any],
-        block: list[_Segment],
+        block: list[Piece],
         scalars: dict[Tensor, Any],
         transform: tuple[Optional[Tensor], Optional[float]],
         step_grads: dict[Tensor, Tensor],
     ) -> None:
-        """One block of segments: FP32 values in, the subclass's update, values and moments out."""
-        weights = [seg.of(seg.param) for seg in block]  # (the local shards of DTensors)
+        """One block of pieces: FP32 values in, the subclass's update, values and moments out."""
+        weights = [piece.of(piece.param) for piece in block]  # (the local shards of DTensors)
         kind = self._policy(block[0].param)
         policy = POLICY[kind] if kind is not None else None
-        storage = [seg.of(s) for seg in block if (s := self.store.storage(seg.param)) is not None]
+        storage = [piece.of(s) for piece in block if (s := self.store.storage(piece.param)) is not None]
         values = policy.decode(weights, storage) if policy else weights  # FP32 parameters step in place
-        grads = [seg.of(step_grads.get(seg.param, seg.param.grad)) for seg in block]
+        grads = [piece.of(step_grads.get(piece.param, piece.param.grad)) for piece in block]
         grads = [g if g.dtype == torch.float32 else g.float() for g in grads]  # exact upcasts
         factor, clamp = transform
         if factor is not None:
@@ -218,13 +214,13 @@ class _StoredMasterOptimizer(Optimizer):
         if clamp is not None:
             torch._foreach_clamp_min_(grads, -clamp)
             torch._foreach_clamp_max_(grads, clamp)
-        stored = {key: [seg.of(self.state[seg.param][key]) for seg in block] for key in self._moment_keys(group)}
+        stored = {key: [piece.of(self.state[piece.param][key]) for piece in block] for key in self._moment_keys(group)}
         if self.moment_dtype == EIGHT_BIT:
-            scales = {key: [seg.blocks(self.state[seg.param][key + quant.SCALE]) for seg in block] for key in stored}
+            scales = {key: [piece.scales(self.state[piece.param][key + quant.SCALE]) for piece in block] for key in stored}
             moments = {key: [quant.decode(key, c, a) for c, a in zip(stored[key], scales[key])] for key in stored}
         else:
             moments = {key: t if self.moment_dtype == torch.float32 else _upcast(t) for key, t in stored.items()}
-        self._update(group, values, grads, moments, [scalars[seg.param] for seg in block])
+        self._update(group, values, grads, moments, [scalars[piece.param] for piece in block])
         if self.moment_dtype == EIGHT_BIT:  # the weights stepped with the FP32 moments; these are stored
             for key, tensors in moments.items():
                 for value, c, a in zip(tensors, stored[key], scales[key]):
@@ -430,47 +426,3 @@ class _Item(NamedTuple):
     param: Tensor
     grad: Tensor
     first: int
-
-
-class _Segment(NamedTuple):
-    """Elements ``start:stop`` of a parameter (and of its grad and state), or all of it (``start`` None)."""
-
-    param: Tensor
-    start: Optional[int] = None
-    stop: Optional[int] = None
-
-    def of(self, t: Tensor) -> Tensor:
-        t = local(t)
-        return t if self.start is None else t.view(-1)[self.start : self.stop]
-
-    def blocks(self, scales: Tensor) -> Tensor:
-        """The 8-bit block scales of these elements (segments start on a block boundary)."""
-        if self.start is None:
-            return scales
-        return scales[self.start // quant.BLOCK : quant.blocks(self.stop)]
-
-
-def _blocks(params: list[Tensor], block_numel: int, grads: Optional[dict[Tensor, Tensor]] = None) -> Iterable[list[_Segment]]:
-    """Group ``params`` (or any tensors) into blocks of about ``block_numel`` elements, splitting
-    large contiguous ones (whose gradient, if any, is contiguous too).
-
-    A step runs all its ops on one block before the next: on a CPU a block's temporaries then
-    stay in cache between ops, which makes the dozen passes of a step cost about as much as
-    torch's eight over whole tensors. On CUDA blocks are large (kernel launches dominate).
-    """
-    block: list[_Segment] = []
-    numel = 0
-    for p in params:
-        n = local(p).numel()
-        grad = (grads or {}).get(p, p.grad)
-        whole = n <= block_numel or not (local(p).is_contiguous() and (grad is None or local(grad).is_contiguous()))
-        pieces = [_Segment(p)] if whole else [_Segment(p, s, min(s + block_numel, n)) for s in range(0, n, block_numel)]
-        for seg in pieces:
-            size = n if seg.start is None else seg.stop - seg.start
-            if block and numel + size > block_numel:
-                yield block
-                block, numel = [], 0
-            block.append(seg)
-            numel += size
-    if block:
-        yield block

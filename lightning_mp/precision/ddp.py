@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_mp.optim import _blocks
+from lightning_mp.optim.blocks import blocks
 
 
 class GradReducer:
@@ -38,8 +38,8 @@ class GradReducer:
         ``find_unused_parameters`` requires every parameter to be used), so the flat buffers line up.
         """
         world = dist.get_world_size(self.group)
-        for block in _blocks(grads, 1 << 24):  # one collective per 2**24 elements
-            chunk = [seg.of(seg.param) for seg in block]
+        for block in blocks(grads, 1 << 24):  # one collective per 2**24 elements
+            chunk = [piece.of(piece.param) for piece in block]
             flat = torch.cat([g.reshape(-1) for g in chunk]).div_(world).to(self.dtype)  # average as DDP: divide first
             dist.all_reduce(flat, group=self.group)
             torch._foreach_copy_(chunk, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in chunk]), chunk)])
