@@ -25,7 +25,7 @@ import time
 import torch
 from optimizer_step import shapes
 
-from lightning_mp.diagnostics import plain_tensors
+from lightning_mp.memory import plain_tensors
 from lightning_mp.machine import describe
 from lightning_mp.optim import AdamW
 

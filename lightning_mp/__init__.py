@@ -12,7 +12,8 @@ from lightning_mp.convert import DEFAULT_KEEP_FP32, is_norm_layer
 from lightning_mp.data import ByteTextDataModule
 from lightning_mp.loading import UnsafeCheckpointError
 from lightning_mp.fabric import Fabric
-from lightning_mp.diagnostics import SwallowedUpdateMonitor, bytes_per_param, estimate_memory, memory_audit
+from lightning_mp.diagnostics import SwallowedUpdateMonitor
+from lightning_mp.memory import bytes_per_param, estimate_memory, memory_audit
 from lightning_mp.masters import MasterStore
 from lightning_mp.module import MoEModule
 from lightning_mp.precision import PRECISION_NAMES, MasterWeightPrecision, SkippedStepsError, precision_plugin

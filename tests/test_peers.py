@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 
 from lightning_mp import memory_audit
-from lightning_mp.diagnostics import plain_tensors
+from lightning_mp.memory import plain_tensors
 from lightning_mp.optim import peers
 
 FAST = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "data.max_bytes=200000"]

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from lightning_mp.cli.args import DEFAULT_RECIPE, compose_recipe, options
-from lightning_mp.diagnostics import CATEGORIES, bytes_per_param, estimate_memory, memory_audit
+from lightning_mp.memory import CATEGORIES, bytes_per_param, estimate_memory, memory_audit
 
 MEMORY_MODES = ("32-true", "bf16-mixed", "bf16-true", "bf16-master", "16-master")
 
