@@ -204,7 +204,7 @@ def test_distributed_checkpoints_resume_and_initialize_runs(trained_run, tmp_pat
     import torch.distributed.checkpoint as dcp
 
     from lightning_mp.cli import checkpoint_path
-    from lightning_mp.cli.checks import check_resume
+    from lightning_mp.cli.checkpoints import check_resume
 
     monkeypatch.chdir(tmp_path)
     saved = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)

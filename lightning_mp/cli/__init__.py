@@ -5,7 +5,8 @@
     lightning-mp-train recipe=mantissa-trap init_from=outputs/tiny/latest --multirun
 
 One module per job: :mod:`~lightning_mp.cli.args` (the command line made Hydra's, checked before
-it runs), :mod:`~lightning_mp.cli.checks` (every input's type, range, file), :mod:`~lightning_mp.cli.components`
+it runs), :mod:`~lightning_mp.cli.checks` (every input's type and range, the corpus),
+:mod:`~lightning_mp.cli.checkpoints` (the checkpoints it resumes or starts from), :mod:`~lightning_mp.cli.components`
 (config to model, data and Trainer), :mod:`~lightning_mp.cli.run` (train, validate, summary),
 :mod:`~lightning_mp.cli.console` (what it prints), :mod:`~lightning_mp.cli.tools` (the other two
 commands). Each run writes to its own directory: the resolved ``config.yaml``, ``metrics.csv``,
@@ -21,7 +22,8 @@ from omegaconf import DictConfig
 
 from lightning_mp.cli.args import compose_recipe, hydra_argv, preflight, recipe_dir, recipes
 from lightning_mp.cli.components import build, output_dir, strategy_kind, tensorboard_if_installed
-from lightning_mp.cli.checks import LAST_CHECKPOINT, UsageError, check_types, checkpoint_path
+from lightning_mp.cli.checkpoints import LAST_CHECKPOINT, checkpoint_path
+from lightning_mp.cli.checks import UsageError, check_types
 from lightning_mp.cli.run import train
 from lightning_mp.cli.tools import measure_memory, memory_main, report_main
 

@@ -16,16 +16,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_mp.cli.checks import (
-    UsageError,
-    check_data,
-    check_fits,
-    first_line,
-    init_from_path,
-    load_weights,
-    read_checkpoint,
-    validate,
-)
+from lightning_mp.cli.checkpoints import check_fits, init_from_path, load_weights, read_checkpoint
+from lightning_mp.cli.checks import UsageError, check_data, first_line, validate
 from lightning_mp.cli.console import Progress
 from lightning_mp.precision.factory import fp16_supported
 

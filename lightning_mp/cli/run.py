@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_mp import fused
 from lightning_mp.cli import console
 from lightning_mp.cli.components import build, output_dir
-from lightning_mp.cli.checks import check_resume, checkpoint_path, init_from_path
+from lightning_mp.cli.checkpoints import check_resume, checkpoint_path, init_from_path
 from lightning_mp.cli.console import Progress, log
 from lightning_mp.memory import bytes_per_param, memory_audit
 from lightning_mp.parallel import leave_process_group
