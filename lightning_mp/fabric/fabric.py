@@ -12,7 +12,7 @@ from lightning.fabric.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning_mp.fabric.fsdp2 import FSDP2MasterWeightPrecision
 from lightning_mp.fabric.precision import MasterWeightPrecision
 from lightning_mp.precision.factory import with_master_plugin
-from lightning_mp.precision.master import MASTER_DTYPES
+from lightning_mp.precision.options import MASTER_DTYPES
 
 _STATE_KEY = "lightning_mp_precision"  # the plugin's state in files fabric.save writes
 _PLUGINS = (MasterWeightPrecision, FSDP2MasterWeightPrecision)

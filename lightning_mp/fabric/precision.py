@@ -33,6 +33,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from lightning_mp.precision import ddp
 from lightning_mp.precision import master as trainer_plugin
+from lightning_mp.precision.options import report_storage
 from lightning_mp.precision.schedulers import hold, make_skip_aware
 from lightning_mp.precision.step import _unwrap
 from lightning_mp.storage import HALF
@@ -124,7 +125,7 @@ class MasterWeightPrecision(_Adapter):
                 warnings.warn(f"lightning-mp: {type(raw).__qualname__}'s state ({rounded[0]}...) was loaded in 16 bits "
                               "before the precision plugin saw the optimizer: call fabric.strategy.precision.attach("
                               "optimizer) before fabric.load, or use lightning_mp.Fabric", stacklevel=2)
-            trainer_plugin.report_storage(self.precision, "weight", [raw], [self.core._attach(raw)])
+            report_storage(self.precision, "weight", [raw], [self.core._attach(raw)])
         return raw
 
     def _device(self) -> str:

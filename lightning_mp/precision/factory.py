@@ -9,7 +9,8 @@ from lightning.pytorch.plugins.precision import DoublePrecision, FSDPPrecision, 
 
 from lightning_mp.precision.fsdp import FSDPMasterWeightPrecision
 from lightning_mp.precision.fsdp2 import FSDP2MasterWeightPrecision
-from lightning_mp.precision.master import MASTER_DTYPES, MasterWeightPrecision
+from lightning_mp.precision.master import MasterWeightPrecision
+from lightning_mp.precision.options import MASTER_DTYPES
 
 _LIGHTNING_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 PRECISION_NAMES: tuple[str, ...] = (

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from lightning_mp.convert import _TORCH_NORMS
 from lightning_mp.model import RMSNorm
-from lightning_mp.precision.master import MASTER_DTYPES, device_type
+from lightning_mp.precision.options import MASTER_DTYPES, device_type
 from lightning_mp.precision.skips import SkipTracker, sharded_step
 
 

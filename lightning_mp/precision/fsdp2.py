@@ -46,8 +46,8 @@ from lightning_mp.parallel import clip_by_global_norm, outermost, shard_units
 from lightning_mp.precision.fsdp2_grads import FP32GradShards
 from lightning_mp import loading
 from lightning_mp.optim.adopt import adopt, why_not
-from lightning_mp.precision.master import (_STORAGE, MASTER_DTYPES, _lightning_module, _make_scaler, _store_policy,
-                                          check_master_options, device_type, report_storage)
+from lightning_mp.precision.options import (MASTER_DTYPES, STORAGE, check_master_options, device_type, lightning_module,
+                                           make_scaler, report_storage, store_policy)
 from lightning_mp.precision.step import _unwrap
 from lightning_mp.precision.skips import SkipTracker, sharded_step, step_gradients
 from lightning_mp.storage import like, local
@@ -98,11 +98,11 @@ class FSDP2MasterWeightPrecision(Precision):
         self.dtype = MASTER_DTYPES[precision]
         self.keep_fp32 = tuple(DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
         self.device = device  # None: the run's, from the mesh (shard) or the sharded model (convert_module)
-        self.scaler = _make_scaler(precision, loss_scale, init_scale, growth_factor, backoff_factor,
+        self.scaler = make_scaler(precision, loss_scale, init_scale, growth_factor, backoff_factor,
                                    growth_interval, hysteresis, min_scale)
         self.skips = SkipTracker(self.scaler, max_consecutive_skips)
         self.forced = master != "auto"  # auto: bf16 shards with int16 remainders under bf16-master (see connect)
-        master = _store_policy(master, self.dtype)
+        master = store_policy(master, self.dtype)
         self.master = master
         # bf16 shards (master != "fp32"): where their FP32 values live, and their FP32 gradients
         self.store = MasterStore(torch.bfloat16, master) if master != "fp32" else None
@@ -213,7 +213,7 @@ class FSDP2MasterWeightPrecision(Precision):
 
     def connect(self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]) -> Any:
         self.skips.watch_schedulers(model, lr_schedulers)
-        self._module = _lightning_module(model)
+        self._module = lightning_module(model)
         if self.store is not None:
             raw = [_unwrap(o) for o in optimizers]
             for optimizer in raw:
@@ -226,7 +226,7 @@ class FSDP2MasterWeightPrecision(Precision):
                         "which any optimizer steps."
                     )
                 optimizer.use_store(self.store)
-            report_storage(self.precision, "shard", raw, [_STORAGE[self.master]] * len(raw))
+            report_storage(self.precision, "shard", raw, [STORAGE[self.master]] * len(raw))
             self._optimizers = raw
             self.store.track(self._module, (p for o in raw for g in o.param_groups for p in g["params"]))
         return super().connect(model, optimizers, lr_schedulers)

@@ -10,7 +10,6 @@ on those values, and every checkpoint path reads and writes them through the mod
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional, Union
@@ -24,19 +23,16 @@ from torch.optim import Optimizer
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, cast_module_
 from lightning_mp.masters import MasterStore, check_finite
-from lightning_mp import messages
 from lightning_mp.optim import _StoredMasterOptimizer
 from lightning_mp.optim.adopt import adopt, why_not
 from lightning_mp.precision import ddp
 from lightning_mp.precision.averaging import average_fp32
 from lightning_mp.precision.grads import FP32Grads
+from lightning_mp.precision.options import (MASTER_DTYPES, STORAGE, check_master_options, device_type, lightning_module,
+                                           make_scaler, report_storage, store_policy)
 from lightning_mp.precision.skips import SkipTracker
 from lightning_mp.precision.step import MasterStep, _unwrap
-from lightning_mp.scaler import LossScaler
-from lightning_mp.storage import HALF, MASTER_POLICIES
-
-MASTER_DTYPES = {"bf16-master": torch.bfloat16, "16-master": torch.float16}
-
+from lightning_mp.storage import HALF
 
 class MasterWeightPrecision(Precision):
     """16-bit weights and autocast compute, FP32 master values stepped by the optimizer.
@@ -114,14 +110,14 @@ class MasterWeightPrecision(Precision):
         self.master = master
         self.dtype = MASTER_DTYPES[precision]
         self.keep_fp32: tuple[KeepFP32, ...] = tuple(DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
-        self.scaler = _make_scaler(precision, loss_scale, init_scale, growth_factor, backoff_factor, growth_interval,
+        self.scaler = make_scaler(precision, loss_scale, init_scale, growth_factor, backoff_factor, growth_interval,
                                    hysteresis, min_scale)
         if self.scaler is not None and self.scaler.dynamic and max_consecutive_skips is not None:
             if max_consecutive_skips <= hysteresis:
                 raise ValueError(f"max_consecutive_skips={max_consecutive_skips} must exceed hysteresis={hysteresis}")
         self.grad_reduce_dtype = grad_reduce_dtype
         self.device = device
-        self.store = MasterStore(self.dtype, _store_policy(master, self.dtype))
+        self.store = MasterStore(self.dtype, store_policy(master, self.dtype))
         self.skips = SkipTracker(self.scaler, max_consecutive_skips)
         self.grads = FP32Grads()  # micro-batches summed in FP32 under every storage policy
         self.step_runner = MasterStep(self.store, self.grads, self.scaler, self.skips, sync_free)
@@ -150,7 +146,7 @@ class MasterWeightPrecision(Precision):
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
         """Give each 16-bit parameter its storage (the policy's if an optimizer steps it), keep
         optimizer state FP32, and hold step schedulers on skipped steps."""
-        module = _lightning_module(model)
+        module = lightning_module(model)
         self._module = module
         trainer = getattr(module, "_trainer", None)
         raw = [_unwrap(o) for o in optimizers]
@@ -173,7 +169,7 @@ class MasterWeightPrecision(Precision):
         policy = self.store.policy
         if isinstance(optimizer, _StoredMasterOptimizer) or (policy != "fp32" and adopt(optimizer, policy)):
             optimizer.use_store(self.store)
-            return _STORAGE[policy]
+            return STORAGE[policy]
         if self.master not in ("auto", "fp32"):
             raise TypeError(
                 f"master={self.master!r} needs an optimizer that steps the bf16 weights with their "
@@ -184,7 +180,7 @@ class MasterWeightPrecision(Precision):
         _upcast_state(optimizer)
         self._hooks += _keep_fp32_state_on_load(optimizer)
         reason = "" if policy == "fp32" else f" ({why_not(optimizer)})"
-        return _STORAGE["fp32"] + reason
+        return STORAGE["fp32"] + reason
 
     def _setup_ddp(self, model: DistributedDataParallel, trainer: Any) -> None:
         """Rank 0's FP32 values on every rank (DDP broadcast only the 16-bit weights); who reduces."""
@@ -278,22 +274,6 @@ class MasterWeightPrecision(Precision):
                     self.store.set_value(p, value)
 
 
-def _make_scaler(
-    precision: str, loss_scale: Any, init_scale: float, growth_factor: float, backoff_factor: float,
-    growth_interval: int, hysteresis: int, min_scale: float,
-) -> Optional[LossScaler]:
-    if loss_scale is None:
-        loss_scale = "dynamic" if precision == "16-master" else None
-    if loss_scale is None:
-        return None
-    if loss_scale == "dynamic":
-        return LossScaler(init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
-                          growth_interval=growth_interval, hysteresis=hysteresis, min_scale=min_scale)
-    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool) and loss_scale > 0:
-        return LossScaler(float(loss_scale), dynamic=False)
-    raise ValueError(f"loss_scale must be 'dynamic' or a positive number, got {loss_scale!r}")
-
-
 def _frees_grads(model: nn.Module) -> bool:
     """Whether gradients may die with the step: Lightning's automatic loop with its own
     ``optimizer_zero_grad`` (``set_to_none=True``) clears them before the next backward anyway."""
@@ -335,64 +315,6 @@ def _keep_fp32_state_on_load(optimizer: Optimizer) -> list[Any]:
                     opt.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
     return [optimizer.register_load_state_dict_pre_hook(before), optimizer.register_load_state_dict_post_hook(after)]
-
-
-_STORAGE = {
-    "fp32": "as an FP32 master (4 bytes per parameter)",
-    "remainder": "as an int16 remainder beside the weight (exact, 2 bytes per parameter)",
-    "kahan": "as a bf16 Kahan compensation (about 16 bits, 2 bytes per parameter)",
-    "stochastic": "in the bf16 weight alone, rounded stochastically (0 bytes)",
-}
-
-
-def _store_policy(master: str, dtype: torch.dtype) -> str:
-    """The store's policy: ``"auto"`` is the cheapest exact one for the weights' dtype."""
-    if master == "auto":
-        return "remainder" if dtype == torch.bfloat16 else "fp32"
-    return master
-
-
-_REPORTED: weakref.WeakKeyDictionary[Optimizer, str] = weakref.WeakKeyDictionary()  # optimizer -> its line
-
-
-def report_storage(precision: str, what: str, optimizers: list[Optimizer], storage: list[str]) -> None:
-    """One line at the start: how each optimizer's 16-bit ``what`` (weight, shard) keeps its FP32
-    value; not again for the same optimizers and storage (``trainer.validate`` after ``fit``
-    connects the fitted optimizers once more)."""
-    if not optimizers:
-        return
-    line = (f"lightning-mp: {precision} keeps each {what}'s FP32 value "
-            + "; ".join(f"for {type(o).__qualname__} {kind}" for o, kind in zip(optimizers, storage)))
-    if all(_REPORTED.get(o) == line for o in optimizers):
-        return
-    for o in optimizers:
-        _REPORTED[o] = line
-    messages.info(line)
-
-
-def check_master_options(precision: str, master: str, max_consecutive_skips: Optional[int], kept: str) -> None:
-    """The storage policy and skip limit a master-weight plugin accepts (``kept``: what holds the
-    16-bit values, weights or shards)."""
-    if master not in ("auto", *MASTER_POLICIES):
-        raise ValueError(f"master must be 'auto' or one of {', '.join(MASTER_POLICIES)}, got {master!r}")
-    if master not in ("auto", "fp32") and precision != "bf16-master":
-        raise ValueError(f"master={master!r} stores bfloat16 {kept}: use it with 'bf16-master', not {precision!r}")
-    if max_consecutive_skips is not None and max_consecutive_skips < 1:
-        raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}")
-
-
-def device_type(model: nn.Module) -> str:
-    """Where ``model`` runs (its first parameter's device type; a DTensor's is its mesh's): the
-    autocast device of a plugin not given one, taken from the run rather than from the machine."""
-    param = next(model.parameters(), None)
-    return param.device.type if param is not None else "cpu"
-
-
-def _lightning_module(model: nn.Module) -> nn.Module:
-    """The LightningModule inside a strategy's wrapper (DDP...), whose names the checkpoint uses."""
-    if isinstance(model, pl.LightningModule):
-        return model
-    return next((m for m in model.modules() if isinstance(m, pl.LightningModule)), model)
 
 
 def _refuse_sharded(module: nn.Module) -> None:
