@@ -111,8 +111,6 @@ def sync_free(device: str, dry: bool) -> dict[str, Any]:
 
 def optimizer_step(device: str, dry: bool) -> dict[str, Any]:
     """Median step time of each storage policy and moment dtype against torch's fused AdamW."""
-    from lightning_mp.optim import AdamW
-
     width, layers, repeats = (64, 2, 3) if dry else (1024, 12, 30)
     dims = [(width, width)] * layers + [(width,)] * (2 * layers)
     rows: dict[str, Callable[[], torch.optim.Optimizer]] = {

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 #: class (``isinstance``), or a predicate ``(qualified_name, module) -> bool``.
 KeepFP32 = Union[str, type, Callable[[str, nn.Module], bool]]
 
-_TORCH_NORMS: tuple[type, ...] = tuple(
+TORCH_NORMS: tuple[type, ...] = tuple(
     cls
     for cls in (
         nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
@@ -38,7 +38,7 @@ _NORM_CLASS_NAME = re.compile(r"Norm(\d+d)?$")
 
 def is_norm_layer(name: str, module: nn.Module) -> bool:
     """True for torch's normalization layers and any class whose name ends in ``Norm``."""
-    return isinstance(module, _TORCH_NORMS) or bool(_NORM_CLASS_NAME.search(type(module).__name__))
+    return isinstance(module, TORCH_NORMS) or bool(_NORM_CLASS_NAME.search(type(module).__name__))
 
 
 #: The default of ``MasterWeightPrecision(keep_fp32=...)``: every normalization layer.
@@ -46,7 +46,7 @@ def is_norm_layer(name: str, module: nn.Module) -> bool:
 DEFAULT_KEEP_FP32: tuple[KeepFP32, ...] = (is_norm_layer,)
 
 
-def _matcher(entry: KeepFP32) -> Callable[[str, nn.Module], bool]:
+def matcher(entry: KeepFP32) -> Callable[[str, nn.Module], bool]:
     if isinstance(entry, str):
         return lambda name, module: fnmatch.fnmatchcase(name, entry)
     if isinstance(entry, type):
@@ -67,7 +67,7 @@ def fp32_parameters_and_buffers(module: nn.Module, keep_fp32: Iterable[KeepFP32]
     A module is kept when it sets ``keep_fp32 = True`` or matches any ``keep_fp32`` entry; a
     kept module keeps its whole subtree (a router's inner ``Linear`` stays FP32 too).
     """
-    matchers = [_matcher(entry) for entry in keep_fp32]
+    matchers = [matcher(entry) for entry in keep_fp32]
     kept_prefixes: list[str] = []
     kept: set[Tensor] = set()
     for name, sub in module.named_modules(remove_duplicate=False):

@@ -37,7 +37,7 @@ class _Policy:
 
     def decode(self, weights: list[Tensor], storage: list[Tensor]) -> list[Tensor]:
         """FP32 values of ``weights`` with their ``storage``, in new tensors."""
-        return _upcast(weights)
+        return upcast(weights)
 
     def encode(self, values: list[Tensor], weights: list[Tensor], storage: list[Tensor], generator: Any) -> None:
         """Write FP32 ``values`` into ``weights`` and their ``storage`` (may overwrite ``values``)."""
@@ -157,7 +157,7 @@ POLICY: dict[str, _Policy] = {p.name: p for p in (_FP32(), _Remainder(), _Kahan(
 STATE_KEYS: tuple[str, ...] = tuple(p.state_key for p in POLICY.values() if p.state_key)
 
 
-def _upcast(tensors: Sequence[Tensor]) -> list[Tensor]:
+def upcast(tensors: Sequence[Tensor]) -> list[Tensor]:
     out = [torch.empty_like(t, dtype=torch.float32) for t in tensors]
     if out:
         torch._foreach_copy_(out, list(tensors))  # exact

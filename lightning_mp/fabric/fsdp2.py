@@ -25,14 +25,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_mp.fabric.precision import _Adapter, hold_schedulers_of
+from lightning_mp.fabric.precision import Adapter, hold_schedulers_of
 from lightning_mp.precision import fsdp2 as trainer_plugin
 from lightning_mp.precision.skips import any_rank_nonfinite, step_gradients
-from lightning_mp.precision.step import _unwrap
+from lightning_mp.precision.step import unwrap
 from lightning_mp.storage import like, local
 
 
-class FSDP2MasterWeightPrecision(_Adapter):
+class FSDP2MasterWeightPrecision(Adapter):
     """Master weights under Fabric's ``ModelParallelStrategy`` (FSDP2); the arguments of
     :class:`lightning_mp.precision.FSDP2MasterWeightPrecision`. Shard with :meth:`shard` in the
     strategy's ``parallelize_fn``."""
@@ -57,7 +57,7 @@ class FSDP2MasterWeightPrecision(_Adapter):
     def attach(self, optimizer: Any) -> Optimizer:
         """The raw optimizer, stepping the shards through the store (``lightning_mp.Fabric`` calls
         it in ``setup_optimizers``; a plain Fabric at the first step)."""
-        raw = _unwrap(getattr(optimizer, "optimizer", optimizer))
+        raw = unwrap(getattr(optimizer, "optimizer", optimizer))
         if id(raw) not in self._attached:
             if self._module is None:
                 raise RuntimeError("FSDP2MasterWeightPrecision: shard the model with fabric.strategy.precision.shard("

@@ -35,11 +35,11 @@ from lightning_mp.precision import ddp
 from lightning_mp.precision import master as trainer_plugin
 from lightning_mp.precision.options import report_storage
 from lightning_mp.precision.schedulers import hold, make_skip_aware
-from lightning_mp.precision.step import _unwrap
+from lightning_mp.precision.step import unwrap
 from lightning_mp.storage import HALF
 
 
-class _Adapter(Precision):
+class Adapter(Precision):
     """What both Fabric plugins expose of the Trainer plugin they wrap (``self.core``)."""
 
     core: Any
@@ -78,7 +78,7 @@ class _Adapter(Precision):
         self.core.load_state_dict(state_dict)
 
 
-class MasterWeightPrecision(_Adapter):
+class MasterWeightPrecision(Adapter):
     """16-bit weights and autocast compute, FP32 master values, for ``lightning.Fabric``.
 
     Takes the arguments of :class:`lightning_mp.MasterWeightPrecision` (``precision``, ``master``,
@@ -115,7 +115,7 @@ class MasterWeightPrecision(_Adapter):
         ``fabric.load`` when the optimizer was set up on its own in a plain ``lightning.Fabric``:
         torch's ``load_state_dict`` casts an optimizer's state to its parameters' 16-bit dtype
         unless the plugin keeps it FP32."""
-        raw = _unwrap(getattr(optimizer, "optimizer", optimizer))  # (a _FabricOptimizer's)
+        raw = unwrap(getattr(optimizer, "optimizer", optimizer))  # (a _FabricOptimizer's)
         if id(raw) not in self._attached:
             self._attached[id(raw)] = raw
             # state of steps taken elsewhere (a loaded file), cast to 16 bits by torch's load_state_dict

@@ -16,7 +16,6 @@ State keys match torch's (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buff
 """
 
 from lightning_mp.optim.adamw import AdamW
-from lightning_mp.optim.base import _StoredMasterOptimizer  # noqa: F401 (the plugins use it)
 from lightning_mp.optim.sgd import SGD
 from lightning_mp.storage import MASTER_POLICIES
 

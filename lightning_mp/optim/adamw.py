@@ -9,10 +9,10 @@ from torch import Tensor
 
 from lightning_mp import fused
 from lightning_mp.optim import quant
-from lightning_mp.optim.base import EIGHT_BIT, MomentDtype, Params, _StoredMasterOptimizer
+from lightning_mp.optim.base import EIGHT_BIT, MomentDtype, Params, StoredMasterOptimizer
 
 
-class AdamW(_StoredMasterOptimizer):
+class AdamW(StoredMasterOptimizer):
     """``torch.optim.AdamW`` (same defaults and arithmetic) on 16-bit weights with stored FP32 values.
 
     Args:

@@ -31,7 +31,7 @@ from lightning_mp import fused
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim import compiled, quant
 from lightning_mp.optim.blocks import Piece, block_numel, blocks
-from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, _upcast, like, local, shard_offset, sharded, stochastic_round_
+from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, upcast, like, local, shard_offset, sharded, stochastic_round_
 
 Params = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
 
@@ -51,7 +51,7 @@ def moment_dtype_of(value: MomentDtype) -> MomentDtype:
 _STORED_AS = {EIGHT_BIT: (torch.int8, torch.uint8)}  # the dtypes of a moment_dtype's tensors, where not itself
 
 
-class _StoredMasterOptimizer(Optimizer):
+class StoredMasterOptimizer(Optimizer):
     """Shared machinery of :class:`~lightning_mp.optim.AdamW` and :class:`~lightning_mp.optim.SGD`."""
 
     _state_keys: tuple[str, ...] = ()  # moment tensors, kept in ``moment_dtype``
@@ -219,7 +219,7 @@ class _StoredMasterOptimizer(Optimizer):
             scales = {key: [piece.scales(self.state[piece.param][key + quant.SCALE]) for piece in block] for key in stored}
             moments = {key: [quant.decode(key, c, a) for c, a in zip(stored[key], scales[key])] for key in stored}
         else:
-            moments = {key: t if self.moment_dtype == torch.float32 else _upcast(t) for key, t in stored.items()}
+            moments = {key: t if self.moment_dtype == torch.float32 else upcast(t) for key, t in stored.items()}
         self._update(group, values, grads, moments, [scalars[piece.param] for piece in block])
         if self.moment_dtype == EIGHT_BIT:  # the weights stepped with the FP32 moments; these are stored
             for key, tensors in moments.items():

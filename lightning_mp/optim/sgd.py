@@ -7,10 +7,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_mp.optim.base import Params, _StoredMasterOptimizer
+from lightning_mp.optim.base import Params, StoredMasterOptimizer
 
 
-class SGD(_StoredMasterOptimizer):
+class SGD(StoredMasterOptimizer):
     """``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay; same defaults and arithmetic)
     on 16-bit weights with stored FP32 values. ``master``, ``moment_dtype``, ``seed`` and ``compile``
     as :class:`~lightning_mp.optim.AdamW`; the C++ kernel's SGD step is bit-exact with torch's too

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_mp.convert import _TORCH_NORMS
+from lightning_mp.convert import TORCH_NORMS
 from lightning_mp.model import RMSNorm
 from lightning_mp.precision.options import MASTER_DTYPES, device_type
 from lightning_mp.precision.skips import SkipTracker, sharded_step
@@ -51,7 +51,7 @@ class FSDPMasterWeightPrecision(FSDPPrecision):
         self,
         precision: Literal["bf16-master", "16-master"] = "bf16-master",
         *,
-        keep_fp32: Sequence[type] = (*_TORCH_NORMS, RMSNorm),
+        keep_fp32: Sequence[type] = (*TORCH_NORMS, RMSNorm),
         device: Optional[str] = None,
         master: str = "auto",
         loss_scale: Optional[str] = "dynamic",

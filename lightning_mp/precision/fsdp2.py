@@ -39,16 +39,16 @@ from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, _matcher
+from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, matcher
 from lightning_mp.masters import MasterStore
-from lightning_mp.optim.base import _StoredMasterOptimizer
+from lightning_mp.optim.base import StoredMasterOptimizer
 from lightning_mp.parallel import clip_by_global_norm, outermost, shard_units
 from lightning_mp.precision.fsdp2_grads import FP32GradShards
 from lightning_mp import loading
 from lightning_mp.optim.adopt import adopt, why_not
 from lightning_mp.precision.options import (MASTER_DTYPES, STORAGE, check_master_options, device_type, lightning_module,
                                            make_scaler, report_storage, store_policy)
-from lightning_mp.precision.step import _unwrap
+from lightning_mp.precision.step import unwrap
 from lightning_mp.precision.skips import SkipTracker, sharded_step, step_gradients
 from lightning_mp.storage import like, local
 
@@ -135,7 +135,7 @@ class FSDP2MasterWeightPrecision(Precision):
         from torch.distributed.fsdp import FSDPModule
 
         self.device = self.device or mesh.device_type
-        matchers = [_matcher(entry) for entry in self.keep_fp32]
+        matchers = [matcher(entry) for entry in self.keep_fp32]
         kept = [m for name, m in module.named_modules() if name and (getattr(m, "keep_fp32", False) is True
                                                                       or any(f(name, m) for f in matchers))]
         kept = outermost(kept)
@@ -215,9 +215,9 @@ class FSDP2MasterWeightPrecision(Precision):
         self.skips.watch_schedulers(model, lr_schedulers)
         self._module = lightning_module(model)
         if self.store is not None:
-            raw = [_unwrap(o) for o in optimizers]
+            raw = [unwrap(o) for o in optimizers]
             for optimizer in raw:
-                if not (isinstance(optimizer, _StoredMasterOptimizer) or adopt(optimizer, self.master)):
+                if not (isinstance(optimizer, StoredMasterOptimizer) or adopt(optimizer, self.master)):
                     chosen = f"master={self.master!r}" if self.forced else "the default (master='auto')"
                     raise TypeError(
                         f"{chosen} keeps bf16 shards with their {self.master} storage, which needs "

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, cast_module_
 from lightning_mp.masters import MasterStore, check_finite
-from lightning_mp.optim import _StoredMasterOptimizer
+from lightning_mp.optim.base import StoredMasterOptimizer
 from lightning_mp.optim.adopt import adopt, why_not
 from lightning_mp.precision import ddp
 from lightning_mp.precision.averaging import average_fp32
@@ -31,7 +31,7 @@ from lightning_mp.precision.grads import FP32Grads
 from lightning_mp.precision.options import (MASTER_DTYPES, STORAGE, check_master_options, device_type, lightning_module,
                                            make_scaler, report_storage, store_policy)
 from lightning_mp.precision.skips import SkipTracker
-from lightning_mp.precision.step import MasterStep, _unwrap
+from lightning_mp.precision.step import MasterStep, unwrap
 from lightning_mp.storage import HALF
 
 class MasterWeightPrecision(Precision):
@@ -149,7 +149,7 @@ class MasterWeightPrecision(Precision):
         module = lightning_module(model)
         self._module = module
         trainer = getattr(module, "_trainer", None)
-        raw = [_unwrap(o) for o in optimizers]
+        raw = [unwrap(o) for o in optimizers]
         report_storage(self.precision, "weight", raw, [self._attach(optimizer) for optimizer in raw])
         self.store.track(module, (p for o in raw for g in o.param_groups for p in g["params"]))
         self.grads.attach(p for p in self.store.params() if p.requires_grad)  # also for a raw loss.backward()
@@ -167,7 +167,7 @@ class MasterWeightPrecision(Precision):
         :mod:`lightning_mp.optim` optimizer, or a torch one it adopts), or as FP32 masters it steps
         itself (its state kept FP32)."""
         policy = self.store.policy
-        if isinstance(optimizer, _StoredMasterOptimizer) or (policy != "fp32" and adopt(optimizer, policy)):
+        if isinstance(optimizer, StoredMasterOptimizer) or (policy != "fp32" and adopt(optimizer, policy)):
             optimizer.use_store(self.store)
             return STORAGE[policy]
         if self.master not in ("auto", "fp32"):

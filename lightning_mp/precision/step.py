@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from lightning_mp import fused
 from lightning_mp.masters import MasterStore
-from lightning_mp.optim import _StoredMasterOptimizer
+from lightning_mp.optim.base import StoredMasterOptimizer
 from lightning_mp.precision.ddp import GradReducer
 from lightning_mp.precision.grads import FP32Grads
 from lightning_mp.precision.skips import SkipTracker
@@ -55,7 +55,7 @@ class Prepared:
         return [g for p in self.params if (g := self.fp32.get(p, p.grad)) is not None]
 
 
-def _unwrap(optimizer: Any) -> Optimizer:
+def unwrap(optimizer: Any) -> Optimizer:
     """The optimizer inside Lightning's ``LightningOptimizer`` (attributes set on the wrapper are lost)."""
     return getattr(optimizer, "_optimizer", optimizer)
 
@@ -88,12 +88,12 @@ class MasterStep:
         checked in one pass (:mod:`lightning_mp.fused`), or by torch's ops on devices the kernel
         does not cover.
         """
-        optimizer = _unwrap(optimizer)
+        optimizer = unwrap(optimizer)
         if id(optimizer) in self._prepared:
             return self._prepared[id(optimizer)]
         params = list(dict.fromkeys(p for group in optimizer.param_groups for p in group["params"]))
         half = [p for p in params if p.dtype in HALF]
-        stored = isinstance(optimizer, _StoredMasterOptimizer)
+        stored = isinstance(optimizer, StoredMasterOptimizer)
         inv_scale = None if self.scaler is None else self.scaler.inv_scale
         if not stored:  # a torch optimizer stepping FP32 masters
             self.store.ensure(half, "fp32")  # a parameter joining late gets its master, from its exact value
