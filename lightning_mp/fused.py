@@ -108,7 +108,8 @@ def avx512() -> bool:
     return lib is not None and bool(lib.lmp_avx512())
 
 
-def _compiler() -> str:
+def compiler() -> str:
+    """The C++ compiler the kernels are built with: ``$CXX``, else the first of c++, g++, clang++ on the path."""
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
             return name
@@ -131,7 +132,7 @@ def _sources() -> dict[str, bytes]:
 def _build(defines: Sequence[str] = ()) -> Path:
     """The library built for this CPU (``defines``: extra macros, e.g. ``LMP_PORTABLE``), from the cache if there."""
     sources = _sources()
-    cxx = _compiler()
+    cxx = compiler()
     flags = [*FLAGS, *(f"-D{d}" for d in defines)]
     parts = [name.encode() + b"\0" + text for name, text in sorted(sources.items())]
     key = hashlib.sha256(b"\0".join([*parts, cxx.encode(), " ".join(flags).encode(), _cpu_flags().encode()])).hexdigest()

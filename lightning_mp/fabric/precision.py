@@ -125,7 +125,7 @@ class MasterWeightPrecision(Adapter):
                 warnings.warn(f"lightning-mp: {type(raw).__qualname__}'s state ({rounded[0]}...) was loaded in 16 bits "
                               "before the precision plugin saw the optimizer: call fabric.strategy.precision.attach("
                               "optimizer) before fabric.load, or use lightning_mp.Fabric", stacklevel=2)
-            report_storage(self.precision, "weight", [raw], [self.core._attach(raw)])
+            report_storage(self.precision, "weight", [raw], [self.core.attach(raw)])
         return raw
 
     def _device(self) -> str:

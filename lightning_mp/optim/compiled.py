@@ -207,7 +207,7 @@ def available(device: torch.device) -> bool:
         from lightning_mp import fused
 
         try:
-            fused._compiler()
+            fused.compiler()
         except RuntimeError:
             return False
         return True

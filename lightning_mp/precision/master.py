@@ -150,7 +150,7 @@ class MasterWeightPrecision(Precision):
         self._module = module
         trainer = getattr(module, "_trainer", None)
         raw = [unwrap(o) for o in optimizers]
-        report_storage(self.precision, "weight", raw, [self._attach(optimizer) for optimizer in raw])
+        report_storage(self.precision, "weight", raw, [self.attach(optimizer) for optimizer in raw])
         self.store.track(module, (p for o in raw for g in o.param_groups for p in g["params"]))
         self.grads.attach(p for p in self.store.params() if p.requires_grad)  # also for a raw loss.backward()
         self.device = self.device or device_type(model)
@@ -162,10 +162,10 @@ class MasterWeightPrecision(Precision):
             average_fp32(callback, self.store)  # SWA and EMA average the FP32 values
         return model, optimizers, lr_schedulers
 
-    def _attach(self, optimizer: Optimizer) -> str:
-        """How ``optimizer`` keeps its FP32 values, in words: through the store's storage (a
-        :mod:`lightning_mp.optim` optimizer, or a torch one it adopts), or as FP32 masters it steps
-        itself (its state kept FP32)."""
+    def attach(self, optimizer: Optimizer) -> str:
+        """Give ``optimizer`` its way of keeping the FP32 values and say which, in the start line's
+        words: the store's storage (a :mod:`lightning_mp.optim` optimizer, or a torch one it
+        adopts), or FP32 masters it steps itself (its state kept FP32). Fabric's plugin calls it too."""
         policy = self.store.policy
         if isinstance(optimizer, StoredMasterOptimizer) or (policy != "fp32" and adopt(optimizer, policy)):
             optimizer.use_store(self.store)
