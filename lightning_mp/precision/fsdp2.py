@@ -99,7 +99,7 @@ class FSDP2MasterWeightPrecision(Precision):
         self.keep_fp32 = tuple(DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
         self.device = device  # None: the run's, from the mesh (shard) or the sharded model (convert_module)
         self.scaler = make_scaler(precision, loss_scale, init_scale, growth_factor, backoff_factor,
-                                   growth_interval, hysteresis, min_scale)
+                                  growth_interval, hysteresis, min_scale)
         self.skips = SkipTracker(self.scaler, max_consecutive_skips)
         self.forced = master != "auto"  # auto: bf16 shards with int16 remainders under bf16-master (see connect)
         master = store_policy(master, self.dtype)

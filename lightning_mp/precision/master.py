@@ -111,7 +111,7 @@ class MasterWeightPrecision(Precision):
         self.dtype = MASTER_DTYPES[precision]
         self.keep_fp32: tuple[KeepFP32, ...] = tuple(DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32)
         self.scaler = make_scaler(precision, loss_scale, init_scale, growth_factor, backoff_factor, growth_interval,
-                                   hysteresis, min_scale)
+                                  hysteresis, min_scale)
         if self.scaler is not None and self.scaler.dynamic and max_consecutive_skips is not None:
             if max_consecutive_skips <= hysteresis:
                 raise ValueError(f"max_consecutive_skips={max_consecutive_skips} must exceed hysteresis={hysteresis}")
