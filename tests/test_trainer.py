@@ -41,8 +41,16 @@ def test_lightning_names_and_other_arguments_pass_through():
     trainer = lightning_mp.Trainer(precision="bf16-mixed", max_epochs=3, accelerator="cpu", logger=False)
     assert isinstance(trainer.precision_plugin, MixedPrecision) and trainer.max_epochs == 3
     assert isinstance(lightning_mp.Trainer(accelerator="cpu", logger=False), L.Trainer)
-    with pytest.raises(ValueError, match="Precision 'bf16-masters' is invalid"):
-        lightning_mp.Trainer(precision="bf16-masters", accelerator="cpu")
+
+
+@pytest.mark.parametrize("make", [lightning_mp.Trainer, lightning_mp.Fabric])
+@pytest.mark.parametrize("name", ["bf16-masters", "fp8-master", 8])
+def test_an_unknown_precision_is_one_line_naming_ours_and_lightnings(make, name):
+    with pytest.raises(ValueError) as err:
+        make(precision=name, accelerator="cpu")
+    message = str(err.value)
+    assert message.startswith(f"Precision '{name}' is invalid") and "\n" not in message
+    assert all(n in message for n in ("'bf16-master'", "'16-master'", "'bf16-mixed'", "'32-true'", "'16-mixed'"))
 
 
 def test_a_precision_name_and_a_plugin_together_is_an_error():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import torch
 from lightning.pytorch.plugins.precision import DoublePrecision, FSDPPrecision, HalfPrecision, MixedPrecision, Precision
@@ -87,8 +87,24 @@ def with_master_plugin(precision: Any, plugins: Any, base: type, build: Any) -> 
     (``bf16-master``, ``16-master``), ``plugins`` plus ``build(name)`` and no precision name (a
     precision plugin in ``plugins`` besides, an instance of ``base``, is refused); else both unchanged."""
     if precision is None or str(precision) not in MASTER_DTYPES:
+        known = _lightning_names()
+        if precision is not None and known is not None and str(precision) not in known:
+            # (Lightning's own message would list its names only)
+            raise ValueError(f"Precision {str(precision)!r} is invalid: lightning-mp's are {', '.join(map(repr, MASTER_DTYPES))}; "
+                             f"Lightning's {', '.join(map(repr, known))}")
         return plugins, precision
     given = plugins if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
     if any(isinstance(p, base) for p in given):
         raise ValueError(f"precision={precision!r} and a precision plugin in plugins: give one of them")
     return [*given, build(str(precision))], None
+
+
+def _lightning_names() -> Optional[list[str]]:
+    """The precision names Lightning's Trainer and Fabric accept, from its connector's type (``None``
+    where a Lightning release has moved it: Lightning then checks the name itself)."""
+    try:
+        from lightning.fabric.connector import _PRECISION_INPUT
+    except ImportError:
+        return None
+    names = list(dict.fromkeys(str(name) for literal in get_args(_PRECISION_INPUT) for name in get_args(literal)))
+    return [n for n in names if "-" in n] + [n for n in names if "-" not in n]  # the full names, then the aliases
