@@ -244,9 +244,10 @@ def _q8_run(master, wdtype, gdtype, transform):
     (subnormal codes) and normal ones in others (blocks of normal codes), a step of zero gradients
     on part of each tensor, its last element the largest, one tensor's scales large; ``transform``: the
     unscale factor, clip value and ``maximize`` the plugin can pass, and a beta1 under 0.5 (the
-    lerp's other form). Last, a tensor at lr 0 whose FP32 values' low halves take all 2**16 patterns
-    (every remainder, its ties included): its weights must not move. Everything the step wrote, and
-    that tensor's FP32 values before the steps."""
+    lerp's other form). Steps 4 to 6 count from 20000, where sqrt(1 - 0.999**step) is 1.0 in FP32
+    (the hand-written loop then leaves out its division). Last, a tensor at lr 0 whose FP32 values'
+    low halves take all 2**16 patterns (every remainder, its ties included): its weights must not
+    move. Everything the step wrote, and that tensor's FP32 values before the steps."""
     g = torch.Generator().manual_seed(0)
     params = [torch.zeros(s, dtype=wdtype, requires_grad=True) for s in Q8_SHAPES]
     still = torch.zeros(1 << 16, dtype=wdtype, requires_grad=True)
@@ -274,6 +275,9 @@ def _q8_run(master, wdtype, gdtype, transform):
                 p.grad = x.to(gdtype)
         if transform:
             opt.grad_factor, opt.grad_clamp = torch.tensor(0.5), 0.01
+        if step == 3:
+            for p in params:
+                opt.state[p]["step"].fill_(2e4)
         opt.step()
     return [t.clone() for p in params for t in (p.detach(), opt.master_value(p), *(
         v for k, v in opt.state[p].items() if k != "step"))] + [before, opt.master_value(still).clone()]
