@@ -1,6 +1,6 @@
 """The optimizer step under every storage policy against torch's fused FP32 AdamW, and its bandwidth floor.
 
-    python benchmarks/optimizer_step.py [--layers 12] [--width 1024] [--repeats 30] [--threads N]
+    python benchmarks/optimizer_step.py [--layers 12] [--width 1024] [--repeats 30] [--threads N] [--from-step S]
 
 13.6M parameters (12 x width^2, 24 x width, 4 x width/4 x width, as the issue's measurement),
 AdamW, one process. Each round steps every optimizer once, in turn (each round starting one further
@@ -10,7 +10,10 @@ parameters of the same shapes (with quartiles). Bytes moved per parameter count 
 read and write (a bf16 weight and gradient are 2 bytes, FP32 moments and masters 4, a remainder or
 compensation 2, 8-bit moments 1 each, their block scales rounded away); the floor is those bytes at the machine's in-place streaming rate, measured here.
 Where the kernel runs 8-bit moments through its hand-written AVX-512 loop, two more rows step them
-with the portable build (``fused.portable()``), side by side.
+with the portable build (``fused.portable()``), side by side. ``--from-step S`` sets every
+optimizer's step counters to ``S`` after the first round: the steps of a long run (from step 16628
+at beta2 0.999, sqrt(1 - beta2**step) rounds to 1.0 in FP32, and the hand-written loop leaves out
+that division).
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch's (and the kernel's) threads; default: torch's")
+    parser.add_argument("--from-step", type=int, default=0, help="every step counter set to this after the first round")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +96,8 @@ def main() -> None:
     dims = shapes(args.layers, args.width)
     n = sum(torch.Size(s).numel() for s in dims)
     bandwidth = fused.stream_bandwidth() if fused.available() else float("nan")
-    print(f"{n / 1e6:.1f}M parameters; in-place streaming rate {bandwidth / 1e9:.1f} GB/s (read + write)\n")
+    print(f"{n / 1e6:.1f}M parameters; in-place streaming rate {bandwidth / 1e9:.1f} GB/s (read + write)"
+          + (f"; step counters from {args.from_step}" if args.from_step else "") + "\n")
     rows, portable = ROWS, set()
     if fused.available():
         print(f"8-bit AdamW step: {'hand-written AVX-512 loop' if fused.avx512() else 'portable loop (no AVX-512 here)'}")
@@ -112,6 +117,9 @@ def main() -> None:
                 elapsed = time.perf_counter() - start
             if i >= 3:
                 times[label].append(elapsed)
+            if i == 0 and args.from_step:
+                for state in opt.state.values():
+                    state["step"].fill_(args.from_step)  # (AdamW's counters: FP32 tensors on the CPU, torch's too)
     anchor = times[ROWS[0][0]]
     print("| step | median ms | vs `AdamW(fused=True)` FP32 (median, quartiles) | bytes/param | floor ms | time / floor |")
     print("|---|---|---|---|---|---|")
