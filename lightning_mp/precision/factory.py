@@ -85,7 +85,8 @@ def fp16_supported(device_type: str) -> bool:
 def with_master_plugin(precision: Any, plugins: Any, base: type, build: Any) -> tuple[Any, Any]:
     """``(plugins, precision)`` for Lightning's ``Trainer`` or ``Fabric``: for a lightning-mp name
     (``bf16-master``, ``16-master``), ``plugins`` plus ``build(name)`` and no precision name (a
-    precision plugin in ``plugins`` besides, an instance of ``base``, is refused); else both unchanged."""
+    precision plugin in ``plugins`` besides, an instance of ``base``, is refused); for a name neither
+    accepts, a one-line error naming both's; else both unchanged."""
     if precision is None or str(precision) not in MASTER_DTYPES:
         known = _lightning_names()
         if precision is not None and known is not None and str(precision) not in known:
