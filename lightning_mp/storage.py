@@ -158,6 +158,7 @@ STATE_KEYS: tuple[str, ...] = tuple(p.state_key for p in POLICY.values() if p.st
 
 
 def upcast(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Each tensor's FP32 copy, in new tensors (16-bit values upcast exactly)."""
     out = [torch.empty_like(t, dtype=torch.float32) for t in tensors]
     if out:
         torch._foreach_copy_(out, list(tensors))  # exact

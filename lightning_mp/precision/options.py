@@ -1,6 +1,7 @@
 """What a master-weight plugin's arguments choose, shared by the single-process, FSDP1 and FSDP2
 plugins: the 16-bit dtype, the storage policy (and the line that reports it), the loss scaler,
-the device to autocast on."""
+the device to autocast on; and the LightningModule inside a strategy's wrapper, whose parameter
+names the checkpoints use."""
 
 from __future__ import annotations
 
