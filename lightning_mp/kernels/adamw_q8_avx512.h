@@ -40,7 +40,7 @@ inline Tail tail(int64_t left) {
   return {left >= 32 ? __mmask32(~0u) : __mmask32((1u << left) - 1), lanes((left + 1) / 2), lanes(left / 2)};
 }
 // A block's 32-element chunks: the whole ones with every lane set (the masks then fold away, and
-// the loads and stores are plain ones: x0.94 in cache), then the last, partial one, masked
+// the loads and stores are plain ones: x0.93 in cache), then the last, partial one, masked
 template <class Body> inline __attribute__((always_inline)) void chunks(int64_t n, Body&& body) {
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) body(j, Tail{__mmask32(~0u), M(0xFFFF), M(0xFFFF)});
