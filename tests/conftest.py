@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_mp.optim
-from lightning_mp import precision_plugin
+from lightning_mp import memory_audit, precision_plugin
 
 
 def trainer(precision="bf16-master", plugin_kwargs=None, **kwargs) -> L.Trainer:
@@ -219,6 +219,13 @@ class InterruptAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class Audit(L.Callback):
+    """Keeps ``lightning_mp.memory_audit`` of the live run after each training batch (``.audit``)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.audit = memory_audit(pl_module, trainer.optimizers, trainer.precision_plugin)
 
 
 def run_cli(args, capsys, monkeypatch):

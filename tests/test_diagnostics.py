@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import Dot, TinyRegressor, fp32_values, inverse_step, regression_data, trainer
-from test_memory import Audit
+from conftest import Audit, Dot, TinyRegressor, fp32_values, inverse_step, regression_data, trainer
 
 import lightning_mp.optim
 from lightning_mp import SwallowedUpdateMonitor

@@ -3,8 +3,7 @@
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import regression_data, trainer
-from lightning.pytorch.callbacks import Callback
+from conftest import Audit, regression_data, trainer
 from torch import nn
 
 import lightning_mp.optim
@@ -22,11 +21,6 @@ class TwoLayer(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-
-class Audit(Callback):
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.audit = memory_audit(pl_module, trainer.optimizers, trainer.precision_plugin)
 
 
 N = 8 * 16 + 16  # parameters
