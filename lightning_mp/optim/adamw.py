@@ -9,7 +9,8 @@ from torch import Tensor
 
 from lightning_mp import fused
 from lightning_mp.optim import quant
-from lightning_mp.optim.base import EIGHT_BIT, MomentDtype, Params, StoredMasterOptimizer
+from lightning_mp.optim.base import Params, StoredMasterOptimizer
+from lightning_mp.optim.moments import EIGHT_BIT, MomentDtype
 
 
 class AdamW(StoredMasterOptimizer):

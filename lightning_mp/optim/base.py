@@ -31,24 +31,10 @@ from lightning_mp import fused
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim import compiled, quant
 from lightning_mp.optim.blocks import Piece, block_numel, blocks
+from lightning_mp.optim.moments import EIGHT_BIT, decoded_moments, loaded_moment, moment_dtype_of, stored_dtypes
 from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, STATE_KEYS, upcast, like, local, shard_offset, sharded, stochastic_round_
 
 Params = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
-
-EIGHT_BIT = "8bit"  # moment_dtype of block-wise 8-bit moments (lightning_mp.optim.quant)
-MomentDtype = Union[torch.dtype, str]
-_MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, EIGHT_BIT: EIGHT_BIT}
-
-
-def moment_dtype_of(value: MomentDtype) -> MomentDtype:
-    """``torch.float32``, ``torch.bfloat16`` or ``"8bit"`` from a dtype or its name."""
-    found = _MOMENT_DTYPES.get(value) if isinstance(value, str) else value
-    if found not in (torch.float32, torch.bfloat16, EIGHT_BIT):
-        raise ValueError(f"moment_dtype must be torch.float32, torch.bfloat16 or '8bit', got {value!r}")
-    return found
-
-
-_STORED_AS = {EIGHT_BIT: (torch.int8, torch.uint8)}  # the dtypes of a moment_dtype's tensors, where not itself
 
 
 class StoredMasterOptimizer(Optimizer):
@@ -265,7 +251,7 @@ class StoredMasterOptimizer(Optimizer):
         mkey, vkey = (*self._state_keys, None)[:2]  # (SGD: a momentum buffer and no second moment)
         mscale, vscale = (None if k is None else k + quant.SCALE for k in (mkey, vkey))
         storage, state_of, segment, moment_dtype = self.store.storage, self.state, self._segment, self.moment_dtype
-        stored = _STORED_AS.get(moment_dtype, (moment_dtype,))  # the dtypes of the moments the kernel reads
+        stored = stored_dtypes(moment_dtype)  # the dtypes of the moments the kernel reads
         rows: dict[torch.dtype, list[tuple]] = {}
         for item, scalar in zip(items, scalars):  # (every step, for every tensor: kept lean)
             state = state_of[item.param]
@@ -362,12 +348,7 @@ class StoredMasterOptimizer(Optimizer):
             if exact:
                 state["state"][index] = {**state["state"].get(index, {}), **exact}
             if sharded(p) and quant.is_quantized(state["state"].get(index, {})):
-                # DCP reshards tensors shaped as the parameter: the decoded moments, which encode
-                # back to the same codes and scales (quant's round trip)
-                saved = dict(state["state"][index])
-                for key in self._state_keys:
-                    saved[key] = like(quant.decode(key, local(saved[key]), saved.pop(key + quant.SCALE)), p)
-                state["state"][index] = saved
+                state["state"][index] = decoded_moments(state["state"][index], self._state_keys, p)  # for DCP
         if self.store.policy == "stochastic" or self.moment_dtype != torch.float32:
             for device in {p.device for p in params}:  # the rounding's generators, even before their first use
                 self.store.generator(device)
@@ -397,7 +378,7 @@ class StoredMasterOptimizer(Optimizer):
             for key in self._state_keys:
                 if isinstance(saved.get(key), Tensor):
                     state.pop(key + quant.SCALE, None)
-                    state.update(self._loaded_moment(p, key, saved))
+                    state.update(loaded_moment(p, key, saved, self.moment_dtype))
             state.pop("weight", None)
             for key in STATE_KEYS:
                 state.pop(key, None)
@@ -405,19 +386,6 @@ class StoredMasterOptimizer(Optimizer):
                 self._sync_storage([p])
                 self.store.load_exact_state(p, {k: v.to(p.device) for k, v in saved.items() if isinstance(v, Tensor)})
         self.store.load_state_dict({"generators": generators})
-
-    def _loaded_moment(self, p: Tensor, key: str, saved: dict[str, Any]) -> dict[str, Tensor]:
-        """Moment ``key`` of ``p`` as this optimizer keeps it, from a saved state in any moment dtype."""
-        value, scales = saved[key], saved.get(key + quant.SCALE)
-        if scales is not None and self.moment_dtype == EIGHT_BIT:
-            return {key: value.to(p.device), key + quant.SCALE: scales.to(p.device)}
-        if scales is not None:  # 8-bit codes into float moments
-            value = like(quant.decode(key, local(value), scales).to(p.device), p)
-        if self.moment_dtype != EIGHT_BIT:
-            return {key: value.to(device=p.device, dtype=self.moment_dtype)}
-        codes, absmax = quant.zeros(key, p)
-        quant.encode_(key, local(value).to(p.device), local(codes), absmax)
-        return {key: codes, key + quant.SCALE: absmax}
 
 
 class _Item(NamedTuple):
