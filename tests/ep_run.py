@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_mp import MoEModule, precision_plugin
-from lightning_mp.parallel import leave_process_group
+from lightning_mp.parallel import exit_after_leaving, leave_process_group
 from lightning_mp.trainer import FSDP2Strategy
 
 args = json.loads(sys.argv[1])
@@ -125,3 +125,4 @@ trainer = L.Trainer(
 )
 trainer.fit(model, DataLoader(data, batch_sampler=RankMicroBatches()), ckpt_path=args.get("resume"))
 leave_process_group()
+exit_after_leaving()  # (without the interpreter's teardown, where torch may abort)

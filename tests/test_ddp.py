@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {tests!r})
     from conftest import Dot, TinyRegressor, regression_data
     from lightning_mp import precision_plugin
-    from lightning_mp.parallel import leave_process_group
+    from lightning_mp.parallel import exit_after_leaving, leave_process_group
 
     args = json.loads(sys.argv[1])
 
@@ -59,6 +59,7 @@ SCRIPT = textwrap.dedent('''
     leave_process_group()
     if args.get("ckpt_out"):
         trainer.save_checkpoint(args["ckpt_out"])
+    exit_after_leaving()  # (without the interpreter's teardown, where torch may abort)
 ''')
 
 
@@ -146,12 +147,49 @@ def test_torchrun_launch_line_writes_one_run_directory(tmp_path):
     assert summary["steps"] == 4 and summary["master"] == "auto"  # the default storage
 
 
+
+LEAVE_SCRIPT = textwrap.dedent('''
+    import atexit, sys, threading, time
+    import torch.distributed as dist
+    from lightning_mp.parallel import exit_after_leaving, leave_process_group
+
+    rank, world, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    atexit.register(lambda: print(f"rank {rank}: exit handlers ran", end=""))
+    worker = threading.Thread(target=lambda: (time.sleep(1), print(f"rank {rank}: thread done ", end="")))
+    worker.start()  # (not a daemon: the exit waits for it, before the exit handlers)
+    print(f"rank {rank}: buffered", end="")  # no newline: in the buffer until a flush
+    leave_process_group()
+    exit_after_leaving()
+    print(f"rank {rank}: returned")
+''')
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_process_that_left_a_group_of_several_exits_with_its_exit_handlers_run(tmp_path, world):
+    # A rank of a group of 2 ends in exit_after_leaving as an exit begins (its other threads joined,
+    # then its exit handlers run, its output flushed), exit code 0, and nothing after the call
+    # runs. A single process returns from it.
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_SCRIPT)
+    ranks = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(tmp_path / "rendezvous")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    for r, proc in enumerate(ranks):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        buffered, thread, handlers = f"rank {r}: buffered", f"rank {r}: thread done ", f"rank {r}: exit handlers ran"
+        if world > 1:
+            assert out == buffered + thread + handlers
+        else:  # (the thread and the line after the call, in either order)
+            returned = f"rank {r}: returned\n"
+            assert out in (buffered + returned + thread + handlers, buffered + thread + returned + handlers)
+
 MOE_SCRIPT = textwrap.dedent('''
     import json, sys
     import torch, lightning.pytorch as L
     from torch.utils.data import DataLoader, Subset, TensorDataset
     from lightning_mp import MoEModule
-    from lightning_mp.parallel import leave_process_group
+    from lightning_mp.parallel import exit_after_leaving, leave_process_group
 
     args = json.loads(sys.argv[1])
     world = args["devices"]
@@ -183,6 +221,7 @@ MOE_SCRIPT = textwrap.dedent('''
     mine = [i for i in range(len(dataset)) if (i // batch_size) % world == trainer.global_rank]
     trainer.fit(model, DataLoader(Subset(dataset, mine), batch_size=batch_size))
     leave_process_group()
+    exit_after_leaving()  # (without the interpreter's teardown, where torch may abort)
 ''')
 
 
@@ -206,7 +245,7 @@ VALIDATION_SCRIPT = textwrap.dedent('''
     import torch, lightning.pytorch as L
     from torch.utils.data import DataLoader, Subset, TensorDataset
     from lightning_mp import MoEModule
-    from lightning_mp.parallel import leave_process_group
+    from lightning_mp.parallel import exit_after_leaving, leave_process_group
 
     args = json.loads(sys.argv[1])
     world = args["devices"]
@@ -232,6 +271,7 @@ VALIDATION_SCRIPT = textwrap.dedent('''
     metrics["closed_form"] = per_token.mean().item()
     json.dump(metrics, open(f"{args['out']}/rank{trainer.global_rank}.json", "w"))
     leave_process_group()
+    exit_after_leaving()  # (without the interpreter's teardown, where torch may abort)
 ''')
 
 

@@ -250,7 +250,7 @@ DDP_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {tests!r})
     import lightning_mp
     from lightning_mp.fabric import MasterWeightPrecision
-    from lightning_mp.parallel import leave_process_group
+    from lightning_mp.parallel import exit_after_leaving, leave_process_group
     from test_fabric import Net, coefficients
 
     fabric = lightning_mp.Fabric(accelerator="cpu", devices=2, strategy="ddp",
@@ -273,6 +273,7 @@ DDP_SCRIPT = textwrap.dedent('''
     if fabric.global_rank == 0:
         torch.save({{"state": state, "total": total}}, {out!r})
     leave_process_group()
+    exit_after_leaving()  # (without the interpreter's teardown, where torch may abort)
 ''')
 
 
@@ -337,7 +338,7 @@ FSDP2_SCRIPT = textwrap.dedent('''
     from lightning.fabric.strategies import ModelParallelStrategy
     import lightning_mp
     from lightning_mp.fabric import FSDP2MasterWeightPrecision
-    from lightning_mp.parallel import leave_process_group
+    from lightning_mp.parallel import exit_after_leaving, leave_process_group
     from test_fabric import Probe
 
     args = json.loads(sys.argv[1])
@@ -375,6 +376,7 @@ FSDP2_SCRIPT = textwrap.dedent('''
         torch.save({{"state": state, "skipped": plugin.skipped_steps, "dtypes": dtypes,
                     "lr": opt.param_groups[0]["lr"]}}, args["out"] + "/result.pt")
     leave_process_group()
+    exit_after_leaving()  # (without the interpreter's teardown, where torch may abort)
 ''')
 
 

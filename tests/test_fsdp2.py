@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {tests!r})
     from conftest import TinyRegressor, regression_data
     from lightning_mp import precision_plugin
-    from lightning_mp.parallel import leave_process_group
+    from lightning_mp.parallel import exit_after_leaving, leave_process_group
     from lightning_mp.precision import FSDP2MasterWeightPrecision
 
     args = json.loads(sys.argv[1])
@@ -129,6 +129,7 @@ SCRIPT = textwrap.dedent('''
     mine = [i for i in range(len(dataset)) if (i // 8) % 2 == trainer.global_rank]
     trainer.fit(model, DataLoader(Subset(dataset, mine), batch_size=8), ckpt_path=args.get("resume"))
     leave_process_group()
+    exit_after_leaving()  # (without the interpreter's teardown, where torch may abort)
 ''')
 
 

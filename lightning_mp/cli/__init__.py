@@ -26,6 +26,7 @@ from lightning_mp.cli.checkpoints import LAST_CHECKPOINT, checkpoint_path
 from lightning_mp.cli.checks import UsageError, check_types
 from lightning_mp.cli.run import train
 from lightning_mp.cli.tools import measure_memory, memory_main, report_main
+from lightning_mp.parallel import exit_after_leaving
 
 __all__ = [
     "LAST_CHECKPOINT",
@@ -70,3 +71,4 @@ def main() -> None:
         _fail(err)
     sys.argv[1:] = argv
     _hydra_main()
+    exit_after_leaving()  # (a multi-process run: without the interpreter's teardown, where torch may abort)
