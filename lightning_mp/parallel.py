@@ -87,6 +87,9 @@ def outermost(modules: list[nn.Module]) -> list[nn.Module]:
     return [m for m in modules if id(m) not in inner]
 
 
+_left_group = False  # whether this process left a group of several processes
+
+
 def leave_process_group() -> None:
     """At the end of a multi-process run: every rank waits for the others, then leaves the process
     group. Lightning destroys only NCCL groups at exit; a gloo group (CPU processes) left to the
@@ -99,9 +102,6 @@ def leave_process_group() -> None:
         _left_group = _left_group or dist.get_world_size() > 1
         dist.barrier()
         dist.destroy_process_group()
-
-
-_left_group = False  # whether this process left a group of several processes
 
 
 def exit_after_leaving() -> None:
