@@ -147,7 +147,6 @@ def test_torchrun_launch_line_writes_one_run_directory(tmp_path):
     assert summary["steps"] == 4 and summary["master"] == "auto"  # the default storage
 
 
-
 LEAVE_SCRIPT = textwrap.dedent('''
     import atexit, sys, threading, time
     import torch.distributed as dist
@@ -183,6 +182,7 @@ def test_a_process_that_left_a_group_of_several_exits_with_its_exit_handlers_run
         else:  # (the thread and the line after the call, in either order)
             returned = f"rank {r}: returned\n"
             assert out in (buffered + returned + thread + handlers, buffered + thread + returned + handlers)
+
 
 MOE_SCRIPT = textwrap.dedent('''
     import json, sys
