@@ -20,6 +20,7 @@ from lightning_mp.convert import is_norm_layer
 from lightning_mp.model import Block, MoETransformer, TransformerConfig
 from lightning_mp.moe import MoEConfig, MoELayer, SwiGLU
 from lightning_mp.optim import AdamW, peers
+from lightning_mp.optim.adamw import CANNOT_STEP
 from lightning_mp.parallel import clip_by_global_norm
 from lightning_mp.precision.fsdp2 import FSDP2MasterWeightPrecision
 from lightning_mp.precision.master import MasterWeightPrecision
@@ -315,7 +316,8 @@ class MoEModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW without weight decay on norms, biases and embeddings; linear warm-up, then cosine.
 
-        Under :class:`~lightning_mp.MasterWeightPrecision` and ``FSDP2MasterWeightPrecision`` (or with bf16 moments) the AdamW is
+        Under :class:`~lightning_mp.MasterWeightPrecision` and ``FSDP2MasterWeightPrecision`` (or with bf16 or 8-bit
+        moments, which ``*-true`` and ``64-true`` weights cannot take: a ``ValueError``) the AdamW is
         :class:`lightning_mp.optim.AdamW`, one fused pass per element over the plugin's FP32 values;
         under ``32-true`` and ``*-true`` torch's ``AdamW(fused=True)`` on CPU and CUDA tensors; else
         torch's default ``AdamW`` (Lightning's AMP and FSDP plugins cannot clip for a fused one).
@@ -347,6 +349,10 @@ class MoEModule(L.LightningModule):
                                  "precision='bf16-true' and moment_dtype='float32'")
             optimizer: torch.optim.Optimizer = peers.adamw(hp.optimizer_impl, groups, hp.lr, hp.betas)
         elif isinstance(plugin, (MasterWeightPrecision, FSDP2MasterWeightPrecision)) or hp.moment_dtype != "float32":
+            if getattr(plugin, "precision", None) in CANNOT_STEP and hp.moment_dtype != "float32":
+                raise ValueError(f"moment_dtype={hp.moment_dtype!r} needs lightning_mp.optim.AdamW, which cannot step "
+                                 f"precision={plugin.precision!r} ({CANNOT_STEP[plugin.precision]}): use "
+                                 "'bf16-master', '16-master', 'bf16-mixed' or '32-true'")
             # lightning-mp's AdamW: one fused pass per element through the plugin's FP32 values (every
             # master policy; FSDP2's shards too), or bf16 or 8-bit Adam moments
             optimizer = AdamW(

@@ -35,6 +35,9 @@ BAD = [
     (["optimizer.impl=optimi-adamw"], "optimizer.impl=optimi-adamw steps bf16 weights itself: use it with precision=bf16-true (not bf16-master)"),
     (["precision=bf16-true", "optimizer.impl=optimi-adamw", "optimizer.moment_dtype=8bit"],
      "optimizer.impl=optimi-adamw keeps its own moments: leave optimizer.moment_dtype=float32"),
+    (["precision=bf16-true", "optimizer.moment_dtype=8bit"], "optimizer.moment_dtype=8bit needs lightning-mp's AdamW, "
+     "which cannot step precision=bf16-true (its bf16 weights keep no FP32 values): use precision=bf16-master"),
+    (["precision=bf16-true", "optimizer.moment_dtype=bfloat16"], "optimizer.moment_dtype=bfloat16 needs lightning-mp's AdamW"),
     (["trainer.max_steps=abc"], "trainer.max_steps=abc must be an integer (the recipe's value: 250)"),
     (["trainer.max_steps=1e3"], "must be an integer (write 1000)"),
     (["model.n_experts=2.5"], "model.n_experts=2.5 must be an integer (the recipe's value: 4)"),

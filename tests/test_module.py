@@ -200,6 +200,36 @@ def test_storage_policies_get_lightning_mp_adamw(corpus, master, moment_dtype):
     assert torch.isfinite(t.callback_metrics["train/loss"])
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_8bit_moments_train_fp32_weights_under_lightnings_precisions(corpus, precision):
+    model = MoEModule(**TINY, moment_dtype="8bit")
+    t = trainer(precision, max_steps=3)
+    t.fit(model, data(corpus))
+    opt = t.optimizers[0]
+    assert isinstance(opt, lightning_mp.optim.AdamW) and opt.moment_dtype == "8bit"
+    weight = model.moe_layers[0].experts.w1
+    assert weight.dtype == torch.float32
+    assert {v.dtype for v in opt.state[weight].values() if v.numel() == weight.numel()} == {torch.int8, torch.uint8}
+
+
+@pytest.mark.parametrize("precision, why", [
+    ("bf16-true", "its bf16 weights keep no FP32 values"),
+    ("16-true", "its fp16 weights keep no FP32 values"),
+    ("64-true", "its weights are float64"),
+])
+@pytest.mark.parametrize("moment_dtype", ["8bit", "bfloat16"])
+def test_low_bit_moments_under_a_precision_they_cannot_step_is_one_line_before_training(corpus, precision, why,
+                                                                                         moment_dtype):
+    model = MoEModule(**TINY, moment_dtype=moment_dtype)
+    t = trainer(precision, max_steps=2)
+    with pytest.raises(ValueError) as info:
+        t.fit(model, data(corpus))
+    message = str(info.value)
+    assert message.startswith(f"moment_dtype={moment_dtype!r} needs lightning_mp.optim.AdamW, which cannot step "
+                              f"precision={precision!r} ({why}): use 'bf16-master'")
+    assert "\n" not in message and t.global_step == 0
+
+
 def test_print_before_fit_says_where_the_layers_come_from():
     model = MoEModule(n_layers=2, n_experts=4)
     text = repr(model)

@@ -104,6 +104,25 @@ def test_memory_command_with_8bit_moments(capsys):
     assert 2.0 < state < 2.1 and 6.0 < total < 6.1 and abs(total - estimate) < 0.05  # 1 byte per moment + scales
 
 
+def test_memory_command_leaves_out_the_precisions_8bit_moments_cannot_step(capfd):
+    memory_main(["--moment-dtype", "8bit"])
+    out, err = capfd.readouterr()
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| `")]
+    assert rows == ["| `32-true`", "| `bf16-mixed`", "| `bf16-master`", "| `16-master`"]
+    assert out.rstrip().endswith("`bf16-true` left out: 8bit moments need lightning-mp's AdamW, which cannot step it "
+                                 "(its bf16 weights keep no FP32 values).")
+    assert err == ""  # the table in one piece: no Lightning lines or warnings between its rows
+
+
+def test_memory_command_refuses_8bit_moments_for_a_precision_named_that_cannot_take_them(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        memory_main(["--precision", "bf16-master", "bf16-true", "--moment-dtype", "8bit"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == ("lightning-mp-memory: error: --moment-dtype 8bit needs lightning-mp's AdamW, "
+                                           "which cannot step bf16-true (its bf16 weights keep no FP32 values)")
+
+
 @pytest.mark.parametrize("args,named", [(["--precision", "fp8"], "--precision"), (["--model", "nope"], "--model")])
 def test_memory_command_refuses_bad_names_before_printing(args, named, capsys):
     with pytest.raises(SystemExit) as exit_info:

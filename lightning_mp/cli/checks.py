@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lightning_mp.optim.adamw import CANNOT_STEP
 from lightning_mp.optim.peers import PEERS, REQUIRES
 
 
@@ -187,6 +188,7 @@ def validate(cfg: DictConfig, recipe: Optional[DictConfig] = None) -> None:
         raise UsageError(f"model.n_groups={model.n_groups} must divide model.n_experts={model.n_experts}")
     check_expert_parallel(cfg)
     check_peer(cfg)
+    check_moments(cfg)
     if model.get("d_model") and model.get("n_heads") and model.d_model % model.n_heads:
         raise UsageError(f"model.d_model={model.d_model} must be a multiple of model.n_heads={model.n_heads}")
     if model.get("max_seq_len", cfg.data.seq_len) < cfg.data.seq_len:
@@ -214,6 +216,16 @@ def check_peer(cfg: DictConfig) -> None:
     module, package = REQUIRES[impl]
     if importlib.util.find_spec(module) is None:
         raise UsageError(f"optimizer.impl={impl} needs {package}: pip install {package}")
+
+
+def check_moments(cfg: DictConfig) -> None:
+    """bf16 or 8-bit moments (``optimizer.moment_dtype``) are lightning-mp's AdamW, which steps
+    FP32 weights or 16-bit ones with FP32 values: not those of ``precision=bf16-true``."""
+    moments, precision = cfg.optimizer.get("moment_dtype", "float32"), cfg.precision.name
+    if moments != "float32" and precision in CANNOT_STEP:
+        raise UsageError(f"optimizer.moment_dtype={moments} needs lightning-mp's AdamW, which cannot step "
+                         f"precision={precision} ({CANNOT_STEP[precision]}): use precision=bf16-master, "
+                         "16-master, bf16-mixed or 32-true")
 
 
 def check_expert_parallel(cfg: DictConfig) -> None:

@@ -12,6 +12,14 @@ from lightning_mp.optim import quant
 from lightning_mp.optim.base import Params, StoredMasterOptimizer
 from lightning_mp.optim.moments import EIGHT_BIT, MomentDtype
 
+# Lightning's precisions whose weights this AdamW cannot step, and why: where MoEModule would pick
+# it (bf16 or 8-bit moments), it and the commands refuse these before training
+CANNOT_STEP = {
+    "bf16-true": "its bf16 weights keep no FP32 values",
+    "16-true": "its fp16 weights keep no FP32 values",
+    "64-true": "its weights are float64",
+}
+
 
 class AdamW(StoredMasterOptimizer):
     """``torch.optim.AdamW`` (same defaults and arithmetic) on 16-bit weights with stored FP32 values.
