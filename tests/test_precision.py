@@ -78,6 +78,33 @@ def test_options_only_for_master_modes():
 # -- 1. conversion: 16-bit weights, FP32 masters bit for bit ----------------------------------------
 
 
+class SparseBag(TinyRegressor):
+    """A sparse-gradient embedding beside the regressor."""
+
+    def __init__(self, bag: bool):
+        super().__init__(optimizer="sgd")
+        self.ids = nn.EmbeddingBag(10, 8, sparse=True) if bag else nn.Embedding(10, 8, sparse=True)
+
+
+@pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
+def test_sparse_gradient_embeddings_are_one_line_before_the_first_step(bag):
+    import lightning_mp
+
+    model = SparseBag(bag)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = trainer("bf16-master", max_steps=1)
+    with pytest.raises(ValueError) as info:
+        t.fit(model, regression_data())
+    kind = "EmbeddingBag" if bag else "Embedding"
+    assert str(info.value) == (f"MasterWeightPrecision takes dense gradients only: ids is an nn.{kind} with sparse=True; "
+                               "build it with sparse=False (and use torch's Adam or AdamW in place of SparseAdam)")
+    assert t.global_step == 0 and all(torch.equal(p.float(), before[n]) for n, p in model.named_parameters())
+    fabric = lightning_mp.Fabric(precision="bf16-master", accelerator="cpu", devices=1)
+    with pytest.raises(ValueError, match=f"ids is an nn.{kind} with sparse=True"):
+        other = SparseBag(bag)
+        fabric.setup(other, torch.optim.SGD(other.parameters(), lr=0.1))
+
+
 class Snapshot(Callback):
     def on_train_start(self, trainer, pl_module):
         self.masters = [m.detach().clone() for m in masters(trainer)]

@@ -134,6 +134,7 @@ class MasterWeightPrecision(Precision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Cast to the 16-bit dtype, all but the ``keep_fp32`` modules; the store keeps the FP32 values."""
         _refuse_sharded(module)
+        _refuse_sparse(module)
         previous = MasterStore.of(module)
         if previous is not None and previous is not self.store:  # converted by another plugin before
             self.store.take_over(previous)
@@ -315,6 +316,19 @@ def _keep_fp32_state_on_load(optimizer: Optimizer) -> list[Any]:
                     opt.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
     return [optimizer.register_load_state_dict_pre_hook(before), optimizer.register_load_state_dict_post_hook(after)]
+
+
+def _refuse_sparse(module: nn.Module) -> None:
+    """An ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True`` gives sparse gradients, which
+    the FP32 sums of micro-batches, the inf/NaN check and the fused step do not take: one line
+    here, not a traceback from inside the first step."""
+    sparse = next(((n, m) for n, m in module.named_modules()
+                   if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse), None)
+    if sparse is not None:
+        name, m = sparse
+        raise ValueError(f"MasterWeightPrecision takes dense gradients only: {name or 'the model'} is an "
+                         f"nn.{type(m).__name__} with sparse=True; build it with sparse=False (and use "
+                         "torch's Adam or AdamW in place of SparseAdam)")
 
 
 def _refuse_sharded(module: nn.Module) -> None:
