@@ -6,9 +6,11 @@ of :mod:`lightning_mp.storage` (a separate FP32 master, an int16 remainder, a Ka
 or nothing under stochastic rounding).
 
 Parameters that an optimizer steps get the run's policy; the others (frozen, unused) keep their
-exact FP32 value in the cheapest exact form (an int16 remainder beside a bf16 weight, an FP32
-copy beside an fp16 one) until an optimizer first steps them. FP32 parameters (norms, routers)
-are their own values and are not in the store.
+exact FP32 value in the cheapest exact form until an optimizer first steps them: nothing beside
+the weight where the value is a 16-bit number (a base loaded from a bf16 checkpoint, as in a LoRA
+fine-tune), else an int16 remainder beside a bf16 weight or an FP32 copy beside an fp16 one; a
+value loaded into them picks the form again. FP32 parameters (norms, routers) are their own
+values and are not in the store.
 
 Everything that needs an FP32 value goes through :meth:`MasterStore.value` and
 :meth:`MasterStore.set_value`: the optimizer step, every checkpoint path (the store hooks the module's ``state_dict`` and ``load_state_dict``), the
@@ -28,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, as_local, like, local
+from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, as_local, is_16bit, like, local, sharded
 
 # -- the store ---------------------------------------------------------------------------------
 
@@ -38,6 +40,9 @@ class _Entry:
     kind: str
     storage: Optional[Tensor]
     version: int  # the weight's version counter when the store last wrote it
+    # whether an optimizer steps the parameter (or may: the storage is then in its state). The
+    # others keep the cheapest exact storage for their current value, which can change with it
+    stepped: bool = True
 
 
 _STORES: "weakref.WeakKeyDictionary[nn.Module, MasterStore]" = weakref.WeakKeyDictionary()
@@ -107,7 +112,7 @@ class MasterStore:
         state = dict(self.__dict__)
         state.update(_hooks=[], _cache=None, _loading={}, _captured={}, _generators={})
         # a copied parameter's version counter starts again: the copy adopts it (see sync)
-        state["_entries"] = {p: _Entry(e.kind, e.storage, _UNKNOWN) for p, e in self._entries.items()}
+        state["_entries"] = {p: _Entry(e.kind, e.storage, _UNKNOWN, e.stepped) for p, e in self._entries.items()}
         state["_generator_states"] = self.state_dict()["generators"]
         return state
 
@@ -146,24 +151,32 @@ class MasterStore:
         ones, the cheapest exact storage for the others. Consumes the captured FP32 values."""
         stepped = set(stepped)
         for p in dict.fromkeys(p for p in module.parameters() if p.dtype in HALF):  # module order: ranks agree
-            kind = self.policy if p in stepped else self._exact_kind(p)
             value = self._captured.pop(p, None)
             if p not in self._entries:
-                self._new(p, kind, local(p).detach().float() if value is None else value)
-            elif self._entries[p].kind != kind and p in stepped:
-                self.ensure([p], kind)
+                value = local(p).detach().float() if value is None else value
+                if p in stepped:
+                    self._new(p, self.policy, value)
+                else:
+                    self._new(p, self._exact_kind(p, value), value, stepped=False)
+            elif p in stepped:
+                self.ensure([p], self.policy)
         self._captured.clear()
 
-    def _exact_kind(self, p: Tensor) -> str:
+    def _exact_kind(self, p: Tensor, value: Optional[Tensor] = None) -> str:
+        """The cheapest storage that keeps ``p``'s FP32 ``value`` exactly: none where the value is a
+        16-bit number (not for FSDP2's shards, whose ranks would disagree), else an int16 remainder
+        beside a bf16 weight or an FP32 copy beside an fp16 one."""
+        if value is not None and not sharded(p) and is_16bit(value, p.dtype):
+            return "weight"
         return "remainder" if p.dtype == torch.bfloat16 else "fp32"
 
-    def _new(self, p: Tensor, kind: str, value: Tensor) -> None:
+    def _new(self, p: Tensor, kind: str, value: Tensor, stepped: bool = True) -> None:
         value = value.detach().to(device=p.device, dtype=torch.float32)
         if kind == "fp32" and value.is_contiguous() and value.data_ptr() != local(p).data_ptr():
-            self._entries[p] = _Entry(kind, value, 0)  # the captured FP32 tensor becomes the master: no copy
+            self._entries[p] = _Entry(kind, value, 0, stepped)  # the captured FP32 tensor becomes the master: no copy
             self._write([p], [value])
             return
-        self._entries[p] = _Entry(kind, POLICY[kind].new_storage(local(p)), 0)
+        self._entries[p] = _Entry(kind, POLICY[kind].new_storage(local(p)), 0, stepped)
         self._write([p], [value.clone()])
 
     def take_over(self, previous: "MasterStore") -> None:
@@ -173,20 +186,23 @@ class MasterStore:
         previous.detach()
 
     @torch.no_grad()
-    def ensure(self, params: Iterable[Tensor], kind: Optional[str] = None) -> None:
+    def ensure(self, params: Iterable[Tensor], kind: Optional[str] = None, stepped: bool = True) -> None:
         """Make ``kind`` (default: the policy) the storage of each 16-bit parameter in ``params``:
-        one joining an optimizer late keeps its exact value in its new storage."""
+        one joining an optimizer late keeps its exact value in its new storage. ``stepped``: an
+        optimizer steps them (from now on, their storage stays theirs)."""
         kind = kind or self.policy
         for p in params:
             if p.dtype not in HALF:
                 continue
             entry = self._entries.get(p)
             if entry is None:
-                self._new(p, kind, local(p).detach().float())  # created 16-bit: its upcast is all there is
+                self._new(p, kind, local(p).detach().float(), stepped)  # created 16-bit: its upcast is all there is
             elif entry.kind != kind:
                 value = self.values([p])[0].clone()
-                self._entries[p] = _Entry(kind, POLICY[kind].new_storage(local(p)), 0)
+                self._entries[p] = _Entry(kind, POLICY[kind].new_storage(local(p)), 0, entry.stepped or stepped)
                 self._write([p], [value])
+            elif stepped:
+                entry.stepped = True
 
     def kind(self, p: Tensor) -> Optional[str]:
         entry = self._entries.get(p)
@@ -209,6 +225,24 @@ class MasterStore:
     def tensors(self) -> Iterator[Tensor]:
         """Every storage tensor (for the memory audit)."""
         return (e.storage for e in self._entries.values() if e.storage is not None)
+
+    def broadcast_tensors(self) -> list[Tensor]:
+        """The weights and every storage tensor, for DDP to broadcast rank 0's. Each rank decided
+        from its own values which parameters no optimizer steps need no storage; those get their
+        exact storage back first, so that every rank lists the same tensors. :meth:`compact`
+        after the broadcast drops it again, the same on every rank."""
+        for p, entry in list(self._entries.items()):
+            if entry.kind == "weight":
+                self.ensure([p], self._exact_kind(p), stepped=False)
+        return [local(p).data for p in self._entries] + list(self.tensors())
+
+    @torch.no_grad()
+    def compact(self) -> None:
+        """Parameters that no optimizer steps and whose FP32 values are 16-bit numbers (a frozen
+        base loaded from a bf16 checkpoint) keep no storage: their weights are their values."""
+        for p, entry in list(self._entries.items()):
+            if not entry.stepped and entry.kind != "weight" and self._exact_kind(p, self.value(p)) == "weight":
+                self.ensure([p], "weight", stepped=False)
 
     # -- FP32 values in and out ------------------------------------------------------------------
 
@@ -249,8 +283,12 @@ class MasterStore:
         if p.dtype not in HALF:
             local(p).copy_(value)
             return
-        self.ensure([p], self.kind(p) or self._exact_kind(p))
-        self._write([p], [value if self._entries[p].kind in ("fp32", "stochastic") else value.clone()])
+        entry = self._entries.get(p)
+        if entry is None or not entry.stepped:  # the cheapest exact storage for this value
+            kind = self._exact_kind(p, value)
+            if entry is None or entry.kind != kind:  # (its old value goes: nothing to carry over)
+                self._entries[p] = _Entry(kind, POLICY[kind].new_storage(local(p)), 0, stepped=False)
+        self._write([p], [value if self._entries[p].kind in ("fp32", "stochastic", "weight") else value.clone()])
 
     def _write(self, params: list[Tensor], values: list[Tensor]) -> None:
         """Encode FP32 ``values`` into ``params`` (one kind per call) and record their versions."""
@@ -293,7 +331,7 @@ class MasterStore:
                 continue
             if entry.storage is not None and entry.storage.device != local(p).device:
                 entry.storage = entry.storage.to(p.device)
-            if entry.version == _UNKNOWN:
+            if entry.version == _UNKNOWN or entry.kind == "weight":  # (the weight is the whole value)
                 entry.version = local(p)._version
             elif local(p)._version != entry.version:
                 stale.append(p)

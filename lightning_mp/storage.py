@@ -93,6 +93,15 @@ class _Kahan(_Policy):
         compensate_(values, weights, storage)
 
 
+class _Weight(_Policy):
+    """Nothing beside the weight, because nothing is missing: the FP32 value is a 16-bit number,
+    the weight itself. Not a policy to choose: :mod:`lightning_mp.masters` gives it to parameters
+    that no optimizer steps (a frozen base loaded from a bf16 checkpoint), whose values it keeps
+    exact at no cost, and gives them exact storage again before any other value is written."""
+
+    name = "weight"
+
+
 class _Stochastic(_Policy):
     name = "stochastic"
 
@@ -153,8 +162,14 @@ def as_local(value: Tensor, p: Tensor) -> Tensor:
     return value
 
 
-POLICY: dict[str, _Policy] = {p.name: p for p in (_FP32(), _Remainder(), _Kahan(), _Stochastic())}
+POLICY: dict[str, _Policy] = {p.name: p for p in (_FP32(), _Remainder(), _Kahan(), _Stochastic(), _Weight())}
 STATE_KEYS: tuple[str, ...] = tuple(p.state_key for p in POLICY.values() if p.state_key)
+
+
+def is_16bit(value: Tensor, dtype: torch.dtype) -> bool:
+    """Whether every element of the FP32 ``value`` is a ``dtype`` number, so that a ``dtype``
+    weight holds it exactly (NaN never is: the weight would not say which NaN)."""
+    return bool(torch.equal(value.to(dtype).float(), value))
 
 
 def upcast(tensors: Sequence[Tensor]) -> list[Tensor]:

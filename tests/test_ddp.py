@@ -28,8 +28,9 @@ SCRIPT = textwrap.dedent('''
             params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
             store = getattr(trainer.precision_plugin, "store", None)  # the FP32 values of bf16 weights
             values = [v.float().clone() for v in (store.values(params) if store else params)]
-            torch.save({{"masters": values, "skipped": getattr(trainer.precision_plugin, "skipped_steps", 0)}},
-                       f"{{args['out']}}/rank{{trainer.global_rank}}.pt")
+            storage = sum(t.numel() * t.element_size() for t in store.tensors()) if store else 0
+            torch.save({{"masters": values, "skipped": getattr(trainer.precision_plugin, "skipped_steps", 0),
+                        "storage_bytes": storage}}, f"{{args['out']}}/rank{{trainer.global_rank}}.pt")
 
     class Model(TinyRegressor):
         def training_step(self, batch, batch_idx):
@@ -51,6 +52,10 @@ SCRIPT = textwrap.dedent('''
         torch.manual_seed(0)
         model = Model(optimizer=args.get("optimizer", "adamw"), scheduler=True)
         dataset, batch_size = regression_data(n=args["n"]).dataset, args["batch_size"]
+    if args.get("frozen"):  # a frozen weight of bf16 numbers on rank 0 only: the ranks disagree on its storage
+        model.inp.weight.requires_grad_(False)
+        if trainer.global_rank == 0:
+            model.inp.weight.data = model.inp.weight.data.bfloat16().float()
     # Rank r takes every world-th batch, so a step's micro-batches on all ranks are consecutive
     # samples: the same samples as one process's batch of world x accumulate x batch_size.
     mine = [i for i in range(len(dataset)) if (i // batch_size) % world == trainer.global_rank]
@@ -74,6 +79,20 @@ def run(tmp_path: Path, name: str, **args) -> list[dict]:
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(args["devices"])]
+
+
+def test_ranks_that_disagree_on_a_frozen_weights_storage_all_keep_rank_0s_value(tmp_path):
+    """Each rank decides from its own values that a frozen weight needs no storage beside it (its
+    values are bf16 numbers) or an int16 remainder; the setup's broadcast of rank 0's values still
+    lists the same tensors on both ranks (else the collective would mismatch), and both ranks end
+    with rank 0's value, kept the same way."""
+    ranks = run(tmp_path, "frozen", frozen=True, steps=2)
+    for a, b in zip(ranks[0]["masters"], ranks[1]["masters"]):
+        assert torch.equal(a, b)
+    frozen = ranks[0]["masters"][0]  # inp.weight, first in the optimizer's groups: rank 0's bf16 numbers
+    assert torch.equal(frozen, frozen.bfloat16().float())
+    # remainders beside the trained bf16 weights only: inp.bias (16), out.weight (16), out.bias (1)
+    assert ranks[0]["storage_bytes"] == ranks[1]["storage_bytes"] == 2 * 33
 
 
 def launch(script: Path, out: Path, **args) -> Path:

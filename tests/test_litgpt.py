@@ -72,8 +72,9 @@ def test_litgpt_gpt_fine_tuned_at_a_small_learning_rate_tracks_32_true_where_bf1
     assert 6.0 < runs["bf16-true"][1] < 6.01 and 12.0 < runs["bf16-master"][1] < 12.05
 
 
-def _litgpt_checkpoint(directory: Path) -> None:
-    """A tiny litgpt checkpoint directory: model config, FP32 weights, a byte-level tokenizer."""
+def _litgpt_checkpoint(directory: Path, dtype: torch.dtype = torch.float32) -> None:
+    """A tiny litgpt checkpoint directory: model config, weights (FP32 ones that bf16 cannot hold,
+    or those rounded to ``dtype``), a byte-level tokenizer."""
     import yaml
     from litgpt import GPT, Config
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -91,7 +92,22 @@ def _litgpt_checkpoint(directory: Path) -> None:
     (directory / "model_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config)))
     torch.manual_seed(0)
     state = {k: v + 1e-4 * torch.randn_like(v) for k, v in GPT(config).state_dict().items()}  # values bf16 cannot hold
-    torch.save(state, directory / "lit_model.pth")
+    torch.save({k: v.to(dtype) for k, v in state.items()}, directory / "lit_model.pth")
+
+
+def _litgpt(tmp_path: Path, script: str, *options: str) -> subprocess.CompletedProcess:
+    """``lightning-mp-litgpt <script> ckpt --precision bf16-master``: 2 steps on a tiny JSON dataset."""
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(16)]
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    command = [sys.executable, "-c", "from lightning_mp.fabric.litgpt import main; main()", script,
+               str(tmp_path / "ckpt"), "--precision", "bf16-master", "--out_dir", str(tmp_path / "out"),
+               "--data", "JSON", "--data.json_path", str(tmp_path / "data.json"), "--data.val_split_fraction", "0.25",
+               "--data.num_workers", "0", "--train.max_steps", "2", "--train.global_batch_size", "2",
+               "--train.micro_batch_size", "1", "--train.lr_warmup_steps", "1", "--eval.interval", "100",
+               "--eval.max_iters", "1", "--eval.final_validation", "false", *options]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.slow
@@ -99,20 +115,28 @@ def test_litgpt_finetune_full_runs_with_bf16_master_through_lightning_mp_litgpt(
     """litgpt's own script, from its command line: at lr 0 the final checkpoint holds the
     pretrained FP32 values bit for bit (nothing rounded them at load or at the steps)."""
     _litgpt_checkpoint(tmp_path / "ckpt")
-    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(16)]
-    (tmp_path / "data.json").write_text(json.dumps(rows))
-    command = [sys.executable, "-c", "from lightning_mp.fabric.litgpt import main; main()", "finetune_full",
-               str(tmp_path / "ckpt"), "--precision", "bf16-master", "--out_dir", str(tmp_path / "out"),
-               "--data", "JSON", "--data.json_path", str(tmp_path / "data.json"), "--data.val_split_fraction", "0.25",
-               "--data.num_workers", "0", "--train.max_steps", "2", "--train.global_batch_size", "2",
-               "--train.micro_batch_size", "1", "--train.lr_warmup_steps", "1", "--eval.interval", "100",
-               "--eval.max_iters", "1", "--eval.final_validation", "false",
-               "--optimizer", json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.0}})]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _litgpt(tmp_path, "finetune_full",
+                     "--optimizer", json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.0}}))
     assert "bf16-master keeps each weight's FP32 value for AdamW" in result.stdout + result.stderr
     final = torch.load(tmp_path / "out" / "final" / "lit_model.pth", weights_only=True)
     pretrained = torch.load(tmp_path / "ckpt" / "lit_model.pth", weights_only=True)
     assert final["model"].keys() == pretrained.keys()
     for key, value in pretrained.items():
         assert final["model"][key].dtype == torch.float32 and torch.equal(final["model"][key], value), key
+
+
+@pytest.mark.slow
+def test_litgpt_finetune_lora_runs_with_bf16_master_and_merges_the_bf16_base_exactly(tmp_path):
+    """litgpt's ``finetune_lora`` from its command line on a bf16 base checkpoint: the frozen base
+    is loaded after setup (its values bf16 numbers, kept in the weights alone, without a warning
+    that they were written outside the optimizer), and at lr 0 (LoRA's B starts at zero) the
+    merged checkpoint holds the base's values exactly."""
+    _litgpt_checkpoint(tmp_path / "ckpt", torch.bfloat16)
+    result = _litgpt(tmp_path, "finetune_lora",
+                     "--optimizer", json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.0}}))
+    assert "written outside the optimizer" not in result.stderr
+    final = torch.load(tmp_path / "out" / "final" / "lit_model.pth", weights_only=True)
+    pretrained = torch.load(tmp_path / "ckpt" / "lit_model.pth", weights_only=True)
+    assert final.keys() == pretrained.keys()
+    for key, value in pretrained.items():
+        assert torch.equal(final[key].float(), value.float()), key

@@ -9,6 +9,8 @@ from conftest import MODE_IDS, MODES, TinyRegressor, fp32_values, mode_adamw, mo
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
+from lightning_mp import MasterWeightPrecision, memory_audit
+
 modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 HALF = {"bf16-master": torch.bfloat16, "16-master": torch.float16}
 
@@ -252,6 +254,69 @@ def test_stepped_parameters_take_the_policy_frozen_ones_an_exact_remainder(maste
     trainer(mode_plugin(("16-master", "fp32")), max_steps=1, callbacks=[fp16]).fit(
         WithFrozen(("16-master", "fp32")), regression_data())
     assert fp16.kinds["frozen.weight"] == "fp32"  # no exact int16 split of an fp16 weight: an FP32 copy
+
+
+def _as_16_bit(model, mode):
+    """Its frozen layer made to hold 16-bit numbers, as a base loaded from a bf16 checkpoint does."""
+    with torch.no_grad():
+        model.frozen.weight.copy_(model.frozen.weight.to(HALF[mode[0]]).float())
+    return model
+
+
+@modes
+def test_a_frozen_weight_of_16_bit_numbers_keeps_its_values_in_the_weight_alone(mode):
+    """No storage beside it (the 64 frozen elements' 2-byte remainders or 4-byte copies are gone),
+    its values exact; a value 16 bits cannot hold, loaded into it, gets exact storage again."""
+    masters, models = {}, {}
+    for kind in ("random", "16-bit"):
+        torch.manual_seed(0)
+        model = WithFrozen(mode) if kind == "random" else _as_16_bit(WithFrozen(mode), mode)
+        expected = model.frozen.weight.detach().clone()
+        t = trainer(mode_plugin(mode), max_steps=2)
+        t.fit(model, regression_data())
+        assert torch.equal(model.state_dict()["frozen.weight"], expected)
+        masters[kind] = memory_audit(model, t.optimizers, t.precision_plugin)["masters"]
+        models[kind] = (model, t)
+    per_element = 2 if mode[0] == "bf16-master" else 4
+    assert masters["random"] - masters["16-bit"] == 64 * per_element
+    model, t = models["16-bit"]
+    state = model.state_dict()
+    state["frozen.weight"] = models["random"][0].state_dict()["frozen.weight"]  # not 16-bit numbers
+    model.load_state_dict(state)
+    assert torch.equal(model.state_dict()["frozen.weight"], state["frozen.weight"])
+    assert memory_audit(model, t.optimizers, t.precision_plugin)["masters"] == masters["random"]
+
+
+class Unfreeze(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            pl_module.frozen.requires_grad_(True)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_frozen_weight_of_16_bit_numbers_in_the_optimizer_trains_from_its_exact_value_once_unfrozen(optimizer):
+    """Held by the user's optimizer while frozen (torch skips it), then unfrozen: under the default
+    it steps through an int16 remainder from its exact value, as FP32 masters step it (bit for bit
+    with torch's SGD; AdamW's adopted step differs from torch's by round-off, as for any parameter)."""
+    class Model(WithFrozen):
+        def configure_optimizers(self):
+            if optimizer == "sgd":
+                return torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9)
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    runs = {}
+    for master in ("fp32", "auto"):
+        torch.manual_seed(0)
+        model = _as_16_bit(Model(("bf16-master", master)), ("bf16-master", master))
+        t = trainer(MasterWeightPrecision("bf16-master", master=master), max_steps=5, callbacks=[Unfreeze()])
+        t.fit(model, regression_data(n=64))
+        runs[master] = fp32_values(t)
+        assert t.precision_plugin.store.kind(model.frozen.weight) == master.replace("auto", "remainder")
+    moved = runs["auto"]["frozen.weight"]
+    assert not torch.equal(moved, moved.bfloat16().float())  # it trained: low bits the weight cannot hold
+    if optimizer == "sgd":
+        for name, value in runs["fp32"].items():
+            assert torch.equal(runs["auto"][name], value), name
 
 
 @modes

@@ -152,7 +152,8 @@ class MasterWeightPrecision(Precision):
         trainer = getattr(module, "_trainer", None)
         raw = [unwrap(o) for o in optimizers]
         report_storage(self.precision, "weight", raw, [self.attach(optimizer) for optimizer in raw])
-        self.store.track(module, (p for o in raw for g in o.param_groups for p in g["params"]))
+        # (a frozen parameter an optimizer holds gets the policy's storage when it first has a gradient)
+        self.store.track(module, (p for o in raw for g in o.param_groups for p in g["params"] if p.requires_grad))
         self.grads.attach(p for p in self.store.params() if p.requires_grad)  # also for a raw loss.backward()
         self.device = self.device or device_type(model)
         self.step_runner.device = self.device
@@ -185,9 +186,9 @@ class MasterWeightPrecision(Precision):
 
     def _setup_ddp(self, model: DistributedDataParallel, trainer: Any) -> None:
         """Rank 0's FP32 values on every rank (DDP broadcast only the 16-bit weights); who reduces."""
-        params = self.store.params()
-        ddp.broadcast([p.data for p in params] + list(self.store.tensors()), model.process_group)
-        self.store.record(params)
+        ddp.broadcast(self.store.broadcast_tensors(), model.process_group)
+        self.store.record(self.store.params())
+        self.store.compact()
         if ddp.takes_over(trainer, self.grad_reduce_dtype):
             dtype = torch.float32 if self.grad_reduce_dtype == "fp32" else self.dtype
             self.step_runner.reducer = ddp.GradReducer(model, dtype)
