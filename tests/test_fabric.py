@@ -288,13 +288,19 @@ DDP_SCRIPT = textwrap.dedent('''
     torch.manual_seed(fabric.global_rank)  # different initial values: rank 0's must win
     model = Net()
     r = coefficients(model)
-    model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
+    # frozen and unused, bf16 numbers on rank 0 only: the ranks disagree on keeping storage beside it
+    model.frozen = torch.nn.Linear(4, 4, bias=False).requires_grad_(False)
+    if fabric.global_rank == 0:
+        model.frozen.weight.data = model.frozen.weight.data.bfloat16().float()
+    model, opt = fabric.setup(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                                     momentum=0.9))
     for step in range(3):
         for micro in range(2):
             with fabric.no_backward_sync(model, enabled=micro == 0):
                 scale = 1.0 + micro + 2 * fabric.global_rank  # each rank its own batches
                 zero = 0 * model(torch.ones(2, 8)).sum()  # through DDP's forward; adds exact zeros
-                fabric.backward(sum((p.float() * r[n]).sum() for n, p in model.module.named_parameters()) * scale + zero)
+                fabric.backward(sum((p.float() * r[n]).sum() for n, p in model.module.named_parameters()
+                                    if n in r) * scale + zero)
         opt.step()
         opt.zero_grad()
     state = {{k: v.float() for k, v in model.state_dict().items()}}
@@ -309,7 +315,8 @@ DDP_SCRIPT = textwrap.dedent('''
 @pytest.mark.slow
 def test_ddp_on_two_processes_steps_the_average_of_every_micro_batch(tmp_path):
     """Rank r's two micro-batches have gradient scales 1 + 2r and 2 + 2r: the averaged step is a
-    one-process run whose micro-batch scales sum to (1 + 2 + 3 + 4) / 2 = 5 per step."""
+    one-process run whose micro-batch scales sum to (1 + 2 + 3 + 4) / 2 = 5 per step. A frozen
+    layer that only rank 0 holds as bf16 numbers ends as rank 0's on both (the setup broadcast)."""
     script = tmp_path / "ddp_fabric.py"
     out = tmp_path / "ddp.pt"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
@@ -321,6 +328,8 @@ def test_ddp_on_two_processes_steps_the_average_of_every_micro_batch(tmp_path):
     fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     model = Net()
     r = coefficients(model)
+    frozen = torch.nn.Linear(4, 4, bias=False).weight.detach().bfloat16().float()  # rank 0's
+    assert torch.equal(saved["state"].pop("frozen.weight"), frozen)
     model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
     for _ in range(3):
         fabric.backward(linear_loss(model, r, 5.0))
