@@ -4,9 +4,9 @@
 
 A LLaMA-style litgpt ``GPT`` with LoRA on the query and value projections
 (``litgpt.lora.GPT``): the base frozen with ``mark_only_lora_as_trainable``, ``fabric.setup``,
-the base checkpoint loaded after it, ``AdamW`` over the LoRA weights through
-``fabric.setup_optimizers``, two steps. The base checkpoint is saved once in bf16 and once in
-FP32. Per precision and checkpoint: the training state's bytes per parameter after the second step,
+the base checkpoint loaded after it, ``AdamW`` given every parameter (as litgpt does; the frozen
+ones have no gradient) through ``fabric.setup_optimizers``, two steps. The base checkpoint is
+saved in bf16, fp16 and FP32. Per precision and checkpoint: the training state's bytes per parameter after the second step,
 measured from the live tensors (``lightning_mp.memory_audit``), and whether the model's state
 dict then holds the checkpoint's values exactly. Needs ``litgpt`` (``pip install litgpt``, with
 ``torch`` pinned).
@@ -23,7 +23,7 @@ import lightning_mp
 from lightning_mp import bytes_per_param, memory_audit
 from lightning_mp.machine import describe
 
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "bf16-master")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "bf16-master", "16-true", "16-master")
 CATEGORIES = ("weights", "masters", "gradients", "optimizer_state")
 
 
@@ -49,7 +49,7 @@ def run(precision: str, base: dict[str, torch.Tensor], cfg) -> tuple[dict[str, f
     model = fabric.setup_module(model)
     model.load_state_dict(base, strict=False)  # litgpt's load_checkpoint(..., strict=False) on one device
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = fabric.setup_optimizers(torch.optim.AdamW(trainable, lr=1e-4))
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-4))  # every one, as litgpt
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
         x = torch.randint(0, 256, (2, 128), generator=g)
@@ -82,7 +82,7 @@ def main() -> None:
           "bytes per parameter after two AdamW steps (gradients kept)\n")
     print("| precision | base checkpoint | " + " | ".join(CATEGORIES) + " | total | base values exact |")
     print("|---|---|" + "---|" * (len(CATEGORIES) + 2))
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         base = {k: v.to(dtype) for k, v in pretrained.items()}
         for precision in PRECISIONS:
             per, exact, n, trainable = run(precision, base, cfg)

@@ -220,32 +220,34 @@ def test_init_module_empty_init_then_loaded_weights_keep_their_fp32_values(tmp_p
     assert_equal(values(fabric, model2), state)
 
 
-def test_a_frozen_base_loaded_from_bf16_after_setup_keeps_no_storage_as_litgpt_finetune_lora_loads_it(tmp_path):
-    """A LoRA-style fine-tune: the base frozen before setup, its bf16 checkpoint loaded after it
-    (litgpt's ``finetune_lora``), a small adapter trained. The base's values are bf16 numbers: its
-    weights hold them, with nothing beside them; the adapter gets remainders; ``fabric.save``
-    holds the base's values exactly."""
+@pytest.mark.parametrize("precision, dtype", [("bf16-master", torch.bfloat16), ("16-master", torch.float16)])
+def test_a_frozen_base_loaded_after_setup_keeps_no_storage_as_litgpt_finetune_lora_loads_it(precision, dtype, tmp_path):
+    """A LoRA-style fine-tune: the base frozen before setup, its 16-bit checkpoint loaded after it,
+    the optimizer given every parameter (litgpt's ``finetune_lora``), a small adapter trained. The
+    base's values are 16-bit numbers: its weights hold them, with nothing beside them; the adapter
+    gets remainders (bf16) or FP32 masters (fp16); ``fabric.save`` holds the base's values exactly."""
     torch.manual_seed(0)
-    base = {k: v.bfloat16() for k, v in Net().state_dict().items()}  # a bf16 checkpoint
+    base = {k: v.to(dtype) for k, v in Net().state_dict().items()}  # a 16-bit checkpoint
     torch.save(base, tmp_path / "base.pt")
-    fabric = lightning_mp.Fabric(accelerator="cpu", devices=1, precision="bf16-master")
+    fabric = lightning_mp.Fabric(accelerator="cpu", devices=1, precision=precision)
     with fabric.init_module(empty_init=False):
         model = nn.Sequential(Net(), nn.Linear(4, 4))
     model[0].requires_grad_(False)
     model = fabric.setup_module(model)
     model.module[0].load_state_dict(torch.load(tmp_path / "base.pt", weights_only=True))
-    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.module[1].parameters(), lr=1e-2))
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-2))
     for _ in range(3):
         fabric.backward(model(torch.randn(8, 8)).pow(2).mean())
         optimizer.step()
         optimizer.zero_grad()
     audit = memory_audit(model, [optimizer], fabric.strategy.precision)
-    assert audit["masters"] == 2 * (4 * 4 + 4)  # the adapter's remainders; the base's bf16 Linears none
+    per_element = 2 if dtype == torch.bfloat16 else 4
+    assert audit["masters"] == per_element * (4 * 4 + 4)  # the adapter's; the base's 16-bit Linears none
     fabric.save(tmp_path / "ckpt.pt", {"model": model})
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
     for name, value in base.items():
         assert torch.equal(saved["0." + name], value.float()), name
-    assert not torch.equal(saved["1.weight"], saved["1.weight"].bfloat16().float())  # the adapter's low bits
+    assert not torch.equal(saved["1.weight"], saved["1.weight"].to(dtype).float())  # the adapter's low bits
 
 
 def test_several_optimizers_each_get_their_storage():

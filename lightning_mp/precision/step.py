@@ -95,8 +95,9 @@ class MasterStep:
         half = [p for p in params if p.dtype in HALF]
         stored = isinstance(optimizer, StoredMasterOptimizer)
         inv_scale = None if self.scaler is None else self.scaler.inv_scale
-        if not stored:  # a torch optimizer stepping FP32 masters
-            self.store.ensure(half, "fp32")  # a parameter joining late gets its master, from its exact value
+        if not stored:  # a torch optimizer stepping FP32 masters: a parameter joining late gets its
+            # master, from its exact value; a frozen one it holds keeps its storage (none for 16-bit numbers)
+            self.store.ensure([p for p in half if p.requires_grad or p.grad is not None], "fp32")
         # the FP32 micro-batch sums, and for FP32 masters (or a reduction here) every FP32 gradient
         upcast = not stored or self.reducer is not None
         scale = None if stored or self.reducer is not None else (1.0 if self.scaler is None else self.scaler.host_inv_scale())
