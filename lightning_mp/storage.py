@@ -6,6 +6,9 @@
 - ``"kahan"``: a bf16 compensation, what rounding the weight lost (2 bytes, ~16 significant bits);
 - ``"stochastic"``: nothing; the weight is the value, rounded stochastically by its optimizer.
 
+A fifth kind, ``"weight"``, is no policy to choose: nothing beside a weight whose value is a
+16-bit number, for parameters no optimizer steps (:mod:`lightning_mp.masters` picks it).
+
 Everything works on lists of tensors with ``torch._foreach_*`` ops: a few kernels for a whole
 list, whatever its number of tensors. :mod:`lightning_mp.masters` keeps a model's values with them.
 """
