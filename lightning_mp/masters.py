@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -146,10 +146,12 @@ class MasterStore:
         self._captured[param] = param.data if param.dtype == torch.float32 else param.data.float()
 
     @torch.no_grad()
-    def track(self, module: nn.Module, stepped: Iterable[Tensor]) -> None:
-        """Give every 16-bit parameter of ``module`` its storage: the policy's for the ``stepped``
-        ones, the cheapest exact storage for the others. Consumes the captured FP32 values."""
-        stepped = set(stepped)
+    def track(self, module: nn.Module, held: Iterable[Tensor]) -> None:
+        """Give every 16-bit parameter of ``module`` its storage: the policy's for those an optimizer
+        holds (``held``) that require a gradient, the cheapest exact storage for the others (a
+        frozen one held gets the policy's when it first has a gradient). Consumes the captured
+        FP32 values."""
+        stepped = {p for p in held if p.requires_grad}
         for p in dict.fromkeys(p for p in module.parameters() if p.dtype in HALF):  # module order: ranks agree
             value = self._captured.pop(p, None)
             if p not in self._entries:
@@ -226,22 +228,22 @@ class MasterStore:
         """Every storage tensor (for the memory audit)."""
         return (e.storage for e in self._entries.values() if e.storage is not None)
 
-    def broadcast_tensors(self) -> list[Tensor]:
-        """The weights and every storage tensor, for DDP to broadcast rank 0's. Each rank decided
-        from its own values which parameters no optimizer steps need no storage; those get their
-        exact storage back first, so that every rank lists the same tensors. :meth:`compact`
-        after the broadcast drops it again, the same on every rank."""
+    @torch.no_grad()
+    def take_first_rank(self, broadcast: Callable[[list[Tensor]], None]) -> None:
+        """Every weight and storage tensor as the first rank has them (DDP's setup), through
+        ``broadcast``, which sends that rank's values of a list of tensors to the others.
+
+        Each rank decided from its own values which parameters no optimizer steps need no storage
+        (their values 16-bit numbers); those get their exact storage back first, so that every
+        rank lists the same tensors. Afterwards, with the same values everywhere, the same rule
+        drops it again on every rank."""
         for p, entry in list(self._entries.items()):
             if entry.kind == "weight":
                 self.ensure([p], self._exact_kind(p), stepped=False)
-        return [local(p).data for p in self._entries] + list(self.tensors())
-
-    @torch.no_grad()
-    def compact(self) -> None:
-        """Parameters that no optimizer steps and whose FP32 values are 16-bit numbers (a frozen
-        base loaded from a bf16 checkpoint) keep no storage: their weights are their values."""
+        broadcast([local(p).data for p in self._entries] + list(self.tensors()))
+        self.record(self.params())
         for p, entry in list(self._entries.items()):
-            if not entry.stepped and entry.kind != "weight" and self._exact_kind(p, self.value(p)) == "weight":
+            if not entry.stepped and self._exact_kind(p, self.value(p)) == "weight":
                 self.ensure([p], "weight", stepped=False)
 
     # -- FP32 values in and out ------------------------------------------------------------------

@@ -102,9 +102,7 @@ class MasterWeightPrecision(Adapter):
         """Cast to 16 bits (but the ``keep_fp32`` modules); every 16-bit parameter gets its storage."""
         module = self.core.convert_module(module)
         self.core._module = module
-        # the policy's storage for the trainable parameters (an optimizer may change it), the
-        # cheapest exact one for the frozen
-        self.store.track(module, (p for p in module.parameters() if p.requires_grad))
+        self.store.track(module, module.parameters())  # the policy's storage; an optimizer may change it
         self.core.grads.attach(p for p in self.store.params() if p.requires_grad)
         for optimizer in _optimizers_of(module):  # fabric.setup(model, optimizer): it exists already
             self.attach(optimizer)
@@ -158,9 +156,7 @@ class MasterWeightPrecision(Adapter):
         wrapper = _ddp_of(self.core._module)
         if wrapper is None:
             return
-        ddp.broadcast(self.store.broadcast_tensors(), wrapper.process_group)
-        self.store.record(self.store.params())
-        self.store.compact()
+        self.store.take_first_rank(lambda tensors: ddp.broadcast(tensors, wrapper.process_group))
         dtype = torch.float32 if self.core.grad_reduce_dtype == "fp32" else self.core.dtype
         self.core.step_runner.reducer = ddp.GradReducer(wrapper, dtype)
 

@@ -152,8 +152,7 @@ class MasterWeightPrecision(Precision):
         trainer = getattr(module, "_trainer", None)
         raw = [unwrap(o) for o in optimizers]
         report_storage(self.precision, "weight", raw, [self.attach(optimizer) for optimizer in raw])
-        # (a frozen parameter an optimizer holds gets the policy's storage when it first has a gradient)
-        self.store.track(module, (p for o in raw for g in o.param_groups for p in g["params"] if p.requires_grad))
+        self.store.track(module, (p for o in raw for g in o.param_groups for p in g["params"]))
         self.grads.attach(p for p in self.store.params() if p.requires_grad)  # also for a raw loss.backward()
         self.device = self.device or device_type(model)
         self.step_runner.device = self.device
@@ -186,9 +185,7 @@ class MasterWeightPrecision(Precision):
 
     def _setup_ddp(self, model: DistributedDataParallel, trainer: Any) -> None:
         """Rank 0's FP32 values on every rank (DDP broadcast only the 16-bit weights); who reduces."""
-        ddp.broadcast(self.store.broadcast_tensors(), model.process_group)
-        self.store.record(self.store.params())
-        self.store.compact()
+        self.store.take_first_rank(lambda tensors: ddp.broadcast(tensors, model.process_group))
         if ddp.takes_over(trainer, self.grad_reduce_dtype):
             dtype = torch.float32 if self.grad_reduce_dtype == "fp32" else self.dtype
             self.step_runner.reducer = ddp.GradReducer(model, dtype)
