@@ -5,6 +5,14 @@ rounding hurts most, and they are a negligible share of the parameters), and so 
 module that sets ``keep_fp32 = True`` on itself, as an MoE router does. Buffers keep their dtype,
 as under ``bf16-mixed``: they are not trained and cost little, and some are precision-critical
 (a rotary ``inv_freq`` in bf16 puts angles off by radians).
+
+Under autocast a kept module's FP32 weights meet 16-bit activations without trouble (autocast
+casts at each op). Outside it (a ``generate`` call in ``on_validation_epoch_end``, a Fabric
+module's unmarked method, the model used after ``fit``) they would not: an FP32 ``lm_head`` fed
+bf16 fails, and a Hugging Face ``LlamaRMSNorm`` hands FP32 to the bf16 ``q_proj`` after it.
+:func:`follow_callers` makes each kept module take its caller's 16-bit tensors in its own dtype
+and hand its outputs back in the caller's, as FSDP's ``cast_forward_inputs`` and ``output_dtype``
+do; under autocast it does nothing, so training is not touched.
 """
 
 from __future__ import annotations
@@ -12,10 +20,13 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Iterable
-from typing import Union
+from typing import Any, Optional, Union
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+
+from lightning_mp.storage import HALF
 
 #: A ``keep_fp32`` entry: a module-name pattern (``fnmatch``, e.g. ``"*.router"``), a module
 #: class (``isinstance``), or a predicate ``(qualified_name, module) -> bool``.
@@ -61,23 +72,82 @@ def matcher(entry: KeepFP32) -> Callable[[str, nn.Module], bool]:
     )
 
 
-def fp32_parameters_and_buffers(module: nn.Module, keep_fp32: Iterable[KeepFP32]) -> set[Tensor]:
-    """The parameters and buffers owned by kept modules or their descendants.
-
-    A module is kept when it sets ``keep_fp32 = True`` or matches any ``keep_fp32`` entry; a
-    kept module keeps its whole subtree (a router's inner ``Linear`` stays FP32 too).
-    """
+def kept_modules(module: nn.Module, keep_fp32: Iterable[KeepFP32]) -> list[nn.Module]:
+    """The outermost kept modules of ``module``: those that set ``keep_fp32 = True`` or match any
+    ``keep_fp32`` entry, and are not inside another kept one (a kept module keeps its whole
+    subtree: a router's inner ``Linear`` stays FP32 too)."""
     matchers = [matcher(entry) for entry in keep_fp32]
     kept_prefixes: list[str] = []
-    kept: set[Tensor] = set()
+    kept: list[nn.Module] = []
     for name, sub in module.named_modules(remove_duplicate=False):
-        inside = any(name == p or name.startswith(p + ".") for p in kept_prefixes)
-        if inside or getattr(sub, "keep_fp32", False) is True or any(m(name, sub) for m in matchers):
-            if not inside:
-                kept_prefixes.append(name)
-            kept.update(sub.parameters(recurse=False))
-            kept.update(sub.buffers(recurse=False))
+        if any(name == p or name.startswith(p + ".") for p in kept_prefixes):
+            continue
+        if getattr(sub, "keep_fp32", False) is True or any(m(name, sub) for m in matchers):
+            kept_prefixes.append(name)
+            kept.append(sub)
     return kept
+
+
+def fp32_parameters_and_buffers(module: nn.Module, keep_fp32: Iterable[KeepFP32]) -> set[Tensor]:
+    """The parameters and buffers owned by kept modules or their descendants."""
+    kept: set[Tensor] = set()
+    for sub in kept_modules(module, keep_fp32):
+        kept.update(sub.parameters())
+        kept.update(sub.buffers())
+    return kept
+
+
+class _FollowCallers:
+    """The two hooks of one kept module (see :func:`follow_callers`)."""
+
+    def __init__(self) -> None:
+        # one entry per call running outside autocast: its device type, and the caller's dtype
+        # where its inputs were cast (a stack: a forward that raised leaves one behind, harmlessly)
+        self.calls: list[tuple[str, Optional[torch.dtype]]] = []
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        x = args[0] if args and isinstance(args[0], Tensor) and args[0].is_floating_point() else None
+        x = x if x is not None else next(_floats(args, kwargs), None)  # (the usual call first: it runs in every forward)
+        if x is None or torch.is_autocast_enabled(x.device.type):
+            return None
+        own = next((p.dtype for p in module.parameters() if p.is_floating_point()), x.dtype)
+        caller = x.dtype if x.dtype in HALF and own != x.dtype else None
+        self.calls.append((x.device.type, caller))
+        if caller is None:
+            return None
+        cast = _caster(caller, own)
+        return apply_to_collection(args, Tensor, cast), apply_to_collection(kwargs, Tensor, cast)
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self.calls or torch.is_autocast_enabled(self.calls[-1][0]):
+            return None
+        _, caller = self.calls.pop()
+        if caller is None:
+            return None
+        own = next(p.dtype for p in module.parameters() if p.is_floating_point())
+        return apply_to_collection(output, Tensor, _caster(own, caller))
+
+
+def _caster(src: torch.dtype, dst: torch.dtype) -> Callable[[Tensor], Tensor]:
+    return lambda t: t.to(dst) if t.dtype == src else t
+
+
+def _floats(args: tuple, kwargs: dict) -> Iterable[Tensor]:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.is_floating_point():
+            yield value
+
+
+
+def follow_callers(kept: Iterable[nn.Module]) -> None:
+    """Outside autocast, each of the ``kept`` modules takes its caller's 16-bit floating tensors in
+    its own dtype and gives its floating outputs back in the caller's (see the module's
+    docstring). Hooked once per module, ahead of other hooks (FSDP's own casts see FP32 inputs)."""
+    for module in kept:
+        if not any(isinstance(getattr(h, "__self__", None), _FollowCallers) for h in module._forward_pre_hooks.values()):
+            hooks = _FollowCallers()
+            module.register_forward_pre_hook(hooks.before, prepend=True, with_kwargs=True)
+            module.register_forward_hook(hooks.after, with_kwargs=True)
 
 
 def cast_module_(

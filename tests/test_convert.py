@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from lightning_mp.convert import DEFAULT_KEEP_FP32, cast_module_, is_norm_layer
+from lightning_mp.convert import DEFAULT_KEEP_FP32, cast_module_, follow_callers, is_norm_layer, kept_modules
 
 
 class LlamaRMSNorm(nn.Module):  # another library's norm, recognised by its class name
@@ -84,3 +86,48 @@ def test_bad_entry_is_a_type_error():
         cast_module_(Block(), torch.bfloat16, [3])
     with pytest.raises(TypeError, match="nn.Module"):
         cast_module_(Block(), torch.bfloat16, [int])
+
+
+class HFRMSNorm(nn.Module):  # Hugging Face's LlamaRMSNorm: `weight * x`, FP32 out of an FP32 weight
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+def llama_like(dtype, keep):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), HFRMSNorm(8), nn.Linear(8, 8), nn.Linear(8, 3))
+    fp32 = copy.deepcopy(net)
+    cast_module_(net, dtype, keep)
+    unhooked = copy.deepcopy(net)
+    follow_callers(kept_modules(net, keep))
+    follow_callers(kept_modules(net, keep))  # a second conversion (another Trainer) hooks nothing more
+    return net, unhooked, fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_outside_autocast_kept_modules_take_and_give_the_callers_dtype(dtype):
+    # A `generate` in a hook outside the step: the norm's FP32 output reached the 16-bit Linear
+    # after it, and 16-bit inputs the FP32 head ("expected m1 and m2 to have the same dtype").
+    keep = [*DEFAULT_KEEP_FP32, "3"]  # the head kept FP32, as a user keeps an lm_head
+    net, _, fp32 = llama_like(dtype, keep)
+    x = torch.randn(4, 8).to(dtype)
+    y = net(x)
+    # closed form: 16-bit layers in 16 bits; each kept one in FP32 on its input upcast, its output rounded once
+    h = net[2](fp32[1](net[0](x).float()).to(dtype))
+    assert y.dtype == dtype and torch.equal(y, fp32[3](h.float()).to(dtype))
+    assert net[1](x).dtype == dtype and net[1](x.float()).dtype == torch.float32  # FP32 callers get FP32
+
+
+def test_under_autocast_or_with_fp32_inputs_kept_modules_are_untouched():
+    net, unhooked, _ = llama_like(torch.bfloat16, DEFAULT_KEEP_FP32)
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(net(x), unhooked(x))  # training's forward: bit for bit, dtypes included
+        assert net[1](x.bfloat16()).dtype == torch.float32
+    h = torch.randn(4, 8)  # FP32 in with autocast off, as the MoE router is called: FP32 out
+    assert torch.equal(net[1](h), unhooked[1](h))

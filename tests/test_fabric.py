@@ -271,6 +271,24 @@ def test_several_optimizers_each_get_their_storage():
     assert all(not torch.equal(before[k], after[k]) for k in after if not k.startswith("norm"))
 
 
+@pytest.mark.parametrize("precision", ["bf16-master", "16-master"])
+def test_an_unmarked_method_runs_outside_autocast_as_under_bf16_true(precision):
+    """`fabric_model.generate(...)` (not marked with `mark_forward_method`) bypasses Fabric's
+    autocast: Llama's FP32 RMSNorm output then reached the 16-bit q_proj and failed. Now it runs
+    in 16 bits, as under bf16-true, the kept norms in FP32 inside."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=1))
+    fabric = lightning_mp.Fabric(accelerator="cpu", devices=1, precision=precision)
+    model = fabric.setup(model)
+    prompt = torch.tensor([[0, 5, 9]])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6) and out[0, :3].tolist() == [0, 5, 9]
+    assert model.model.norm.weight.dtype == torch.float32  # the norm kept FP32 all along
+
+
 def test_precision_name_and_plugin_together_is_an_error():
     with pytest.raises(ValueError, match="give one of them"):
         lightning_mp.Fabric(accelerator="cpu", precision="bf16-master", plugins=[MasterWeightPrecision()])

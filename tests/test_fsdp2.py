@@ -412,3 +412,29 @@ def test_fsdp2_default_keeps_bf16_shards_with_remainders_for_torchs_own_adamw(fs
     assert fsdp2_fp32[0]["dtypes"]["inp.weight"] == "torch.float32"  # master="fp32": FP32 shards
     for key, expected in fsdp2_fp32[0]["state"].items():
         assert torch.equal(auto[0]["state"][key], expected) and torch.equal(auto[1]["state"][key], expected), key
+
+
+@pytest.mark.parametrize("master", ["fp32", "remainder"])
+def test_kept_modules_meet_16_bit_callers_outside_autocast_as_on_one_device(one_rank, master):
+    """A Llama sharded by the plugin and called outside autocast (a `generate` in a hook): its
+    RMSNorm's FP32 output reached the bf16 q_proj and failed. Now the logits are bf16 and equal
+    the unsharded plugin's, bit for bit (the same casts, one rank)."""
+    import copy
+
+    from lightning_mp import MasterWeightPrecision
+    from lightning_mp.precision import FSDP2MasterWeightPrecision
+
+    transformers = pytest.importorskip("transformers")
+    layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    torch.manual_seed(0)
+    sharded = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    for norm in (m for m in sharded.modules() if type(m).__name__ == "LlamaRMSNorm"):
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)  # not ones: a norm's rounding shows
+    whole = copy.deepcopy(sharded)
+    FSDP2MasterWeightPrecision("bf16-master", device="cpu", master=master).shard(sharded, one_rank, blocks=[layer])
+    MasterWeightPrecision("bf16-master", master=master).convert_module(whole)
+    ids = torch.randint(0, 64, (2, 8))
+    logits = sharded(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, whole(input_ids=ids).logits)

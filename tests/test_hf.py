@@ -84,3 +84,26 @@ def test_llama_rotary_angles_equal_bf16_mixed(mode):
         with t.precision_plugin.forward_context():
             tables[name] = rotary(x, torch.arange(4096)[None])
     assert all(torch.equal(a, b) for a, b in zip(tables["ours"], tables["bf16-mixed"]))
+
+
+class Sampling(CausalLM):  # a common LLM pattern: sample text at the end of each validation
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(input_ids=batch[0], labels=batch[0]).loss.float())
+
+    def on_validation_epoch_end(self):  # outside the step: no autocast
+        prompt = torch.tensor([[0, 5, 9]])
+        self.samples = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                                           do_sample=False, pad_token_id=1)
+
+
+@pytest.mark.parametrize("mode", [("bf16-master", "auto"), ("16-master", "fp32")], ids=["bf16-master", "16-master"])
+def test_llama_generates_outside_the_step_and_after_fit(mode):
+    # Llama's RMSNorm multiplies by its FP32 weight: outside autocast its FP32 output reached the
+    # 16-bit q_proj and failed, where bf16-true and bf16-mixed run.
+    torch.manual_seed(0)
+    lm = Sampling(mode, "llama")
+    t = trainer(mode_plugin(mode), max_steps=2, val_check_interval=1, limit_val_batches=1)
+    t.fit(lm, tokens(), tokens())
+    assert lm.samples.shape == (1, 7) and lm.samples[0, :3].tolist() == [0, 5, 9]
+    logits = lm.model(input_ids=torch.tensor([[0, 5, 9]])).logits  # after fit, called directly
+    assert logits.dtype == lm.model.get_input_embeddings().weight.dtype and logits.isfinite().all()

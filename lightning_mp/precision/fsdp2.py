@@ -39,7 +39,7 @@ from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, matcher
+from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, follow_callers, matcher
 from lightning_mp.masters import MasterStore
 from lightning_mp.optim.base import StoredMasterOptimizer
 from lightning_mp.parallel import clip_by_global_norm, outermost, shard_units
@@ -147,6 +147,7 @@ class FSDP2MasterWeightPrecision(Precision):
             return self.mp_policy(fp32=kind == "fp32", cast_forward_inputs=kind != "root")
 
         sharded = shard_units(module, mesh, policy, kept=kept, blocks=blocks, experts=experts, expert_mesh=expert_mesh)
+        follow_callers(kept)  # after FSDP's hooks, so that its input casts come after ours
         self._fp32_compute.update(id(p) for m in kept for p in m.parameters())
         if self.store is not None:
             for name, p in module.named_parameters():

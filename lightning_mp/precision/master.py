@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, cast_module_
+from lightning_mp.convert import DEFAULT_KEEP_FP32, KeepFP32, cast_module_, follow_callers, kept_modules
 from lightning_mp.masters import MasterStore, check_finite
 from lightning_mp.optim.base import StoredMasterOptimizer
 from lightning_mp.optim.adopt import adopt, why_not
@@ -139,6 +139,7 @@ class MasterWeightPrecision(Precision):
         if previous is not None and previous is not self.store:  # converted by another plugin before
             self.store.take_over(previous)
         cast_module_(module, self.dtype, self.keep_fp32, before_cast=self.store.capture)
+        follow_callers(kept_modules(module, self.keep_fp32))
         self.store.attach(module)
         return module
 
