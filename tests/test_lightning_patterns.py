@@ -9,6 +9,7 @@ weight near 1 (2**-9): a 16-bit weight alone would never take them; the FP32 val
 from __future__ import annotations
 
 import lightning.pytorch as L
+import lightning_mp
 import pytest
 import torch
 from conftest import (
@@ -303,6 +304,83 @@ def test_manual_clip_gradients_clips_the_unscaled_fp32_gradients(mode, algorithm
         assert torch.allclose(got, want, rtol=0, atol=2.0**-8), (got, want)
     else:
         assert close_to(got, want, mode), (got, want)
+
+
+# -- on_before_optimizer_step on the module's own parameters (Lightning's grad_norm, clipping by hand) ------
+
+
+class GradHooks(L.LightningModule):
+    """What Lightning's docs do in ``on_before_optimizer_step``, on the module's parameters: log
+    ``grad_norm(self)``, clip a gradient in place, scale one in place, replace one, drop one."""
+
+    def __init__(self, mode=None, optimizer=None):
+        super().__init__()
+        self.mode, self.optimizer = mode, optimizer
+        self.w, self.u, self.r, self.v = (nn.Parameter(torch.ones(2)) for _ in range(4))
+        self.norms = []
+
+    def training_step(self, batch, batch_idx):
+        return sum((p * batch[0]).sum() for p in (self.w, self.u, self.r, self.v))
+
+    def on_before_optimizer_step(self, optimizer):
+        from lightning.pytorch.utilities import grad_norm
+
+        self.norms.append({k: v.item() for k, v in grad_norm(self, norm_type=2).items()})
+        torch.nn.utils.clip_grad_norm_([self.w], max_norm=1.0)
+        self.u.grad.mul_(0.5)
+        self.r.grad = torch.full_like(self.r, 0.25)  # a new gradient in the parameter's dtype
+        self.v.grad = None
+
+    def configure_optimizers(self):
+        if self.optimizer is not None:
+            return self.optimizer(self.parameters(), lr=2.0**-4)
+        return mode_sgd(self.mode, self.parameters(), lr=2.0**-4) if self.mode else torch.optim.SGD(self.parameters(), lr=2.0**-4)
+
+
+@pytest.mark.parametrize("mode, optimizer", [*((m, None) for m in MODES), (("16-master", "fp32"), "ours")],
+                         ids=[*MODE_IDS, "16-master-lightning_mp.optim"])
+def test_on_before_optimizer_step_sees_and_changes_the_fp32_unscaled_gradients_on_the_parameters(mode, optimizer):
+    # Two micro-batches of x = (3, 4), each loss halved by Lightning: every gradient is (3, 4),
+    # norm 5. Before, the 16-bit parameters showed no gradient there (FP32 masters; accumulated
+    # sums) or a scaled one (16-master): the logged norm was the norms' alone, the clip did nothing.
+    data = DataLoader(TensorDataset(torch.tensor([[3.0, 4.0]] * 4)), batch_size=1)
+    reference = GradHooks()
+    trainer("32-true", max_steps=2, accumulate_grad_batches=2).fit(reference, data)
+    model = GradHooks(mode, lightning_mp.optim.SGD if optimizer == "ours" else None)
+    t = trainer(mode_plugin(mode), max_steps=2, accumulate_grad_batches=2)
+    t.fit(model, data)
+    assert model.norms == reference.norms and reference.norms[0]["grad_2.0_norm/w"] == 5.0
+    values = fp32_values(t)
+    assert torch.equal(values["v"], torch.ones(2))  # its gradient dropped: not stepped, as under 32-true
+    for name in ("w", "u", "r"):  # w clipped to norm 1 (0.6, 0.8), u halved, r's replaced, in both steps
+        want = getattr(reference, name).detach()
+        if mode[1] == "stochastic":  # two updates, each rounded up or down: within two bf16 steps
+            assert torch.allclose(values[name], want, rtol=0, atol=2.0**-7), name
+        else:
+            assert close_to(values[name], want, mode), name
+
+
+class GradNormCallback(Callback):
+    def __init__(self):
+        self.norms = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        from lightning.pytorch.utilities import grad_norm
+
+        self.norms.append(grad_norm(pl_module, norm_type=2)["grad_2.0_norm_total"].item())
+
+
+class NoHooks(GradHooks):
+    on_before_optimizer_step = L.LightningModule.on_before_optimizer_step
+
+
+@modes
+def test_a_callbacks_grad_norm_is_32_true_s(mode):
+    data = DataLoader(TensorDataset(torch.tensor([[3.0, 4.0]] * 4)), batch_size=1)
+    reference, ours = GradNormCallback(), GradNormCallback()
+    trainer("32-true", max_steps=2, accumulate_grad_batches=2, callbacks=[reference]).fit(NoHooks(), data)
+    trainer(mode_plugin(mode), max_steps=2, accumulate_grad_batches=2, callbacks=[ours]).fit(NoHooks(mode), data)
+    assert ours.norms == reference.norms == [10.0, 10.0]  # four gradients (3, 4)
 
 
 # -- 12. zero_grad(set_to_none=False): parameters with a zero gradient are still stepped ----------------------

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -73,9 +74,9 @@ class MasterWeightPrecision(Precision):
 
     Outside the optimizer step every optimizer holds the model's own 16-bit parameters. During
     the step (``on_before_optimizer_step``, gradient clipping) a ``master="fp32"`` optimizer holds
-    the FP32 masters with their FP32, unscaled gradients: read gradients there from
-    ``trainer.precision_plugin.main_params(optimizer)``. ``state_dict()`` gives the FP32 values,
-    and :attr:`store` gives any of them.
+    the FP32 masters with their FP32, unscaled gradients, and each of the model's parameters shows
+    the gradient the step uses as its ``.grad`` (FP32 and unscaled where the step holds it so), as
+    under ``32-true``. ``state_dict()`` gives the FP32 values, and :attr:`store` gives any of them.
     """
 
     precision: Literal["bf16-master", "16-master"] = "bf16-master"
@@ -226,7 +227,8 @@ class MasterWeightPrecision(Precision):
         if closure_result is None and lightning and model.automatic_optimization:
             return None  # training_step returned None: no backward, nothing to step (as Lightning's AMP)
         before_step = (lambda: self._after_closure(model, optimizer)) if lightning else (lambda: None)
-        self.step_runner.run(optimizer, before_step, closure_result, keep_grads=not _frees_grads(model), **kwargs)
+        self.step_runner.run(optimizer, before_step, closure_result, keep_grads=not _frees_grads(model),
+                             hooks=lightning and _handles_grads(model), **kwargs)
         self._log(model)
         return closure_result
 
@@ -281,6 +283,17 @@ def _frees_grads(model: nn.Module) -> bool:
         isinstance(model, pl.LightningModule)
         and model.automatic_optimization
         and type(model).optimizer_zero_grad is pl.LightningModule.optimizer_zero_grad
+    )
+
+
+def _handles_grads(model: "pl.LightningModule") -> bool:
+    """Whether code of the user's runs in the step's hooks: an ``on_before_optimizer_step`` of the
+    module or of a callback, or the module's ``configure_gradient_clipping``."""
+    callbacks = model.trainer.callbacks if model._trainer is not None else []
+    return (
+        is_overridden("on_before_optimizer_step", model, pl.LightningModule)
+        or is_overridden("configure_gradient_clipping", model, pl.LightningModule)
+        or any(is_overridden("on_before_optimizer_step", callback, pl.Callback) for callback in callbacks)
     )
 
 

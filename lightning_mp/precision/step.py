@@ -173,16 +173,19 @@ class MasterStep:
         before_step: Callable[[], None],
         loss: Any,
         keep_grads: bool,
+        hooks: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Prepare, then skip or (hooks and clipping via ``before_step``) step, then store back."""
+        """Prepare, then skip or (hooks and clipping via ``before_step``) step, then store back.
+        ``hooks``: ``before_step`` runs code that may read or change the parameters' ``.grad``."""
         self.skips.settle()  # the previous sync-free step's bookkeeping: its flag has long been copied
         prepared = self.prepare(optimizer)
         prepared.loss = loss
         try:
             if self._is_sync_free(optimizer):
                 with self._fp32(optimizer, prepared):
-                    before_step()  # an inf norm clips to NaN: the fused kernel skips anyway
+                    with self._grads_on_params(optimizer, prepared, hooks):
+                        before_step()  # an inf norm clips to NaN: the fused kernel skips anyway
                     self._hand_transforms(optimizer, prepared)
                     optimizer.found_inf, optimizer.grad_scale = prepared.found_inf, None  # torch's fused contract
                     try:
@@ -196,7 +199,8 @@ class MasterStep:
                 overflowed = bool(prepared.found_inf.item())  # the step's one host sync
                 if not overflowed:
                     with self._fp32(optimizer, prepared):
-                        before_step()
+                        with self._grads_on_params(optimizer, prepared, hooks):
+                            before_step()
                         self._hand_transforms(optimizer, prepared)
                         optimizer.step(**kwargs)
                 self.skips.record(optimizer, overflowed, lambda: self.describe(prepared))
@@ -226,6 +230,43 @@ class MasterStep:
             _substitute(optimizer, {m: p for p, m in masters.items()})
             if masters:
                 self.store.write(list(masters), list(masters.values()))  # round to nearest into the weights
+
+    @contextmanager
+    def _grads_on_params(self, optimizer: Optimizer, prepared: Prepared, hooks: bool) -> Iterator[None]:
+        """While the step's hooks run, each 16-bit parameter whose gradient the step holds in FP32
+        (micro-batch sums, FP32 masters' gradients) shows that FP32, unscaled gradient as its
+        ``.grad``, as under ``32-true``: ``grad_norm(self)`` reads it, ``clip_grad_norm_(self.parameters())``
+        scales it in place, and the step uses what they leave; a ``.grad`` the hook replaces is
+        copied in, one set to ``None`` drops the parameter from the step. torch wants a gradient
+        of the parameter's dtype, so the FP32 tensor is shown through a zero-size alias's ``.data``;
+        the parameter gets its own ``.grad`` back after the hooks."""
+        if not hooks:
+            yield
+            return
+        if prepared.stored and prepared.factor is not None:
+            self.unscale(optimizer)  # fp16's scaled gradients (or a clip not yet applied): FP32 copies, unscaled
+        shown, zeros = {}, {}
+        for p in prepared.params:
+            grad = prepared.fp32.get(p)
+            if grad is not None and p.dtype in HALF:
+                zero = zeros.get((p.dtype, p.device))
+                if zero is None:
+                    zero = zeros[p.dtype, p.device] = torch.zeros((), dtype=p.dtype, device=p.device)
+                alias = zero.expand(p.shape)  # (no memory)
+                shown[p] = (alias, p.grad)
+                p.grad = alias
+                alias.data = grad
+        try:
+            yield
+        finally:
+            for p, (alias, own) in shown.items():
+                if p.grad is None:  # dropped by the hook: not stepped, as under 32-true
+                    prepared.fp32.pop(p)
+                    if not prepared.stored:
+                        self.store.storage(p).grad = None  # the master the optimizer holds
+                elif p.grad is not alias:
+                    prepared.fp32[p].copy_(p.grad)
+                p.grad = own
 
     def _hand_transforms(self, optimizer: Optimizer, prepared: Prepared) -> None:
         if prepared.stored:  # lightning_mp.optim unscales and clips its FP32 copies of the grads
