@@ -438,3 +438,31 @@ def test_kept_modules_meet_16_bit_callers_outside_autocast_as_on_one_device(one_
     ids = torch.randint(0, 64, (2, 8))
     logits = sharded(input_ids=ids).logits
     assert logits.dtype == torch.bfloat16 and torch.equal(logits, whole(input_ids=ids).logits)
+
+
+def test_a_hook_on_gradients_is_warned_that_bf16_shards_hold_theirs_apart(tmp_path):
+    """Under bf16 shards (the default for torch's AdamW) the FP32 gradients are held apart: an
+    on_before_optimizer_step that clips ``self.parameters()`` would silently miss them; it is told
+    so, once, with the ways that work (one process, ModelParallelStrategy)."""
+    script = textwrap.dedent(f'''
+        import sys, torch, lightning.pytorch as L
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import TinyRegressor, regression_data
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        from lightning_mp.precision import FSDP2MasterWeightPrecision
+
+        class Model(TinyRegressor):
+            def configure_model(self):
+                self.trainer.precision_plugin.shard(self, self.device_mesh["data_parallel"], blocks=[torch.nn.Linear])
+
+            def on_before_optimizer_step(self, optimizer):
+                torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+
+        t = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(1, 1), max_steps=2, logger=False,
+                      plugins=[FSDP2MasterWeightPrecision("bf16-master", device="cpu")], enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir={str(tmp_path)!r})
+        t.fit(Model(lr=1e-2, optimizer="adamw"), torch.utils.data.DataLoader(regression_data(n=16).dataset, batch_size=8))
+    ''')
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count("in on_before_optimizer_step their .grad is None; clip with gradient_clip_val") == 1

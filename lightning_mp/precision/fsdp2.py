@@ -29,11 +29,13 @@ The user's side, in ``configure_model``::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor, nn
@@ -47,7 +49,7 @@ from lightning_mp.precision.fsdp2_grads import FP32GradShards
 from lightning_mp import loading
 from lightning_mp.optim.adopt import adopt, why_not
 from lightning_mp.precision.options import (MASTER_DTYPES, STORAGE, check_master_options, device_type, lightning_module,
-                                           make_scaler, report_storage, store_policy)
+                                           make_scaler, report_storage, store_policy, user_step_hooks)
 from lightning_mp.precision.step import unwrap
 from lightning_mp.precision.skips import SkipTracker, sharded_step, step_gradients
 from lightning_mp.storage import like, local
@@ -107,6 +109,7 @@ class FSDP2MasterWeightPrecision(Precision):
         # bf16 shards (master != "fp32"): where their FP32 values live, and their FP32 gradients
         self.store = MasterStore(torch.bfloat16, master) if master != "fp32" else None
         self.grads = FP32GradShards() if master != "fp32" else None
+        self._warned_hooks = False  # (on_before_optimizer_step cannot see bf16 shards' gradients)
         self._module: Optional[nn.Module] = None
         self._fp32_compute: set[int] = set()  # the parameters of the modules kept in FP32
         self._optimizers: list[Any] = []  # the lightning_mp.optim optimizers stepping bf16 shards
@@ -240,6 +243,11 @@ class FSDP2MasterWeightPrecision(Precision):
         Lightning's hooks and clipping, then the inner step on the FP32 shards."""
         if self.grads is None:
             return sharded_step(self, self.skips, optimizer, model, closure, **kwargs)
+        if not self._warned_hooks and isinstance(model, pl.LightningModule) and user_step_hooks(model):
+            self._warned_hooks = True
+            warnings.warn(f"lightning-mp: with bf16 shards (master={self.master!r}) their FP32 gradients are held apart: "
+                          "in on_before_optimizer_step their .grad is None; clip with gradient_clip_val or "
+                          "self.clip_gradients, or pass master='fp32' to have FP32 shards with their gradients")
         try:
             return sharded_step(self, self.skips, optimizer, model, closure, held=self.grads.grads, **kwargs)
         finally:  # stepped or skipped, this optimizer's gradients are done

@@ -17,7 +17,6 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -30,7 +29,7 @@ from lightning_mp.precision import ddp
 from lightning_mp.precision.averaging import average_fp32
 from lightning_mp.precision.grads import FP32Grads
 from lightning_mp.precision.options import (MASTER_DTYPES, STORAGE, check_master_options, device_type, lightning_module,
-                                           make_scaler, report_storage, store_policy)
+                                           make_scaler, report_storage, store_policy, user_step_hooks)
 from lightning_mp.precision.skips import SkipTracker
 from lightning_mp.precision.step import MasterStep, unwrap
 from lightning_mp.storage import HALF
@@ -228,7 +227,7 @@ class MasterWeightPrecision(Precision):
             return None  # training_step returned None: no backward, nothing to step (as Lightning's AMP)
         before_step = (lambda: self._after_closure(model, optimizer)) if lightning else (lambda: None)
         self.step_runner.run(optimizer, before_step, closure_result, keep_grads=not _frees_grads(model),
-                             hooks=lightning and _handles_grads(model), **kwargs)
+                             hooks=lightning and user_step_hooks(model), **kwargs)
         self._log(model)
         return closure_result
 
@@ -283,17 +282,6 @@ def _frees_grads(model: nn.Module) -> bool:
         isinstance(model, pl.LightningModule)
         and model.automatic_optimization
         and type(model).optimizer_zero_grad is pl.LightningModule.optimizer_zero_grad
-    )
-
-
-def _handles_grads(model: "pl.LightningModule") -> bool:
-    """Whether code of the user's runs in the step's hooks: an ``on_before_optimizer_step`` of the
-    module or of a callback, or the module's ``configure_gradient_clipping``."""
-    callbacks = model.trainer.callbacks if model._trainer is not None else []
-    return (
-        is_overridden("on_before_optimizer_step", model, pl.LightningModule)
-        or is_overridden("configure_gradient_clipping", model, pl.LightningModule)
-        or any(is_overridden("on_before_optimizer_step", callback, pl.Callback) for callback in callbacks)
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.optim import Optimizer
 
@@ -93,3 +94,14 @@ def lightning_module(model: nn.Module) -> nn.Module:
     if isinstance(model, pl.LightningModule):
         return model
     return next((m for m in model.modules() if isinstance(m, pl.LightningModule)), model)
+
+
+def user_step_hooks(model: "pl.LightningModule") -> bool:
+    """Whether the user's code runs in the step's hooks, where it may read or change gradients: an
+    ``on_before_optimizer_step`` of the module or of a callback, or ``configure_gradient_clipping``."""
+    callbacks = model.trainer.callbacks if model._trainer is not None else []
+    return (
+        is_overridden("on_before_optimizer_step", model, pl.LightningModule)
+        or is_overridden("configure_gradient_clipping", model, pl.LightningModule)
+        or any(is_overridden("on_before_optimizer_step", callback, pl.Callback) for callback in callbacks)
+    )
