@@ -49,7 +49,7 @@ from lightning_mp.precision.fsdp2_grads import FP32GradShards
 from lightning_mp import loading
 from lightning_mp.optim.adopt import adopt, why_not
 from lightning_mp.precision.options import (MASTER_DTYPES, STORAGE, check_master_options, device_type, lightning_module,
-                                           make_scaler, report_storage, step_hooks, store_policy)
+                                           make_scaler, report_storage, store_policy, user_step_hooks)
 from lightning_mp.precision.step import unwrap
 from lightning_mp.precision.skips import SkipTracker, sharded_step, step_gradients
 from lightning_mp.storage import like, local
@@ -243,7 +243,7 @@ class FSDP2MasterWeightPrecision(Precision):
         Lightning's hooks and clipping, then the inner step on the FP32 shards."""
         if self.grads is None:
             return sharded_step(self, self.skips, optimizer, model, closure, **kwargs)
-        if not self._warned_hooks and isinstance(model, pl.LightningModule) and step_hooks(model, users_only=True):
+        if not self._warned_hooks and isinstance(model, pl.LightningModule) and user_step_hooks(model):
             self._warned_hooks = True
             warnings.warn(f"lightning-mp: with bf16 shards (master={self.master!r}) their FP32 gradients are held apart: "
                           "in on_before_optimizer_step their .grad is None; clip with gradient_clip_val or "

@@ -29,7 +29,7 @@ from lightning_mp.precision import ddp
 from lightning_mp.precision.averaging import average_fp32
 from lightning_mp.precision.grads import FP32Grads
 from lightning_mp.precision.options import (MASTER_DTYPES, STORAGE, check_master_options, device_type, lightning_module,
-                                           make_scaler, report_storage, step_hooks, store_policy)
+                                           make_scaler, report_storage, store_policy, user_step_hooks)
 from lightning_mp.precision.skips import SkipTracker
 from lightning_mp.precision.step import MasterStep, unwrap
 from lightning_mp.storage import HALF
@@ -227,7 +227,7 @@ class MasterWeightPrecision(Precision):
             return None  # training_step returned None: no backward, nothing to step (as Lightning's AMP)
         before_step = (lambda: self._after_closure(model, optimizer)) if lightning else (lambda: None)
         self.step_runner.run(optimizer, before_step, closure_result, keep_grads=not _frees_grads(model),
-                             hooks=lightning and step_hooks(model), **kwargs)
+                             hooks=lightning and user_step_hooks(model), **kwargs)
         self._log(model)
         return closure_result
 

@@ -96,17 +96,15 @@ def lightning_module(model: nn.Module) -> nn.Module:
     return next((m for m in model.modules() if isinstance(m, pl.LightningModule)), model)
 
 
-def step_hooks(model: "pl.LightningModule", users_only: bool = False) -> bool:
-    """Whether code runs in the step's hooks that may read or change gradients: an
+def user_step_hooks(model: "pl.LightningModule") -> bool:
+    """Whether the user's code runs in the step's hooks, where it may read or change gradients: an
     ``on_before_optimizer_step`` of the module or of a callback, or the module's
-    ``configure_gradient_clipping`` (``users_only``: not lightning-mp's own, ``MoEModule``'s or
-    the monitor's, which know where the gradients are)."""
+    ``configure_gradient_clipping``. lightning-mp's own (``MoEModule``'s, the monitor's) do not
+    count: they know where the gradients are."""
     callbacks = model.trainer.callbacks if model._trainer is not None else []
 
     def overrides(obj: Any, name: str, parent: type) -> bool:
-        if not is_overridden(name, obj, parent):
-            return False
-        return not users_only or not getattr(getattr(obj, name), "__module__", "").startswith("lightning_mp.")
+        return is_overridden(name, obj, parent) and not getattr(obj, name).__module__.startswith("lightning_mp.")
 
     return (
         overrides(model, "on_before_optimizer_step", pl.LightningModule)
