@@ -104,6 +104,7 @@ class _FollowCallers:
         # one entry per call running outside autocast: its device type, and the caller's dtype
         # where its inputs were cast (a stack: a forward that raised leaves one behind, harmlessly)
         self.calls: list[tuple[str, Optional[torch.dtype]]] = []
+        self.handles: list[Any] = []
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
         x = args[0] if args and isinstance(args[0], Tensor) and args[0].is_floating_point() else None
@@ -146,8 +147,18 @@ def follow_callers(kept: Iterable[nn.Module]) -> None:
     for module in kept:
         if not any(isinstance(getattr(h, "__self__", None), _FollowCallers) for h in module._forward_pre_hooks.values()):
             hooks = _FollowCallers()
-            module.register_forward_pre_hook(hooks.before, prepend=True, with_kwargs=True)
-            module.register_forward_hook(hooks.after, with_kwargs=True)
+            hooks.handles = [module.register_forward_pre_hook(hooks.before, prepend=True, with_kwargs=True),
+                             module.register_forward_hook(hooks.after, with_kwargs=True)]
+
+
+def unfollow_callers(module: nn.Module) -> None:
+    """Remove :func:`follow_callers`' hooks from ``module`` and its submodules (a model turned back
+    into FP32 needs none; ``torch.jit.script`` cannot compile them)."""
+    for sub in module.modules():
+        for hook in list(sub._forward_pre_hooks.values()):
+            if isinstance(getattr(hook, "__self__", None), _FollowCallers):
+                for handle in hook.__self__.handles:
+                    handle.remove()
 
 
 def cast_module_(

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_mp.convert import unfollow_callers
 from lightning_mp.storage import HALF, MASTER_POLICIES, POLICY, as_local, is_16bit, like, local, sharded
 
 # -- the store ---------------------------------------------------------------------------------
@@ -130,6 +131,8 @@ class MasterStore:
         for p, value in zip(params, self.values(params)):
             p.data = like(value.clone(), p)
         self._entries.clear()
+        for module in [m for m, store in _STORES.items() if store is self]:
+            unfollow_callers(module)
         self.detach()
 
     def name(self, p: Tensor) -> str:

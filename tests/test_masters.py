@@ -358,6 +358,17 @@ def test_restore_fp32_turns_the_trained_model_back_into_exact_fp32(mode):
     assert MasterStore.of(model) is None
 
 
+def test_a_restored_model_scripts_for_export():
+    import lightning_mp
+    from lightning_mp import MasterStore
+
+    fabric = lightning_mp.Fabric(accelerator="cpu", devices=1, precision="bf16-master")
+    model = fabric.setup(nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 2))).module
+    MasterStore.of(model).restore_fp32()
+    x = torch.randn(4, 8)
+    assert torch.equal(torch.jit.script(model)(x), model(x))  # no hook of the plugin's left to compile
+
+
 def test_a_model_cast_by_the_user_is_no_longer_decoded_as_16_bit():
     # model.float() upcasts the bf16 weights; the store must not read those as bf16 + remainder
     model, _ = trained(("bf16-master", "remainder"))
