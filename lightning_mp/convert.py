@@ -107,8 +107,9 @@ class _FollowCallers:
         self.handles: list[Any] = []
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        # (this runs in every forward: the usual call, a tensor first, is looked at before the rest)
         x = args[0] if args and isinstance(args[0], Tensor) and args[0].is_floating_point() else None
-        x = x if x is not None else next(_floats(args, kwargs), None)  # (the usual call first: it runs in every forward)
+        x = x if x is not None else next(_floats(args, kwargs), None)
         if x is None or torch.is_autocast_enabled(x.device.type):
             return None
         own = next((p.dtype for p in module.parameters() if p.is_floating_point()), x.dtype)
@@ -137,7 +138,6 @@ def _floats(args: tuple, kwargs: dict) -> Iterable[Tensor]:
     for value in (*args, *kwargs.values()):
         if isinstance(value, Tensor) and value.is_floating_point():
             yield value
-
 
 
 def follow_callers(kept: Iterable[nn.Module]) -> None:

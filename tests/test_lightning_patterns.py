@@ -360,6 +360,40 @@ def test_on_before_optimizer_step_sees_and_changes_the_fp32_unscaled_gradients_o
             assert close_to(values[name], want, mode), name
 
 
+class OwnClipping(L.LightningModule):
+    """A ``configure_gradient_clipping`` that clips the module's parameters with torch's function."""
+
+    def __init__(self, mode=None):
+        super().__init__()
+        self.mode = mode
+        self.w = nn.Parameter(torch.ones(2))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w * batch[0]).sum()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm=gradient_clip_val)
+
+    def configure_optimizers(self):
+        return mode_sgd(self.mode, [self.w], lr=2.0**-4) if self.mode else torch.optim.SGD([self.w], lr=2.0**-4)
+
+
+@modes
+def test_a_configure_gradient_clipping_of_ones_own_clips_the_step(mode):
+    data = DataLoader(TensorDataset(torch.tensor([[3.0, 4.0]] * 4)), batch_size=1)
+    reference = OwnClipping()
+    trainer("32-true", max_steps=2, accumulate_grad_batches=2, gradient_clip_val=1.0).fit(reference, data)
+    model = OwnClipping(mode)
+    t = trainer(mode_plugin(mode), max_steps=2, accumulate_grad_batches=2, gradient_clip_val=1.0)
+    t.fit(model, data)
+    want = reference.w.detach()
+    assert torch.allclose(want, 1 - 2 * 2.0**-4 * torch.tensor([0.6, 0.8]), rtol=0, atol=1e-6)  # clipped, twice
+    if mode[1] == "stochastic":
+        assert torch.allclose(fp32_values(t)["w"], want, rtol=0, atol=2.0**-7)
+    else:
+        assert close_to(fp32_values(t)["w"], want, mode)
+
+
 class GradNormCallback(Callback):
     def __init__(self):
         self.norms = []
