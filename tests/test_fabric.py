@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -149,6 +150,29 @@ def test_clipping_is_32_true_clipping_on_unscaled_fp32_gradients(precision, opti
 def test_accumulated_micro_batches_are_summed_in_fp32():
     fabric, model, *_ = train("bf16-master", "sgd", accumulate=3)
     assert_equal(values(fabric, model), values(*train("32-true", "sgd", accumulate=3)[:2]))
+
+
+def test_a_gradient_changed_by_hand_between_backward_and_step_is_warned_when_micro_batches_were_summed_apart():
+    # torch's clip_grad_norm_ on model.parameters() after the last backward sees that micro-batch's
+    # 16-bit gradient only (the earlier ones are in an FP32 sum): under 32-true it clips the whole
+    # gradient. It cannot be undone at the step, so it is said, once; fabric.clip_gradients is exact.
+    def run(clip):
+        torch.manual_seed(0)
+        fabric = lightning_mp.Fabric(accelerator="cpu", devices=1, precision="bf16-master")
+        net = Net()
+        model, opt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=1e-2))
+        for micro in range(2):
+            with fabric.no_backward_sync(model, enabled=micro == 0):
+                fabric.backward(model(torch.randn(4, 8)).pow(2).mean())
+        clip(fabric, model, opt)
+        opt.step()
+
+    with pytest.warns(UserWarning, match=r"changed after its backward .* not to the sum of all as under 32-true"):
+        run(lambda fabric, model, opt: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*changed after its backward.*")
+        run(lambda fabric, model, opt: fabric.clip_gradients(model, opt, max_norm=0.1))
+        run(lambda fabric, model, opt: None)
 
 
 def test_an_overflowing_16_master_step_is_skipped_whole():

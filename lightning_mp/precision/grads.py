@@ -11,11 +11,14 @@ The FP32 sum is valid only while ``.grad`` is the tensor the last backward left,
 - ``.grad`` set to ``None`` (``zero_grad()``): the sum is dropped;
 - ``.grad`` zeroed in place (``zero_grad(set_to_none=False)``): the sum is dropped and the
   parameter keeps a zero gradient, so it is still stepped (momentum, weight decay), as in 32-true;
-- ``.grad`` changed otherwise (a user scaled it): the change is kept and added to the sum.
+- ``.grad`` changed otherwise (a user scaled it): the change is kept and added to the sum; it
+  reached that micro-batch's gradient only, not the sum as under 32-true, so a warning says so
+  once (``fabric.clip_gradients`` and the Trainer's step hooks see the whole gradient).
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
@@ -35,6 +38,7 @@ class FP32Grads:
         self._taken: set[Tensor] = set()  # parameters whose gradient the step holds (in _sums, .grad cleared)
         self._handles: list[Any] = []
         self._hooked: dict[int, Any] = {}  # id(parameter) -> weakref (weak sets compare tensors by value)
+        self._warned = False  # (a gradient changed between a backward and the step: see _fold)
 
     def attach(self, params: Iterable[Tensor]) -> None:
         """Install the accumulation hooks on ``params`` (16-bit parameters that require grad)."""
@@ -89,6 +93,12 @@ class FP32Grads:
             self._sums.pop(p, None)
             return
         total = self._sums.get(p)
+        if not fresh and total is not None and not self._warned:
+            self._warned = True
+            warnings.warn("lightning-mp: a 16-bit .grad was changed after its backward while the earlier micro-batches' "
+                          "sum was held apart in FP32: the change applies to that micro-batch's gradient, not to the sum "
+                          "of all as under 32-true (to clip by hand use fabric.clip_gradients, or gradient_clip_val or "
+                          "on_before_optimizer_step under the Trainer: they see the whole gradient)")
         self._sums[p] = grad.float() if total is None else total.add_(grad)
         p.grad = None
 
