@@ -38,13 +38,18 @@ SCRIPT = textwrap.dedent('''
             nan = args.get("nan_at") == batch_idx and self.global_rank == 1
             return loss * float("nan") if nan else loss
 
+    class HalveInHook(L.Callback):  # the user's hook, on the module's parameters
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            for p in pl_module.parameters():
+                p.grad.mul_(0.5)
+
     name = args.get("precision", "bf16-master")
     options = {{k: args[k] for k in ("master", "grad_reduce_dtype") if k in args}}
     world = args["devices"]
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
                         max_steps=args["steps"], accumulate_grad_batches=args.get("accumulate", 1),
                         plugins=[precision_plugin(name, **options)], use_distributed_sampler=False,
-                        callbacks=[Save()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[Save(), *([HalveInHook()] if args.get("halve_in_hook") else [])], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     if args["model"] == "dot":  # rank 0 sees x = 1, rank 1 sees x = 2**-9: dloss/dw = x
         model, dataset, batch_size = Dot(d=4, lr=1.0), TensorDataset(torch.tensor([[1.0] * 4, [2.0**-9] * 4])), 1
@@ -138,6 +143,16 @@ def test_fp32_gradient_reduction_keeps_what_bf16_reduction_rounds_away(tmp_path)
     # the storage policies reduce in FP32 through a DDP hook too, and their ranks stay equal
     rank0, rank1 = run(tmp_path, "remainder", optimizer="mp-adamw", master="remainder", grad_reduce_dtype="fp32")
     assert equal_masters(rank0, rank1)
+
+
+@pytest.mark.slow
+def test_a_hook_on_the_parameters_gradients_acts_on_the_reduced_fp32_gradient(tmp_path):
+    # The FP32 average of 1 and 2**-9 (0.5 + 2**-10), halved in on_before_optimizer_step, then SGD at lr 1:
+    # w = 1 - (0.25 + 2**-11) on both ranks, as under 32-true. Halving a rank's own bf16 gradient instead
+    # would change nothing (the step uses the reduced FP32 one): w = 0.5 - 2**-10.
+    ranks = run(tmp_path, "hook", model="dot", steps=1, grad_reduce_dtype="fp32", halve_in_hook=True)
+    for rank in ranks:
+        assert torch.equal(rank["masters"][0], torch.full((1, 4), 0.75 - 2.0**-11))
 
 
 @pytest.mark.slow
