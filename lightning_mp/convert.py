@@ -101,9 +101,10 @@ class _FollowCallers:
     """The two hooks of one kept module (see :func:`follow_callers`)."""
 
     def __init__(self) -> None:
-        # one entry per call running outside autocast: its device type, and the caller's dtype
-        # where its inputs were cast (a stack: a forward that raised leaves one behind, harmlessly)
-        self.calls: list[tuple[str, Optional[torch.dtype]]] = []
+        # one entry per call running outside autocast: its device type, and where its inputs were
+        # cast, the caller's dtype and the module's (a stack: a forward that raised leaves one
+        # behind, harmlessly)
+        self.calls: list[tuple[str, Optional[tuple[torch.dtype, torch.dtype]]]] = []
         self.handles: list[Any] = []
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
@@ -113,21 +114,27 @@ class _FollowCallers:
         if x is None or torch.is_autocast_enabled(x.device.type):
             return None
         own = next((p.dtype for p in module.parameters() if p.is_floating_point()), x.dtype)
-        caller = x.dtype if x.dtype in HALF and own != x.dtype else None
-        self.calls.append((x.device.type, caller))
-        if caller is None:
+        cast = (x.dtype, own) if x.dtype in HALF and own != x.dtype else None
+        self.calls.append((x.device.type, cast))
+        if cast is None:
             return None
-        cast = _caster(caller, own)
-        return apply_to_collection(args, Tensor, cast), apply_to_collection(kwargs, Tensor, cast)
+        to_own = _caster(*cast)
+        return apply_to_collection(args, Tensor, to_own), apply_to_collection(kwargs, Tensor, to_own)
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self.calls or torch.is_autocast_enabled(self.calls[-1][0]):
             return None
-        _, caller = self.calls.pop()
-        if caller is None:
+        _, cast = self.calls.pop()
+        if cast is None:
             return None
-        own = next(p.dtype for p in module.parameters() if p.is_floating_point())
+        caller, own = cast
         return apply_to_collection(output, Tensor, _caster(own, caller))
+
+
+def _follower(module: nn.Module) -> Optional[_FollowCallers]:
+    """The hooks :func:`follow_callers` gave ``module``, if any."""
+    return next((h.__self__ for h in module._forward_pre_hooks.values()
+                 if isinstance(getattr(h, "__self__", None), _FollowCallers)), None)
 
 
 def _caster(src: torch.dtype, dst: torch.dtype) -> Callable[[Tensor], Tensor]:
@@ -145,7 +152,7 @@ def follow_callers(kept: Iterable[nn.Module]) -> None:
     its own dtype and gives its floating outputs back in the caller's (see the module's
     docstring). Hooked once per module, ahead of other hooks (FSDP's own casts see FP32 inputs)."""
     for module in kept:
-        if not any(isinstance(getattr(h, "__self__", None), _FollowCallers) for h in module._forward_pre_hooks.values()):
+        if _follower(module) is None:
             hooks = _FollowCallers()
             hooks.handles = [module.register_forward_pre_hook(hooks.before, prepend=True, with_kwargs=True),
                              module.register_forward_hook(hooks.after, with_kwargs=True)]
@@ -155,10 +162,10 @@ def unfollow_callers(module: nn.Module) -> None:
     """Remove :func:`follow_callers`' hooks from ``module`` and its submodules (a model turned back
     into FP32 needs none; ``torch.jit.script`` cannot compile them)."""
     for sub in module.modules():
-        for hook in list(sub._forward_pre_hooks.values()):
-            if isinstance(getattr(hook, "__self__", None), _FollowCallers):
-                for handle in hook.__self__.handles:
-                    handle.remove()
+        hooks = _follower(sub)
+        if hooks is not None:
+            for handle in hooks.handles:
+                handle.remove()
 
 
 def cast_module_(
