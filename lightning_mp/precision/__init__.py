@@ -8,7 +8,9 @@
 - :mod:`~lightning_mp.precision.ddp`: gradient reduction under DDP;
 - :mod:`~lightning_mp.precision.fsdp`: ``FSDPMasterWeightPrecision`` for Lightning's FSDP;
 - :mod:`~lightning_mp.precision.fsdp2`: ``FSDP2MasterWeightPrecision`` for ``ModelParallelStrategy`` (FSDP2);
-- :mod:`~lightning_mp.precision.factory`: ``precision_plugin()`` for any precision name.
+- :mod:`~lightning_mp.precision.factory`: ``precision_plugin()`` for any precision name;
+- :mod:`~lightning_mp.precision.throughput`: the 16-bit compute dtype for Lightning's throughput
+  monitors (MFU), installed on import.
 
 Where the FP32 values live is :mod:`lightning_mp.masters`.
 """
@@ -18,6 +20,9 @@ from lightning_mp.precision.fsdp import FSDPMasterWeightPrecision
 from lightning_mp.precision.fsdp2 import FSDP2MasterWeightPrecision
 from lightning_mp.precision.master import MasterWeightPrecision
 from lightning_mp.precision.skips import SkippedStepsError
+from lightning_mp.precision.throughput import install as _install_throughput
+
+_install_throughput()
 
 __all__ = [
     "FSDP2MasterWeightPrecision",
