@@ -15,8 +15,9 @@ values and are not in the store.
 Everything that needs an FP32 value goes through :meth:`MasterStore.value` and
 :meth:`MasterStore.set_value`: the optimizer step, every checkpoint path (the store hooks the module's ``state_dict`` and ``load_state_dict``), the
 swallowed-update monitor and the memory audit. A weight written outside the store (an in-place
-``copy_``, SWA's averaged weights) is noticed by its version counter, and its FP32 value is
-re-derived from it.
+``copy_`` or ``clamp_`` under ``no_grad``, SWA's averaged weights, a ``p.data = ...`` swap) is noticed
+by its version counter or its memory, before the next step and any read, and its FP32 value is
+re-derived from it (:meth:`MasterStore.sync`).
 """
 
 from __future__ import annotations
@@ -44,10 +45,21 @@ class _Entry:
     # whether an optimizer steps the parameter (or may: the storage is then in its state). The
     # others keep the cheapest exact storage for their current value, which can change with it
     stepped: bool = True
+    ptr: int = 0  # where the weight's elements were then: `p.data = ...` moves them, unversioned
+
+    def stamp(self, p: Tensor) -> None:
+        """Note ``p``'s weight as the store leaves it (written by the store, or adopted)."""
+        weight = local(p)
+        self.version, self.ptr = weight._version, weight.data_ptr()
 
 
 _STORES: "weakref.WeakKeyDictionary[nn.Module, MasterStore]" = weakref.WeakKeyDictionary()
 _UNKNOWN = -1  # the version of an entry copied along with its module
+_REDERIVED = {  # what a write does to a weight's other elements, by storage
+    "fp32": " (elements left alone keep their FP32 bits)",
+    "remainder": " (every element's: int16 remainders cannot tell which changed, so each rounds to 16 bits once)",
+    "kahan": " (every element's: compensations cannot tell which changed, so each rounds to 16 bits once)",
+}
 
 
 class MasterStore:
@@ -305,7 +317,7 @@ class MasterStore:
         else:
             POLICY[kind].encode(values, weights, storage, None)  # type: ignore[arg-type]
         for p in params:
-            self._entries[p].version = local(p)._version
+            self._entries[p].stamp(p)
 
     def write(self, params: Sequence[Tensor], values: Sequence[Tensor]) -> None:
         """:meth:`set_value` for many parameters of one kind at once (a stepping optimizer's output)."""
@@ -317,15 +329,16 @@ class MasterStore:
         for p in params:
             entry = self._entries.get(p)
             if entry is not None:
-                entry.version = local(p)._version
+                entry.stamp(p)
 
     # -- weights written behind the store's back ------------------------------------------------
 
     @torch.no_grad()
     def sync(self, params: Iterable[Tensor]) -> None:
-        """Follow what happened to the weights outside the store: a weight that left the store's
-        dtype (``model.float()``) is no longer kept; storage follows a weight to another device;
-        a weight written in place (its version moved) becomes the exact value."""
+        """Follow what happened to the weights outside the store (every step and every read calls
+        this first): a weight that left the store's dtype (``model.float()``) is no longer kept;
+        storage follows a weight to another device; a weight written in place (its version moved)
+        or swapped (``p.data = ...``: its memory moved) is re-derived (:meth:`_rederive`)."""
         stale = []
         for p in params:
             entry = self._entries.get(p)
@@ -334,20 +347,23 @@ class MasterStore:
             if p.dtype != self.dtype:
                 del self._entries[p]
                 continue
-            if entry.storage is not None and entry.storage.device != local(p).device:
+            weight = local(p)
+            if entry.storage is not None and entry.storage.device != weight.device:
                 entry.storage = entry.storage.to(p.device)
+                entry.ptr = weight.data_ptr()  # moved, not written
             if entry.version == _UNKNOWN or entry.kind == "weight":  # (the weight is the whole value)
-                entry.version = local(p)._version
-            elif local(p)._version != entry.version:
+                entry.stamp(p)
+            elif weight._version != entry.version or weight.data_ptr() != entry.ptr:
                 stale.append(p)
         for p in stale:
             self._rederive(p)
         if stale:
             kinds = sorted({self._entries[p].kind for p in stale})
+            names = ", ".join(self.name(p) for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
             warnings.warn(
-                f"{len(stale)} {self.dtype_name} weight(s) were written outside the optimizer (load_state_dict, an "
-                f"EMA swap, copy_...); their {'/'.join(kinds)} storage is re-derived from the new weights, which are "
-                f"now the exact values ({', '.join(self.name(p) for p in stale[:3])}{', ...' if len(stale) > 3 else ''}).",
+                f"{len(stale)} {self.dtype_name} weight(s) were written outside the optimizer ({names}): what they "
+                f"hold now is their exact value{''.join(_REDERIVED.get(k, '') for k in kinds)}. To set FP32 values "
+                "exactly, use lightning_mp.MasterStore.of(model).set_value(p, value).",
                 stacklevel=3,
             )
 
@@ -356,12 +372,18 @@ class MasterStore:
         return str(self.dtype).replace("torch.", "")
 
     def _rederive(self, p: Tensor) -> None:
+        """Take a written weight as ``p``'s value. An FP32 master keeps its bits wherever the weight
+        still holds their rounding (elements the write left alone, or wrote back: an EMA swap and
+        its restore); a remainder or compensation cannot tell which elements changed, so every
+        element's value becomes its 16-bit weight (exact for a whole new tensor)."""
         entry = self._entries[p]
+        weight = local(p).detach()
         if entry.kind == "fp32":
-            entry.storage.copy_(local(p).detach())  # type: ignore[union-attr]
+            master = entry.storage
+            master.copy_(torch.where(master.to(weight.dtype) == weight, master, weight))  # type: ignore[union-attr]
         elif entry.storage is not None:
             entry.storage.zero_()
-        entry.version = local(p)._version
+        entry.stamp(p)
 
     def _adopt_data_writes(self, params: Iterable[Tensor]) -> None:
         for p in params:
@@ -409,7 +431,7 @@ class MasterStore:
         if "weight" in saved:
             local(p).copy_(as_local(saved["weight"], p))
         entry.storage.copy_(as_local(saved[key], p))
-        entry.version = local(p)._version
+        entry.stamp(p)
 
     # -- module hooks: every state_dict and load_state_dict goes through the store ---------------
 

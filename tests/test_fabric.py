@@ -115,6 +115,34 @@ def test_the_closed_form_trap_bf16_true_frozen_and_bf16_master_as_32_true():
     assert torch.allclose(results["32-true"], torch.full((1, 4), 0.99), atol=1e-6)
 
 
+@pytest.mark.parametrize("precision, options", [("bf16-master", {"master": "fp32"}), ("16-master", {"init_scale": 2.0**8}),
+                                                ("bf16-master", {})])
+def test_a_weight_written_between_steps_trains_on_from_it(precision, options):
+    """SGD updates of 2**-12 (gradients 0.5, below half a bf16 step at 1.0); before the fourth step
+    the loop writes one element in place, as a weight clip or a reset does. Under FP32 masters the
+    step used to write the old master back over it; now the element goes on from what was written
+    and the others from their FP32 values, as under 32-true."""
+    results = {}
+    for name in ("32-true", precision):
+        fabric = fabric_for(name, **(options if name == precision else {}))
+        model = nn.Linear(4, 1, bias=False)
+        nn.init.ones_(model.weight)
+        model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=2.0**-11))
+        for step in range(6):
+            if step == 3:
+                with torch.no_grad():
+                    model.module.weight[0, 0] = 0.375
+            fabric.backward(model(torch.full((1, 4), 0.5)).sum())
+            opt.step()
+            opt.zero_grad()
+        results[name] = model.state_dict()["weight"].float()
+    assert torch.equal(results["32-true"], torch.tensor([[0.375 - 3 * 2.0**-12] + [1 - 6 * 2.0**-12] * 3]))
+    if options:  # FP32 masters
+        assert torch.equal(results[precision], results["32-true"])
+    else:  # int16 remainders cannot tell which elements changed: the others round to 16 bits once (to 1.0)
+        assert torch.equal(results[precision], torch.tensor([[0.375 - 3 * 2.0**-12] + [1 - 3 * 2.0**-12] * 3]))
+
+
 @pytest.mark.parametrize("optimizer, options", [("sgd", {}), ("adamw", {"master": "fp32"})])
 def test_bf16_master_trains_as_32_true_bit_for_bit(optimizer, options):
     fabric, model, opt, _ = train("bf16-master", optimizer, **options)

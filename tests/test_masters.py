@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import MODE_IDS, MODES, TinyRegressor, fp32_values, mode_adamw, mode_plugin, regression_data, trainer
+from conftest import (MODE_IDS, MODES, TinyRegressor, fp32_values, mode_adamw, mode_plugin, mode_sgd, regression_data,
+                      trainer)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lightning_mp import MasterWeightPrecision, memory_audit
+from lightning_mp import MasterStore, MasterWeightPrecision, memory_audit
 
 modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 HALF = {"bf16-master": torch.bfloat16, "16-master": torch.float16}
@@ -198,6 +201,132 @@ def test_a_weight_written_through_data_reaches_the_checkpoint_under_fp32_masters
     t.fit(model, regression_data())
     model.inp.weight.data.copy_(torch.full_like(model.inp.weight, 0.375))
     assert torch.equal(model.state_dict()["inp.weight"], torch.full((16, 8), 0.375))
+
+
+class WrittenMidRun(L.LightningModule):
+    """loss = w . x with x = 0.5, so every gradient is 0.5 and every SGD update lr * 0.5 = 2**-12,
+    exact in FP32 and below half a bf16 step of the weights (they start at 1). Before step 4 a
+    hook writes the weight, as weight clipping, a reset or a swap-in do."""
+
+    def __init__(self, mode, write, optimizer="sgd"):
+        super().__init__()
+        self.mode, self.write, self.optimizer = mode, write, optimizer
+        self.w = nn.Linear(4, 1, bias=False)
+        nn.init.ones_(self.w.weight)
+
+    def training_step(self, batch, batch_idx):
+        return self.w(batch[0]).sum()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.trainer.global_step == 3:
+            weight = self.w.weight
+            if self.write == "element":  # one element, in place (tracked by the version counter)
+                with torch.no_grad():
+                    weight[0, 0] = 0.375
+            elif self.write == "fill":
+                with torch.no_grad():
+                    weight.fill_(0.375)
+            else:  # "swap": new memory under the same parameter (version counters miss it)
+                weight.data = torch.full_like(weight.data, 0.375)
+
+    def configure_optimizers(self):
+        if self.optimizer == "adagrad":  # not adoptable: FP32 masters under every default
+            return torch.optim.Adagrad(self.parameters(), lr=2.0**-11)
+        if self.mode is None:
+            return torch.optim.SGD(self.parameters(), lr=2.0**-11)
+        return mode_sgd(self.mode, self.parameters(), lr=2.0**-11)
+
+
+WRITES = ["element", "fill", "swap"]
+
+
+def written_run(mode, write, optimizer="sgd"):
+    model = WrittenMidRun(mode, write, optimizer)
+    plugin = "32-true" if mode is None else mode_plugin(mode)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.full((6, 4), 0.5)), batch_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(plugin, max_steps=6).fit(model, data)
+    return model.state_dict()["w.weight"]
+
+
+@modes
+@pytest.mark.parametrize("write", WRITES)
+def test_a_weight_written_mid_run_trains_on_from_what_was_written(mode, write):
+    """Under 32-true the weight goes on from what was written; so it does in every mode: the
+    written elements from their 16-bit value, the others from their FP32 value under FP32
+    masters (fp16's too), and rounded to 16 bits once where a remainder or compensation cannot
+    tell them apart. Before, a master="fp32" step wrote the old masters back over the weights."""
+    want = written_run(None, write)
+    got = written_run(mode, write)
+    untouched = 1 - 6 * 2.0**-12 if write == "element" else 0.375 - 3 * 2.0**-12
+    assert want[0, 0] == 0.375 - 3 * 2.0**-12 and want[0, 1] == untouched  # the closed form
+    if mode[1] == "stochastic":  # the weight is the value; each update rounds up or down once
+        assert torch.allclose(got, want, rtol=0, atol=6 * 2.0**-8)
+    elif write == "element" and mode[1] in ("auto", "remainder", "kahan"):
+        assert got[0, 0] == want[0, 0]
+        assert torch.equal(got[0, 1:], torch.full((3,), 1.0 - 3 * 2.0**-12))  # 1 - 3*2**-12 rounded to 1.0, once
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("precision", ["bf16-master", "16-master"])
+@pytest.mark.parametrize("write", WRITES)
+def test_a_weight_written_mid_run_under_an_optimizer_kept_on_fp32_masters(precision, write):
+    want = written_run(None, write, optimizer="adagrad")
+    got = written_run((precision, "auto" if precision == "bf16-master" else "fp32"), write, optimizer="adagrad")
+    assert want[0, 0] != 1.0 and torch.equal(got, want)
+
+
+class ClampedEachStep(L.LightningModule):
+    """WGAN's weight clipping after every step, on FP32 values: w starts at (1, 0.75, 0.75, 0.75),
+    each SGD update adds 2**-12 (below half a bf16 step), and the clip at c = 1 + 2.5 * 2**-12
+    binds on the first element only, from the third step."""
+
+    C = 1 + 2.5 * 2.0**-12
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.w = nn.Linear(4, 1, bias=False)
+        with torch.no_grad():
+            self.w.weight.copy_(torch.tensor([[1.0, 0.75, 0.75, 0.75]]))
+
+    def training_step(self, batch, batch_idx):
+        return self.w(batch[0]).sum()
+
+    def on_train_batch_end(self, *args):
+        store = MasterStore.of(self)
+        if store is None:  # 32-true
+            with torch.no_grad():
+                self.w.weight.clamp_(max=self.C)
+        else:  # the FP32 values, set exactly (the weight rounds to nearest)
+            store.set_value(self.w.weight, store.value(self.w.weight).clamp(max=self.C))
+
+    def configure_optimizers(self):
+        if self.mode is None:
+            return torch.optim.SGD(self.parameters(), lr=2.0**-11)
+        return mode_sgd(self.mode, self.parameters(), lr=2.0**-11)
+
+
+@modes
+def test_weights_clipped_each_step_through_the_store_train_as_32_true(mode):
+    """What the warning for weights written outside the optimizer recommends where low bits matter."""
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.full((6, 4), -0.5)), batch_size=1)
+    runs = {}
+    for m in (None, mode):
+        model = ClampedEachStep(m)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            trainer("32-true" if m is None else mode_plugin(m), max_steps=6).fit(model, data)
+        assert not [w for w in seen if "written outside" in str(w.message)]  # nothing behind the store's back
+        runs[m] = model.state_dict()["w.weight"]
+    want = torch.tensor([[ClampedEachStep.C] + [0.75 + 6 * 2.0**-12] * 3])
+    assert torch.equal(runs[None], want)  # the closed form
+    if mode[1] == "stochastic":  # 6 updates, each rounded up or down once
+        assert torch.allclose(runs[mode], want, rtol=0, atol=6 * 2.0**-8)
+    else:
+        assert torch.equal(runs[mode], want)
 
 
 # -- tied weights -----------------------------------------------------------------------------------------------

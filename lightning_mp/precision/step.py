@@ -218,6 +218,7 @@ class MasterStep:
         if prepared.stored:
             yield
             return
+        self.store.sync(prepared.params)  # weights written since the last step (clipped, reset, swapped in)
         masters = {p: self.store.storage(p) for p in prepared.params if self.store.kind(p) == "fp32"}
         _substitute(optimizer, masters)
         for p, master in masters.items():
