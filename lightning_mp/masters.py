@@ -90,8 +90,18 @@ class MasterStore:
 
     @staticmethod
     def of(module: nn.Module) -> Optional["MasterStore"]:
-        """The store that keeps ``module``'s FP32 values, if a plugin converted it."""
-        return _STORES.get(module)
+        """The store that keeps ``module``'s FP32 values, if a plugin converted it; also found
+        through what wraps the converted module (Fabric's ``fabric.setup`` result, DDP,
+        ``torch.compile``)."""
+        seen: set[int] = set()
+        while isinstance(module, nn.Module) and id(module) not in seen:
+            store = _STORES.get(module)
+            if store is not None:
+                return store
+            seen.add(id(module))
+            inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+            module = inner if inner is not None else getattr(module, "module", None)  # Fabric's wrapper, DDP
+        return None
 
     def attach(self, module: nn.Module) -> None:
         """Keep ``module``'s FP32 values: hook its ``state_dict`` (FP32 values out) and

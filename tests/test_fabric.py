@@ -143,6 +143,37 @@ def test_a_weight_written_between_steps_trains_on_from_it(precision, options):
         assert torch.equal(results[precision], torch.tensor([[0.375 - 3 * 2.0**-12] + [1 - 3 * 2.0**-12] * 3]))
 
 
+def test_the_store_is_found_through_fabrics_wrapper_and_clips_as_32_true():
+    """``MasterStore.of(model)`` on what ``fabric.setup`` returns (and on a ``torch.compile`` of it):
+    the clip through the store after every step (docs/storage.md) ends bit for bit where 32-true's
+    ``clamp_`` ends. SGD updates of 2**-12 from (1, 0.75, 0.75, 0.75); the clip at 1 + 2.5 * 2**-12
+    binds on the first element from the third step."""
+    c = 1 + 2.5 * 2.0**-12
+    want = torch.tensor([[c] + [0.75 + 6 * 2.0**-12] * 3])
+    for name in ("32-true", "bf16-master"):
+        fabric = fabric_for(name)
+        model = nn.Linear(4, 1, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[1.0, 0.75, 0.75, 0.75]]))
+        model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=2.0**-11))
+        store = lightning_mp.MasterStore.of(model)
+        assert (store is None) == (name == "32-true")
+        for _ in range(6):
+            fabric.backward(model(torch.full((1, 4), -0.5)).sum())
+            opt.step()
+            opt.zero_grad()
+            weight = model.module.weight
+            if store is None:
+                with torch.no_grad():
+                    weight.clamp_(max=c)
+            else:
+                store.set_value(weight, store.value(weight).clamp(max=c))
+        assert torch.equal(model.state_dict()["weight"].float(), want), name
+    assert lightning_mp.MasterStore.of(torch.compile(model)) is store
+    store.restore_fp32()  # through the wrapper too: the module itself turns FP32, with the exact values
+    assert model.module.weight.dtype == torch.float32 and torch.equal(model.module.weight.detach(), want)
+
+
 @pytest.mark.parametrize("optimizer, options", [("sgd", {}), ("adamw", {"master": "fp32"})])
 def test_bf16_master_trains_as_32_true_bit_for_bit(optimizer, options):
     fabric, model, opt, _ = train("bf16-master", optimizer, **options)
