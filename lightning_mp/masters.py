@@ -46,11 +46,12 @@ class _Entry:
     # others keep the cheapest exact storage for their current value, which can change with it
     stepped: bool = True
     ptr: int = 0  # where the weight's elements were then: `p.data = ...` moves them, unversioned
+    device: Optional[torch.device] = None
 
     def stamp(self, p: Tensor) -> None:
         """Note ``p``'s weight as the store leaves it (written by the store, or adopted)."""
         weight = local(p)
-        self.version, self.ptr = weight._version, weight.data_ptr()
+        self.version, self.ptr, self.device = weight._version, weight.data_ptr(), weight.device
 
 
 _STORES: "weakref.WeakKeyDictionary[nn.Module, MasterStore]" = weakref.WeakKeyDictionary()
@@ -358,9 +359,10 @@ class MasterStore:
                 del self._entries[p]
                 continue
             weight = local(p)
-            if entry.storage is not None and entry.storage.device != weight.device:
-                entry.storage = entry.storage.to(p.device)
-                entry.ptr = weight.data_ptr()  # moved, not written
+            if weight.device != entry.device:  # the model moved to another device: not a write
+                if entry.storage is not None:
+                    entry.storage = entry.storage.to(weight.device)
+                entry.ptr, entry.device = weight.data_ptr(), weight.device
             if entry.version == _UNKNOWN or entry.kind == "weight":  # (the weight is the whole value)
                 entry.stamp(p)
             elif weight._version != entry.version or weight.data_ptr() != entry.ptr:
