@@ -140,3 +140,35 @@ def test_litgpt_finetune_lora_runs_with_bf16_master_and_merges_the_bf16_base_exa
     assert final.keys() == pretrained.keys()
     for key, value in pretrained.items():
         assert torch.equal(final[key].float(), value.float()), key
+
+
+@pytest.mark.parametrize("precision", ["bf16-master", "16-master"])
+def test_lightning_mp_litgpt_pretrain_takes_the_master_precisions(precision, tmp_path):
+    """litgpt's ``pretrain`` annotates ``precision`` with a closed list of Lightning's names, so its
+    command-line parser refused ``bf16-master``; litgpt itself still refuses it (the list unchanged
+    outside ``lightning-mp-litgpt``). ``--print_config`` parses and validates without training
+    (``pretrain``'s data modules need litdata, not a test dependency)."""
+    args = ["pretrain", "tiny", "--precision", precision, "--print_config"]
+    ours = subprocess.run([sys.executable, "-c", "from lightning_mp.fabric.litgpt import main; main()", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert f"precision: {precision}" in ours.stdout
+    theirs = subprocess.run([sys.executable, "-c", "from litgpt.__main__ import main; main()", *args],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert theirs.returncode != 0 and 'Parser key "precision"' in theirs.stderr
+
+
+def test_accept_master_precisions_widens_closed_lists_only():
+    from typing import Literal, Optional
+
+    from lightning_mp.fabric.litgpt import accept_master_precisions
+
+    def closed(precision=None): ...
+    def open_(precision=None): ...
+
+    closed.__annotations__["precision"] = Optional[Literal["bf16-true", "32-true"]]  # (this file's annotations are strings)
+    open_.__annotations__["precision"] = Optional[str]
+    accept_master_precisions(closed)
+    accept_master_precisions(open_)
+    assert closed.__annotations__["precision"] == Optional[Literal["bf16-true", "32-true", "bf16-master", "16-master"]]
+    assert open_.__annotations__["precision"] == Optional[str]
