@@ -174,7 +174,9 @@ def cast_module_(
     keep_fp32: Iterable[KeepFP32],
     before_cast: Callable[[nn.Parameter], None] | None = None,
 ) -> nn.Module:
-    """Cast floating-point parameters to ``dtype`` in place, except the kept ones; buffers keep their dtype.
+    """Cast floating-point parameters to ``dtype`` in place, and the kept ones to FP32 (a model
+    built or loaded in 16 bits, e.g. a Hugging Face ``torch_dtype=torch.bfloat16``, gets FP32
+    norms too: an exact upcast); buffers keep their dtype.
 
     Parameters keep their identity (only ``.data`` is replaced), so optimizers and maps keyed
     by parameter object still work. ``before_cast(param)`` sees each parameter while it still
@@ -184,10 +186,13 @@ def cast_module_(
     done: set[Tensor] = set()
     for sub in module.modules():
         for param in sub.parameters(recurse=False):
-            if param in done or param in kept or not param.is_floating_point():
+            if param in done or not param.is_floating_point():
                 continue
             done.add(param)
-            if param.dtype != dtype:
+            if param in kept:
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+            elif param.dtype != dtype:
                 if before_cast is not None:
                     before_cast(param)
                 param.data = param.data.to(dtype)

@@ -50,6 +50,17 @@ def test_default_keeps_norms_and_flagged_modules():
     assert d["bn.num_batches_tracked"] == torch.int64
 
 
+def test_kept_modules_of_a_model_built_in_16_bits_become_fp32_exactly():
+    """A model built or loaded in bf16 (``torch_dtype=torch.bfloat16``) keeps its norms, router and
+    every kept module in FP32 all the same: their 16-bit values upcast exactly; buffers as they are."""
+    block = Block().bfloat16()
+    before = {n: p.detach().clone() for n, p in block.named_parameters()}
+    d = dtypes(cast_module_(block, torch.bfloat16, DEFAULT_KEEP_FP32))
+    for name in ("ln.weight", "ln.bias", "rms.weight", "bn.weight", "router.gate.weight"):
+        assert d[name] == torch.float32 and torch.equal(dict(block.named_parameters())[name], before[name].float())
+    assert d["proj.weight"] == torch.bfloat16 and d["table"] == d["bn.running_mean"] == torch.bfloat16
+
+
 def test_patterns_classes_and_predicates():
     m = cast_module_(Block(), torch.float16, ["head", nn.LayerNorm, lambda name, mod: name == "proj"])
     d = dtypes(m)

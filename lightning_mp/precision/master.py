@@ -263,7 +263,8 @@ class MasterWeightPrecision(Precision):
     @torch.no_grad()
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Take the FP32 values from the checkpoint's state dict (the model may have rounded them when it
-        was loaded, before this plugin converted it); refuse non-finite weights, naming them."""
+        was loaded, before this plugin converted it: a 16-bit model's weights, and its kept modules,
+        upcast at the conversion); refuse non-finite weights, naming them."""
         state = checkpoint.get("state_dict", {})
         if self._module is None:
             return
@@ -273,6 +274,8 @@ class MasterWeightPrecision(Precision):
                 check_finite(name, value)
                 if p.dtype in HALF:
                     self.store.set_value(p, value)
+                elif p.is_floating_point() and value.shape == p.shape:
+                    p.copy_(value)  # a kept module of a model handed over in 16 bits: upcast since, rounded then
 
 
 def _frees_grads(model: nn.Module) -> bool:
