@@ -190,7 +190,7 @@ def cast_module_(
                 continue
             done.add(param)
             if param in kept:
-                if param.dtype in (torch.float16, torch.bfloat16):
+                if param.dtype in HALF:
                     param.data = param.data.float()
             elif param.dtype != dtype:
                 if before_cast is not None:
