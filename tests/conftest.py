@@ -187,10 +187,23 @@ def mode_plugin(mode, **kwargs):
 
 
 def mode_sgd(mode, params, **kwargs):
-    """SGD that steps ``mode``'s weights: torch's for FP32 masters and the default (which adopts it),
-    lightning_mp's for the forced storage policies."""
-    cls = torch.optim.SGD if mode[1] in ("fp32", "auto") else lightning_mp.optim.SGD
+    """SGD that steps ``mode``'s weights: torch's for FP32 masters, the default (which adopts it)
+    and ``mode=None`` (a 32-true run), lightning_mp's for the forced storage policies."""
+    cls = torch.optim.SGD if mode is None or mode[1] in ("fp32", "auto") else lightning_mp.optim.SGD
     return cls(params, **kwargs)
+
+
+def clip_max(model, weight, bound):
+    """Clip ``weight`` at ``bound`` as docs/storage.md shows: its FP32 value, set exactly through
+    the model's store, or the weight itself where there is none (32-true)."""
+    from lightning_mp import MasterStore
+
+    store = MasterStore.of(model)
+    if store is None:
+        with torch.no_grad():
+            weight.clamp_(max=bound)
+    else:
+        store.set_value(weight, store.value(weight).clamp(max=bound))
 
 
 def mode_adamw(mode, params, **kwargs):

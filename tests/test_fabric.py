@@ -23,6 +23,7 @@ from torch import nn
 import lightning_mp
 from lightning_mp import memory_audit
 from lightning_mp.fabric import MasterWeightPrecision
+from conftest import clip_max
 from roundoff import adamw_bound, assert_within
 
 
@@ -162,12 +163,7 @@ def test_the_store_is_found_through_fabrics_wrapper_and_clips_as_32_true():
             fabric.backward(model(torch.full((1, 4), -0.5)).sum())
             opt.step()
             opt.zero_grad()
-            weight = model.module.weight
-            if store is None:
-                with torch.no_grad():
-                    weight.clamp_(max=c)
-            else:
-                store.set_value(weight, store.value(weight).clamp(max=c))
+            clip_max(model, model.module.weight, c)  # MasterStore.of(model): through Fabric's wrapper
         assert torch.equal(model.state_dict()["weight"].float(), want), name
     assert lightning_mp.MasterStore.of(torch.compile(model)) is store
     store.restore_fp32()  # through the wrapper too: the module itself turns FP32, with the exact values

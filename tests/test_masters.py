@@ -7,12 +7,12 @@ import warnings
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import (MODE_IDS, MODES, TinyRegressor, fp32_values, mode_adamw, mode_plugin, mode_sgd, regression_data,
-                      trainer)
+from conftest import (MODE_IDS, MODES, TinyRegressor, clip_max, fp32_values, mode_adamw, mode_plugin, mode_sgd,
+                      regression_data, trainer)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lightning_mp import MasterStore, MasterWeightPrecision, memory_audit
+from lightning_mp import MasterWeightPrecision, memory_audit
 
 modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 HALF = {"bf16-master": torch.bfloat16, "16-master": torch.float16}
@@ -232,8 +232,6 @@ class WrittenMidRun(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer == "adagrad":  # not adoptable: FP32 masters under every default
             return torch.optim.Adagrad(self.parameters(), lr=2.0**-11)
-        if self.mode is None:
-            return torch.optim.SGD(self.parameters(), lr=2.0**-11)
         return mode_sgd(self.mode, self.parameters(), lr=2.0**-11)
 
 
@@ -296,16 +294,9 @@ class ClampedEachStep(L.LightningModule):
         return self.w(batch[0]).sum()
 
     def on_train_batch_end(self, *args):
-        store = MasterStore.of(self)
-        if store is None:  # 32-true
-            with torch.no_grad():
-                self.w.weight.clamp_(max=self.C)
-        else:  # the FP32 values, set exactly (the weight rounds to nearest)
-            store.set_value(self.w.weight, store.value(self.w.weight).clamp(max=self.C))
+        clip_max(self, self.w.weight, self.C)  # the FP32 value, set exactly (the weight rounds to nearest)
 
     def configure_optimizers(self):
-        if self.mode is None:
-            return torch.optim.SGD(self.parameters(), lr=2.0**-11)
         return mode_sgd(self.mode, self.parameters(), lr=2.0**-11)
 
 
