@@ -58,8 +58,8 @@ _STORES: "weakref.WeakKeyDictionary[nn.Module, MasterStore]" = weakref.WeakKeyDi
 _UNKNOWN = -1  # the version of an entry copied along with its module
 _REDERIVED = {  # what a write does to a weight's other elements, by storage
     "fp32": " (elements left alone keep their FP32 bits)",
-    "remainder": " (every element's: int16 remainders cannot tell which changed, so each rounds to 16 bits once)",
-    "kahan": " (every element's: compensations cannot tell which changed, so each rounds to 16 bits once)",
+    **dict.fromkeys(("remainder", "kahan"), " (every element's: its remainder or compensation cannot tell which "
+                                            "changed, so each rounds to 16 bits once)"),
 }
 
 
